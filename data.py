@@ -1,0 +1,745 @@
+"""Data for both jobs: CIFAR-100 and Caltech-UCSD Birds, from disk to batches on the device.
+
+CIFAR-100 (official `cifar-100-python` pickles) is read with a restricted unpickler, split
+45k/5k (stratified, seeded), and kept on the device as one uint8 tensor; crop/flip/cutout
+and normalisation run batched on the device (`DeviceLoader`). Birds (CUB-200-2011, the
+2010 edition or any train/ test/ image folder) are decoded either by DALI (nvJPEG on the
+GPU, or DALI's CPU decoder) or by PIL in DataLoader workers (`TorchImageLoader`); both draw
+their sample order from the same `EpochSampler` and apply the same preprocessing.
+
+Every loader yields `(images, labels)` already on the device, float and normalised, and
+has `set_epoch(epoch)`, `len()` (batches per epoch) and `start_step` (to resume mid-epoch).
+Nothing here trains; `python data.py --help` offers the downloads.
+"""
+import argparse
+import hashlib
+import io
+import math
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """Bad input data: the message is one sentence meant for the user."""
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CUB2011_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB2011_MD5 = "97eceeb196236b17998738112f37df78"
+
+
+def md5sum(path, chunk=1 << 20):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, dest, md5):
+    """Fetch url to dest, resuming a partial `.part` file with an HTTP Range request."""
+    dest = Path(dest)
+    if dest.exists() and md5sum(dest) == md5:
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # server ignored the range: start over
+                have = 0
+            with open(part, "ab" if have else "wb") as f:
+                shutil.copyfileobj(response, f, length=1 << 20)
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"could not download {url} ({e}); fetch it by hand and save it as {dest}, "
+                        f"then run again") from None
+    if md5sum(part) != md5:
+        part.unlink()
+        raise DataError(f"{url} downloaded with the wrong md5 (expected {md5}); the partial file was "
+                        f"removed, run again to retry")
+    os.replace(part, dest)
+    return dest
+
+
+def extract_atomically(archive, into, top_name):
+    """Unpack archive so that `into/top_name` appears whole or not at all."""
+    into = Path(into)
+    if (into / top_name).exists():
+        return into / top_name
+    with tempfile.TemporaryDirectory(dir=into, prefix=".extract-") as tmp:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # 'data' filter refuses absolute paths, links out, devices
+        os.replace(Path(tmp) / top_name, into / top_name)
+    return into / top_name
+
+
+def download_cifar100(data_dir):
+    archive = download(CIFAR100_URL, Path(data_dir) / "cifar-100-python.tar.gz", CIFAR100_MD5)
+    return extract_atomically(archive, data_dir, "cifar-100-python")
+
+
+def download_cub2011(data_dir):
+    archive = download(CUB2011_URL, Path(data_dir) / "CUB_200_2011.tgz", CUB2011_MD5)
+    return extract_atomically(archive, data_dir, "CUB_200_2011")
+
+
+# ----------------------------------------------------------------------------- CIFAR-100
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only what the cifar-100-python files need: plain containers and numpy arrays."""
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of the CIFAR format")
+
+
+def safe_unpickle(path):
+    """Load a CIFAR pickle without ever running code from it; keys come back as str."""
+    try:
+        with open(path, "rb") as f:
+            obj = RestrictedUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path} is not a safe CIFAR pickle: {e}") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} does not hold a dict as the CIFAR format does")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def find_cifar_dir(data_dir):
+    data_dir = Path(data_dir)
+    for candidate in (data_dir / "cifar-100-python", data_dir):
+        if all((candidate / name).is_file() for name in ("train", "test", "meta")):
+            return candidate
+    if not data_dir.exists():
+        raise DataError(f"data directory {data_dir} does not exist; pass --download to fetch CIFAR-100 "
+                        f"or point --data-dir at the folder holding cifar-100-python/")
+    raise DataError(f"{data_dir} does not hold cifar-100-python/{{train,test,meta}}; download "
+                    f"{CIFAR100_URL} and unpack it there, or pass --download")
+
+
+def _cifar_split(path, num_classes):
+    d = safe_unpickle(path)
+    if "data" not in d or "fine_labels" not in d:
+        raise DataError(f"{path} lacks the 'data' or 'fine_labels' key of the CIFAR-100 format")
+    images = np.asarray(d["data"])
+    labels = np.asarray(d["fine_labels"], dtype=np.int64)
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path} has labels outside 0..{num_classes - 1} (min {labels.min()}, max {labels.max()})")
+    return images.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar100(data_dir, download_if_missing=False):
+    """Return dict with train/test uint8 images (N,3,32,32), int64 labels and class names."""
+    if download_if_missing:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        if not (Path(data_dir) / "cifar-100-python").exists():
+            download_cifar100(data_dir)
+    root = find_cifar_dir(data_dir)
+    meta = safe_unpickle(root / "meta")
+    names = list(meta.get("fine_label_names", [str(i) for i in range(100)]))
+    train_x, train_y = _cifar_split(root / "train", len(names))
+    test_x, test_y = _cifar_split(root / "test", len(names))
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=names)
+
+
+def stratified_split(labels, val_per_class=None, val_frac=None, seed=0):
+    """Split indices into (train, val): the same number per class goes to val, chosen by seed.
+
+    With val_frac each class gives round(frac * count) (at least one where it has two or more).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = val_per_class if val_per_class is not None else int(round(val_frac * len(idx)))
+        if val_frac and len(idx) >= 2:
+            n_val = max(n_val, 1)
+        n_val = min(n_val, len(idx) - 1) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def labels_are_real(labels):
+    """Competition copies ship the test set with all-zero labels; those must not be scored."""
+    return len(labels) > 0 and bool(np.any(np.asarray(labels) != 0))
+
+
+# ----------------------------------------------------------------------------- device loader
+
+class EpochSampler:
+    """The order of samples for an epoch: a permutation drawn from (seed, epoch), cut into global
+    batches; under DDP each rank takes every world-th sample of each global batch, so the union of
+    ranks sees exactly what a single process with the same global batch would see."""
+
+    def __init__(self, n, batch_size, shuffle, seed=0, drop_last=False, rank=0, world=1):
+        if batch_size % world:
+            raise DataError(f"batch size {batch_size} is not divisible by the {world} processes")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world = drop_last, rank, world
+        self.epoch = 0
+
+    def generator(self, salt=0):
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + salt)
+
+    def order(self):
+        if self.shuffle:
+            return torch.randperm(self.n, generator=self.generator())
+        return torch.arange(self.n)
+
+    def __len__(self):
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def batches(self, start_step=0):
+        """Yield (positions in the epoch order, sample indices) of this rank, batch by batch."""
+        order = self.order()
+        for step in range(start_step, len(self)):
+            pos = torch.arange(step * self.batch_size, min((step + 1) * self.batch_size, self.n))
+            pos = pos[self.rank::self.world]
+            yield pos, order[pos]
+
+
+def batch_crop_flip(images, pad, shifts, flips):
+    """Random crop with zero padding and horizontal flip for a whole uint8 batch at once."""
+    n, c, h, w = images.shape
+    if pad:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = (shifts[:, 0, None] + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+        cols = (shifts[:, 1, None] + torch.arange(w, device=images.device)).view(n, 1, 1, w)
+        images = padded[torch.arange(n, device=images.device).view(n, 1, 1, 1),
+                        torch.arange(c, device=images.device).view(1, c, 1, 1), rows, cols]
+    if flips is not None:
+        images = torch.where(flips.view(n, 1, 1, 1), images.flip(3), images)
+    return images
+
+
+def batch_cutout(images, centres, size):
+    """Zero a size x size square around each image's centre (clipped at the borders)."""
+    n, _, h, w = images.shape
+    ys = torch.arange(h, device=images.device).view(1, h, 1)
+    xs = torch.arange(w, device=images.device).view(1, 1, w)
+    cy, cx = centres[:, 0].view(n, 1, 1), centres[:, 1].view(n, 1, 1)
+    inside = ((ys - cy).abs() <= size // 2 - (size % 2 == 0)) & ((xs - cx).abs() <= size // 2 - (size % 2 == 0))
+    return images.masked_fill(inside.unsqueeze(1), 0)
+
+
+AUGMENTATIONS = ("flip", "crop", "cutout")
+
+
+def parse_aug(text):
+    names = [a for a in (text or "").replace(" ", "").split(",") if a and a != "none"]
+    unknown = [a for a in names if a not in AUGMENTATIONS]
+    if unknown:
+        raise DataError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+    return set(names)
+
+
+class DeviceLoader:
+    """Batches from tensors that already live on the device (CIFAR uint8 images, or cached features).
+
+    All random choices of an epoch (order, crop shifts, flips, cutout centres) are drawn up front from
+    (seed, epoch), so an epoch can be resumed at any step and DDP ranks agree with one process.
+    """
+
+    def __init__(self, x, y, batch_size, shuffle=False, aug=(), mean=None, std=None, seed=0,
+                 drop_last=False, rank=0, world=1, pad=4, cutout=8, channels_last=False):
+        self.x, self.y, self.aug = x, y, set(aug)
+        self.sampler = EpochSampler(len(x), batch_size, shuffle, seed, drop_last, rank, world)
+        self.pad, self.cutout_size, self.channels_last = pad, cutout, channels_last
+        self.mean = None if mean is None else torch.as_tensor(mean, device=x.device).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.as_tensor(std, device=x.device).view(1, -1, 1, 1)
+        self.start_step = 0
+
+    def set_epoch(self, epoch):
+        self.sampler.epoch = epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+    @property
+    def num_samples(self):
+        return self.sampler.n
+
+    def _epoch_randomness(self):
+        n, (h, w) = self.sampler.n, self.x.shape[-2:]
+        g = self.sampler.generator(salt=1)
+        shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        centres = torch.stack([torch.randint(0, h, (n,), generator=g), torch.randint(0, w, (n,), generator=g)], 1)
+        return shifts, flips, centres
+
+    def __iter__(self):
+        if self.aug:
+            shifts, flips, centres = (t.to(self.x.device) for t in self._epoch_randomness())
+        start, self.start_step = self.start_step, 0
+        for pos, idx in self.sampler.batches(start):
+            idx = idx.to(self.x.device, non_blocking=True)
+            xb, yb = self.x[idx], self.y[idx]
+            if self.aug:
+                pos = pos.to(self.x.device)
+                xb = batch_crop_flip(xb, self.pad if "crop" in self.aug else 0, shifts[pos],
+                                     flips[pos] if "flip" in self.aug else None)
+                if "cutout" in self.aug:
+                    xb = batch_cutout(xb, centres[pos], self.cutout_size)
+            if xb.dtype == torch.uint8:
+                xb = xb.float().div_(255)
+            if self.mean is not None:
+                xb = (xb - self.mean) / self.std
+            if self.channels_last and xb.ndim == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb
+
+
+def channel_stats(images_uint8):
+    """Per-channel mean and std (0..1 scale) of a uint8 (N,3,H,W) array or tensor."""
+    x = torch.as_tensor(images_uint8)
+    x = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).double() / 255
+    return x.mean(1).tolist(), x.std(1).tolist()
+
+
+def cifar_loaders(data, args, device, rank=0, world=1):
+    """train/val/test DeviceLoaders for CIFAR-100 from `load_cifar100` output and parsed flags."""
+    train_idx, val_idx = stratified_split(data["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
+    train_x = data["train_x"][train_idx]
+    mean, std = channel_stats(train_x) if args.normalize else (None, None)
+    aug = parse_aug(args.aug)
+
+    def on_device(x, y):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device)
+
+    common = dict(mean=mean, std=std, rank=rank, world=world, channels_last=args.channels_last)
+    train = DeviceLoader(*on_device(train_x, data["train_y"][train_idx]), args.batch_size, shuffle=True,
+                         aug=aug, seed=args.seed, drop_last=len(train_idx) > args.batch_size,
+                         cutout=args.cutout_size, **common)
+    eval_batch = max(args.batch_size, 500) * world
+    val = DeviceLoader(*on_device(data["train_x"][val_idx], data["train_y"][val_idx]), eval_batch, **common)
+    test = DeviceLoader(*on_device(data["test_x"], data["test_y"]), eval_batch, **common)
+    return train, val, test, dict(mean=mean, std=std, train_size=len(train_idx), val_size=len(val_idx))
+
+
+# ----------------------------------------------------------------------------- birds: reading
+
+def find_cub_root(data_dir):
+    data_dir = Path(data_dir)
+    for candidate in (data_dir, data_dir / "CUB_200_2011"):
+        if (candidate / "images.txt").is_file():
+            return candidate
+    if not data_dir.exists():
+        raise DataError(f"data directory {data_dir} does not exist; pass --download to fetch CUB-200-2011 "
+                        f"or point --data-dir at the CUB_200_2011 folder")
+    raise DataError(f"{data_dir} is not a CUB_200_2011 folder (no images.txt); download {CUB2011_URL} and "
+                    f"unpack it, or use --dataset folder for a train/ test/ image tree")
+
+
+def _read_table(path, n_fields):
+    rows = {}
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < n_fields:
+                raise DataError(f"{path} line {line_no} has {len(parts)} fields, expected {n_fields}")
+            rows[int(parts[0])] = parts[1:n_fields] if n_fields > 2 else parts[1]
+    return rows
+
+
+def load_cub(data_dir, crop_boxes=False):
+    """CUB-200-2011: lists of (path, label 0-based, box or None) for train and test, in images.txt order."""
+    root = find_cub_root(data_dir)
+    needed = ["images.txt", "image_class_labels.txt", "classes.txt", "train_test_split.txt"]
+    missing = [n for n in needed if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"{root} lacks {', '.join(missing)} of the CUB_200_2011 layout")
+    try:
+        images = _read_table(root / "images.txt", 2)
+        labels = _read_table(root / "image_class_labels.txt", 2)
+        classes = _read_table(root / "classes.txt", 2)
+        is_train = _read_table(root / "train_test_split.txt", 2)
+        boxes = _read_table(root / "bounding_boxes.txt", 5) if crop_boxes and (root / "bounding_boxes.txt").is_file() else {}
+    except ValueError as e:
+        raise DataError(f"{root} has a malformed text file ({e})") from None
+    if crop_boxes and not boxes:
+        warn(f"--crop-boxes: {root}/bounding_boxes.txt is missing, using whole images")
+    for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
+        if set(table) != set(images):
+            raise DataError(f"{root}/{name} lists {len(table)} images but images.txt lists {len(images)}")
+    class_ids = sorted(classes)
+    index_of = {cid: i for i, cid in enumerate(class_ids)}
+    bad = sorted({int(c) for c in labels.values()} - set(index_of))
+    if bad:
+        raise DataError(f"{root}/image_class_labels.txt uses class ids {bad[:5]} that classes.txt does not define")
+    split = {"train": [], "test": []}
+    for image_id in sorted(images):
+        box = tuple(float(v) for v in boxes[image_id]) if image_id in boxes else None
+        sample = (str(root / "images" / images[image_id]), index_of[int(labels[image_id])], box)
+        split["train" if is_train[image_id] == "1" else "test"].append(sample)
+    return split["train"], split["test"], [classes[c] for c in class_ids]
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_image_folder(data_dir):
+    """A train/ and test/ tree of class folders (ImageFolder layout, e.g. CUB-200-2010 re-packed)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "train").is_dir():
+        raise DataError(f"{data_dir} has no train/ folder of class sub-folders")
+    classes = sorted(p.name for p in (data_dir / "train").iterdir() if p.is_dir())
+    index_of = {c: i for i, c in enumerate(classes)}
+
+    def listing(split):
+        out = []
+        if not (data_dir / split).is_dir():
+            return out
+        for cls_dir in sorted(p for p in (data_dir / split).iterdir() if p.is_dir()):
+            if cls_dir.name not in index_of:
+                raise DataError(f"{cls_dir} is a class that {data_dir}/train does not have")
+            for f in sorted(cls_dir.iterdir()):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    out.append((str(f), index_of[cls_dir.name], None))
+        return out
+
+    return listing("train"), listing("test"), classes
+
+
+def check_image_file(path):
+    """Cheap sanity check (first and last bytes) that catches truncated and non-image files
+    before a decoder meets them mid-epoch. Returns None when fine, else the reason."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 12))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if head[:3] == b"\xff\xd8\xff":
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail else "truncated PNG"
+    if head[:2] == b"BM" or head[:4] in (b"GIF8", b"RIFF") or head[:4] in (b"II*\x00", b"MM\x00*"):
+        return None
+    return "not an image"
+
+
+def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
+    bad = [(s, reason) for s in samples if (reason := check_image_file(s[0]))]
+    for (path, _, _), reason in bad[:20]:
+        warn(f"skipping {path}: {reason}")
+    if len(bad) > 20:
+        warn(f"skipping {len(bad) - 20} more broken {what}")
+    if samples and len(bad) > max_bad_frac * len(samples):
+        raise DataError(f"{len(bad)} of {len(samples)} {what} are broken (more than {max_bad_frac:.0%}); "
+                        f"first: {bad[0][0][0]} ({bad[0][1]})")
+    bad_paths = {s[0] for s, _ in bad}
+    return [s for s in samples if s[0] not in bad_paths], [s[0] for s, _ in bad]
+
+
+# ----------------------------------------------------------------------------- birds: loaders
+
+def sample_crop(width, height, rng, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (x, y, w, h) for an image, drawn from a numpy Generator."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+BIRD_AUGMENTATIONS = ("rrc", "flip")
+
+
+def parse_bird_aug(text):
+    names = [a for a in (text or "").replace(" ", "").split(",") if a and a != "none"]
+    unknown = [a for a in names if a not in BIRD_AUGMENTATIONS]
+    if unknown:
+        raise DataError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(BIRD_AUGMENTATIONS)}")
+    return set(names)
+
+
+def placeholder_jpeg(size=8):
+    """A small black JPEG fed in place of a broken test image, so every test id still gets a row."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+class BirdImages(torch.utils.data.Dataset):
+    """Decodes one image with PIL (any mode to RGB) and returns it as uint8 CHW at img_size.
+
+    aug 'rrc': random-resized crop, else resize the shorter side to img_size/crop_frac and centre crop
+    (the eval policy); aug 'flip': mirror half the images. Randomness is seeded per sample by the
+    sampler, so any number of workers gives the same epoch. A file that fails to decode is reported
+    and dropped (None), or replaced by a black image where `keep_broken` (test sets: one row per id).
+    """
+
+    def __init__(self, samples, img_size, aug=(), scale=(0.25, 1.0), crop_frac=0.875, keep_broken=False):
+        self.samples, self.img_size, self.aug = samples, img_size, set(aug)
+        self.scale, self.crop_frac, self.keep_broken = scale, crop_frac, keep_broken
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        from PIL import Image
+        index, sample_seed = item
+        path, label, box = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except Exception as e:  # any decoder failure: never crash the epoch
+            warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
+            if not self.keep_broken:
+                return None
+            im = Image.new("RGB", (self.img_size, self.img_size))
+            box = None
+        if box is not None:
+            x, y, w, h = box
+            im = im.crop((int(x), int(y), int(x + w), int(y + h)))
+        s = self.img_size
+        rng = np.random.default_rng(sample_seed)
+        if "rrc" in self.aug:
+            x, y, w, h = sample_crop(im.width, im.height, rng, self.scale)
+            im = im.resize((s, s), Image.BILINEAR, box=(x, y, x + w, y + h))
+        else:
+            short = int(round(s / self.crop_frac))
+            ratio = short / min(im.width, im.height)
+            im = im.resize((max(s, round(im.width * ratio)), max(s, round(im.height * ratio))), Image.BILINEAR)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        if "flip" in self.aug and rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), label
+
+
+def _collate(batch):
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+class _BatchList(torch.utils.data.Sampler):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class TorchImageLoader:
+    """PIL decoding in DataLoader workers; normalisation (and channels-last) on the device."""
+
+    def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
+                 rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
+        self.dataset = BirdImages(samples, img_size, aug if train else (), scale, crop_frac, keep_broken)
+        self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
+                                    drop_last=train and len(samples) > batch_size, rank=rank, world=world)
+        self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.start_step = 0
+        self.name = "torch"
+
+    def set_epoch(self, epoch):
+        self.sampler.epoch = epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+    @property
+    def num_samples(self):
+        return self.sampler.n
+
+    def __iter__(self):
+        base = self.sampler.seed * 1_000_003 + self.sampler.epoch * 7919
+        batches = [[(int(i), base + int(p)) for p, i in zip(pos, idx)]
+                   for pos, idx in self.sampler.batches(self.start_step)]
+        self.start_step = 0
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_BatchList(batches), num_workers=self.workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if self.workers else None)
+        for xb, yb in loader:
+            xb = xb.to(self.device, non_blocking=True)
+            xb = (xb.float() - self.mean) / self.std
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb.to(self.device, non_blocking=True)
+
+
+def dali_available():
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+class DaliImageLoader:
+    """DALI pipeline: JPEG decode (nvJPEG, device='mixed' on a GPU; DALI's CPU decoder otherwise),
+    random-resized crop, flip and normalisation inside DALI. File bytes are fed by the same
+    EpochSampler as the torch loader, so both loaders visit samples in the same order."""
+
+    def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
+                 rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
+        from nvidia.dali import fn, pipeline_def, types
+        self.samples, self.device, self.channels_last = samples, torch.device(device), channels_last
+        aug = set(aug) if train else set()
+        # DALI stops the whole pipeline on an undecodable file: catch them up front (cheap header check).
+        self.bad = {i for i, s in enumerate(samples) if check_image_file(s[0])}
+        if self.bad and not keep_broken:
+            raise DataError(f"{len(self.bad)} broken images reached the DALI loader; drop them first (drop_bad_images)")
+        self.placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
+        if any(s[2] is not None for s in samples):
+            raise DataError("--crop-boxes is implemented in the torch loader only; add --loader torch")
+        self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
+                                    drop_last=train and len(samples) > batch_size, rank=rank, world=world)
+        self.start_step = 0
+        self.name = "dali"
+        gpu = self.device.type == "cuda"
+        self.local_batch = batch_size // world
+
+        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
+                      device_id=(self.device.index or 0) if gpu else None, seed=seed + 7 * rank,
+                      prefetch_queue_depth=2, exec_dynamic=True)
+        def pipe():
+            jpegs, labels = fn.external_source(source=self._feed, num_outputs=2, batch=True,
+                                               dtype=[types.UINT8, types.INT64])
+            decoder_device = "mixed" if gpu else "cpu"
+            if "rrc" in aug:
+                images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
+                                                       random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3])
+                images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=False)
+            else:
+                images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+                images = fn.resize(images, resize_shorter=round(img_size / crop_frac), antialias=False)
+            mirror = fn.random.coin_flip(probability=0.5) if "flip" in aug else 0
+            images = fn.crop_mirror_normalize(
+                images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size),
+                mean=[m * 255 for m in mean], std=[s * 255 for s in std], mirror=mirror)
+            return images, labels.gpu() if gpu else labels
+
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def _feed(self, info=None):
+        batch = next(self._batches)  # StopIteration ends DALI's epoch
+        files = [self.placeholder if i in self.bad else np.fromfile(self.samples[i][0], dtype=np.uint8) for i in batch]
+        labels = [np.array(self.samples[i][1], dtype=np.int64) for i in batch]
+        return files, labels
+
+    def set_epoch(self, epoch):
+        self.sampler.epoch = epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+    @property
+    def num_samples(self):
+        return self.sampler.n
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: F401  (import check)
+        idx_batches = [idx.tolist() for _, idx in self.sampler.batches(self.start_step)]
+        self.start_step = 0
+        # DALI needs full batches: the last short one is padded and the padding cut off afterwards.
+        sizes = [len(b) for b in idx_batches]
+        self._batches = iter([b + [b[-1]] * (self.local_batch - len(b)) for b in idx_batches])
+        self.pipe.reset()
+        for size in sizes:
+            images, labels = self.pipe.run()
+            xb = _dali_to_torch(images, self.device)[:size]
+            yb = _dali_to_torch(labels, self.device)[:size].long().view(-1)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb
+
+
+def _dali_to_torch(tensor_list, device):
+    if hasattr(tensor_list, "as_cpu") and device.type != "cuda":
+        tensor_list = tensor_list.as_cpu()
+    array = tensor_list.as_tensor()
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        out = torch.empty(array.shape(), dtype=torch.float32 if array.dtype == 9 else torch.int64, device=device)
+        feed_ndarray(array, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(array))
+
+
+def default_loader(device):
+    """DALI (nvJPEG) on a GPU when it imports; PIL workers on CPU, where they measured faster (BENCHMARKS.md)."""
+    return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
+
+
+def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):
+    """kind: 'dali', 'torch' or 'auto' (see default_loader)."""
+    if kind == "auto":
+        kind = default_loader(device)
+    if kind == "dali":
+        if not dali_available():
+            raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda120)")
+        return DaliImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
+    return TorchImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main():
+    parser = argparse.ArgumentParser(description="Download the data sets into a folder.")
+    parser.add_argument("what", choices=["cifar100", "cub2011"], help="which data set to fetch")
+    parser.add_argument("--data-dir", default="data", help="folder to download and unpack into")
+    args = parser.parse_args()
+    try:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+        path = download_cifar100(args.data_dir) if args.what == "cifar100" else download_cub2011(args.data_dir)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"ready: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,618 @@
+"""The training loop both scripts share, and everything a run writes.
+
+`fit()` trains any model on any loader that yields device batches: SGD/AdamW, warm-up and
+none/step/cosine/onecycle schedules, bf16 autocast (fp16 + loss scaling where bf16 is
+missing), torch.compile, channels-last, DistributedDataParallel under torchrun, metrics
+accumulated on the device (no host sync per step), a progress bar, and a run folder:
+
+    OUT/config.json  metrics.csv  last.pt  best.pt  curves.png  architecture.md
+    OUT/final.json   submission.csv         (the last two written by the scripts)
+
+Every file is written to a temporary name and renamed. `last.pt` holds model, optimizer,
+scaler, epoch, step and every RNG, so `--resume` continues a killed run exactly; Ctrl-C
+(or SIGTERM) saves it mid-epoch. Checkpoints hold only tensors and plain types and are
+loaded with `weights_only=True`. Not run directly.
+"""
+import csv
+import io
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class UsageError(Exception):
+    """A flag value that cannot work: the message is one sentence for the user."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- flags
+
+def add_training_args(parser, defaults):
+    """Flags both scripts share. `defaults` holds each script's own recipe."""
+    add = parser.add_argument
+    add("--epochs", type=int, default=defaults["epochs"], help="passes over the training split")
+    add("--batch-size", type=int, default=defaults["batch_size"], help="global batch size (split over torchrun processes)")
+    add("--optimizer", choices=["sgd", "adamw"], default=defaults["optimizer"], help="optimizer")
+    add("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    add("--momentum", type=float, default=0.9, help="SGD momentum (AdamW beta1)")
+    add("--wd", type=float, default=defaults["wd"], help="weight decay (not applied to biases and norm layers)")
+    add("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
+        help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
+    add("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
+    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    add("--amp", action=argparse_bool(), default=None,
+        help="bf16 autocast (fp16 with loss scaling where bf16 is unsupported); default: on for CUDA, off on CPU")
+    add("--compile", action=argparse_bool(), default=None,
+        help="torch.compile the model (first-compile time is reported apart); default: on for CUDA, off on CPU")
+    add("--channels-last", action=argparse_bool(), default=None,
+        help="channels-last memory format; default: on for CUDA, off on CPU")
+    add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    add("--out", default=defaults["out"], help="run folder for checkpoints, metrics, plots and the CSV")
+    add("--resume", action="store_true", help="continue the run in --out from last.pt (starts fresh if none)")
+    add("--force", action="store_true", help="overwrite a run already in --out")
+    add("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation and dropout")
+    add("--deterministic", action="store_true", help="deterministic kernels (slower; exact resume on CPU)")
+    add("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def argparse_bool():
+    import argparse
+    return argparse.BooleanOptionalAction
+
+
+def check_training_args(args, train_size):
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size > train_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {train_size} training images")
+    if args.wd < 0 or not 0 <= args.label_smoothing < 1 or args.warmup < 0 or not 0 <= args.momentum < 1:
+        raise UsageError("--wd and --warmup must be >= 0, --label-smoothing and --momentum in [0, 1)")
+    if getattr(args, "dropout", 0) and not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+
+
+# ----------------------------------------------------------------------------- device, DDP
+
+def setup_distributed():
+    """(rank, world, local_rank): torchrun sets WORLD_SIZE; NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), world, local_rank
+
+
+def resolve_device(args, local_rank=0):
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but no CUDA GPU is visible")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    fast = device.type == "cuda"
+    for flag in ("amp", "compile", "channels_last"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, fast)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def amp_dtype(device):
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device, enabled):
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
+
+
+def is_main(rank):
+    return rank == 0
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def atomic_write(path, write):
+    """Run write(file) on a temporary file beside path, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Checkpoints are only ever loaded with weights_only=True: tensors and plain types."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise UsageError(f"{path} is not a checkpoint this repo can load safely ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UsageError(f"{path} is not a checkpoint written by this repo (no model/model_config)")
+    return ckpt
+
+
+def write_submission(path, predictions):
+    """Kaggle format: header "Id","Prediction1", every field quoted, ids 0..N-1 in order."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    writer.writerow(["Id", "Prediction1"])
+    writer.writerows((i, int(p)) for i, p in enumerate(predictions))
+    atomic_write_text(path, buf.getvalue())
+
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"]
+
+
+def write_metrics(path, history):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_curves(path, history, title=""):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax2.plot(epochs, [h["val_acc"] for h in history], marker="o", color="tab:orange")
+    ax2.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run folder
+
+# Flags that may differ when a run is resumed: they change how, not what, it trains.
+RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download"}
+
+
+def prepare_run_dir(out, config, resume, force, rank):
+    """Refuse to mix two different runs in one folder; write config.json."""
+    out = Path(out)
+    old_path = out / "config.json"
+    if old_path.exists() and not force:
+        old = json.loads(old_path.read_text()).get("args", {})
+        new = config["args"]
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if not resume:
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or --force to overwrite it")
+        if changed:
+            raise UsageError(f"{out} holds a run with a different config ({', '.join(changed)} differ); "
+                             f"use another --out or --force to overwrite it")
+    if force and is_main(rank):
+        for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png"):
+            (out / name).unlink(missing_ok=True)
+    if is_main(rank):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def run_config(args, extra=None):
+    return {
+        "args": {k: v for k, v in vars(args).items()},
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "numpy": np.__version__, "platform": platform.platform()},
+        "seed": args.seed,
+        **(extra or {}),
+    }
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed, rank=0):
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def make_optimizer(param_groups, args):
+    """param_groups: [{'params': [...], 'lr_mult': m}]; biases and norm weights get no decay."""
+    groups = []
+    for g in param_groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for ps, wd in ((decay, args.wd), (no_decay, 0.0)):
+            if ps:
+                groups.append({"params": ps, "weight_decay": wd, "lr": args.lr * g.get("lr_mult", 1.0),
+                               "lr_mult": g.get("lr_mult", 1.0)})
+    if not groups:
+        raise UsageError("the model has no trainable parameters")
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule):
+    """Multiplier of the peak lr at a global optimizer step (a pure function: nothing to checkpoint)."""
+    if schedule == "onecycle":
+        warmup_steps = warmup_steps or max(1, int(0.25 * total_steps))
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "step":
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "onecycle":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+# ----------------------------------------------------------------------------- progress bar
+
+class Progress:
+    def __init__(self, total, desc, enabled):
+        self.total, self.desc, self.enabled, self.start = total, desc, enabled, time.perf_counter()
+
+    def update(self, done, text=""):
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * done / max(1, self.total))
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                         f"{text} {elapsed:.0f}s<{eta:.0f}s ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def reduce_sums(world, *tensors):
+    """Sum device tensors over all torchrun processes (no-op for one process)."""
+    if world > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+    return tensors
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device, amp, world=1, criterion=None):
+    """(mean loss, accuracy) over the whole loader, gathered across processes."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = torch.zeros((), device=device, dtype=torch.long)
+    criterion = criterion or nn.CrossEntropyLoss(reduction="sum")
+    for x, y in loader:
+        with autocast(device, amp):
+            logits = model(x)
+        loss_sum += criterion(logits.float(), y).double()
+        correct += (logits.argmax(1) == y).sum()
+        count += y.numel()
+    reduce_sums(world, loss_sum, correct, count)
+    n = max(1, count.item())
+    return loss_sum.item() / n, correct.item() / n
+
+
+@torch.inference_mode()
+def predict(model, loader, device, amp, tta=False):
+    """Class predictions in loader order; --tta averages the softmax of the image and its mirror."""
+    model.eval()
+    preds, labels = [], []
+    for x, y in loader:
+        with autocast(device, amp):
+            probs = model(x).float().softmax(1)
+            if tta:
+                probs = probs + model(x.flip(3)).float().softmax(1)
+        preds.append(probs.argmax(1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(preds), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def fit(model, train_loader, val_loader, args, out, model_config, data_config, device, rank=0, world=1,
+        param_groups=None, title=""):
+    """Train `model` for args.epochs, resuming from OUT/last.pt with --resume. Returns a summary dict.
+
+    The best model (by validation accuracy) is in OUT/best.pt afterwards. `model_config` rebuilds the
+    network (models.build_model) and `data_config` the test-time preprocessing (predict.py).
+    """
+    out = Path(out)
+    main = is_main(rank)
+    raw_model = model
+    if args.sync_bn and world > 1:
+        raw_model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], args)
+    use_scaler = args.amp and amp_dtype(device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = int(round(args.warmup * steps_per_epoch))
+    history, best_val_acc, best_epoch, start_epoch, start_step = [], -1.0, 0, 0, 0
+    partial = None
+    train_seconds = 0.0
+
+    if args.resume and (out / "last.pt").exists():
+        ckpt = load_checkpoint(out / "last.pt", map_location=device)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        history, best_val_acc, best_epoch = ckpt["history"], ckpt["best_val_acc"], ckpt["best_epoch"]
+        start_epoch, start_step, partial = ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("partial")
+        train_seconds = ckpt.get("train_seconds", 0.0)
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        if main:
+            where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch + 1}"
+            print(f"resuming {out} at {where}")
+
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    def save_last(epoch, step_in_epoch, partial_sums=None):
+        rngs = [rng_state()]
+        if world > 1:  # every rank's RNG (dropout differs per rank) goes into rank 0's file
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if main:
+            atomic_torch_save({
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if use_scaler else None, "model_config": model_config,
+                "data_config": data_config,
+                "config": run_config_plain(args), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "history": history, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
+                "partial": partial_sums, "rng": rngs if world > 1 else rngs[0], "train_seconds": train_seconds,
+            }, out / "last.pt")
+
+    interrupted = {"flag": False}
+
+    def on_sigterm(signum, frame):
+        interrupted["flag"] = True
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main and world == 1 else None
+    show_bar = main and not args.quiet and sys.stderr.isatty()
+    first_step_seconds = None
+    skipped_steps = 0
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            train_loader.set_epoch(epoch)
+            train_loader.start_step = start_step
+            model.train()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            count = torch.zeros((), device=device, dtype=torch.long)
+            bad_step = torch.full((), -1, device=device, dtype=torch.long)
+            elapsed_before = 0.0
+            if partial:
+                loss_sum += partial["loss_sum"]
+                correct += partial["correct"]
+                count += partial["count"]
+                elapsed_before = partial["seconds"]
+                partial = None
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", show_bar)
+            t0 = time.perf_counter()
+            step = start_step
+            try:
+                for x, y in train_loader:
+                    if y.numel() == 0:
+                        step += 1
+                        continue
+                    global_step = epoch * steps_per_epoch + step
+                    factor = lr_factor(global_step, total_steps, warmup_steps, args.schedule)
+                    for group in optimizer.param_groups:
+                        group["lr"] = args.lr * group["lr_mult"] * factor
+                    t_step = time.perf_counter() if first_step_seconds is None else None
+                    with autocast(device, args.amp):
+                        logits = model(x)
+                    loss = criterion(logits.float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    if use_scaler:
+                        scale = scaler.get_scale()
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        skipped_steps += scaler.get_scale() < scale
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    if t_step is not None:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        first_step_seconds = time.perf_counter() - t_step
+                    detached = loss.detach()
+                    if not use_scaler:  # fp16 scaling skips non-finite steps itself; they are counted above
+                        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
+                    loss_sum += detached.double() * y.numel()
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    count += y.numel()
+                    step += 1
+                    if step % 50 == 0 or step == steps_per_epoch:
+                        if bad_step.item() >= 0:  # one host sync every 50 steps, not every step
+                            raise NonFiniteLoss(f"the training loss became non-finite at epoch {epoch + 1} step "
+                                                f"{bad_step.item() + 1}; last.pt still holds the last good epoch "
+                                                f"(lower --lr, or add --warmup)")
+                        if show_bar:
+                            bar.update(step, f"loss {loss_sum.item() / max(1, count.item()):.3f}")
+                    if interrupted["flag"]:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                bar.close()
+                train_seconds += time.perf_counter() - t0
+                save_last(epoch, step, {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "count": count.cpu(),
+                                        "seconds": elapsed_before + time.perf_counter() - t0})
+                if main:
+                    print(f"\ninterrupted at epoch {epoch + 1} step {step}; last.pt saved. Resume with the same "
+                          f"command plus --resume", file=sys.stderr)
+                raise
+            if bad_step.item() >= 0:
+                raise NonFiniteLoss(f"the training loss became non-finite at epoch {epoch + 1} step "
+                                    f"{bad_step.item() + 1}; last.pt still holds the last good epoch")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_seconds = elapsed_before + time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t0
+            bar.close()
+            start_step = 0
+            reduce_sums(world, loss_sum, correct, count)
+            n = max(1, count.item())
+            val_loss, val_acc = evaluate(model, val_loader, device, args.amp, world)
+            history.append({
+                "epoch": epoch + 1, "train_loss": round(loss_sum.item() / n, 6), "train_acc": round(correct.item() / n, 6),
+                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
+                "lr": round(args.lr * lr_factor(min((epoch + 1) * steps_per_epoch, total_steps) - 1, total_steps,
+                                                warmup_steps, args.schedule), 8),
+                "epoch_seconds": round(epoch_seconds, 3), "images_per_second": round(n / max(epoch_seconds, 1e-9), 1),
+            })
+            if val_acc > best_val_acc:
+                best_val_acc, best_epoch = val_acc, epoch + 1
+                if main:
+                    atomic_torch_save({"model": raw_model.state_dict(), "model_config": model_config,
+                                       "data_config": data_config, "config": run_config_plain(args), "epoch": epoch + 1, "val_acc": val_acc},
+                                      out / "best.pt")
+            save_last(epoch + 1, 0)
+            if main:
+                write_metrics(out / "metrics.csv", history)
+                plot_curves(out / "curves.png", history, title)
+                h = history[-1]
+                print(f"epoch {epoch + 1}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
+                      f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
+                      f"({h['images_per_second']:.0f} img/s)", flush=True)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    if skipped_steps and main:
+        print(f"fp16 loss scaling skipped {skipped_steps} steps with overflowing gradients")
+    barrier(world)
+    return {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "train_seconds": round(train_seconds, 2),
+            "first_step_seconds": first_step_seconds, "skipped_steps": int(skipped_steps), "history": history}
+
+
+def run_config_plain(args):
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def load_best(model, out, device):
+    ckpt = load_checkpoint(Path(out) / "best.pt", map_location=device)
+    unwrap(model).load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def finish(out, summary, model, test_acc, extra=None):
+    from models import count_parameters
+    final = {"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"], "test_acc": test_acc,
+             "train_seconds": summary["train_seconds"], "first_step_seconds": summary["first_step_seconds"],
+             "parameters": count_parameters(unwrap(model)),
+             "trainable_parameters": count_parameters(unwrap(model), trainable_only=True),
+             "skipped_steps": summary["skipped_steps"], **(extra or {})}
+    atomic_write_text(Path(out) / "final.json", json.dumps(final, indent=2) + "\n")
+    return final
+
+
+def cli(run, argv=None):
+    """Run a script's main; bad input ends in one sentence and a non-zero exit."""
+    from data import DataError
+    from models import WeightsMismatch
+    try:
+        return run(argv)
+    except (UsageError, DataError, WeightsMismatch, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

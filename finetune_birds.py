@@ -1,0 +1,192 @@
+"""Transfer learning on Caltech-UCSD Birds: an ImageNet backbone as a frozen feature extractor,
+or fine-tuned whole, with a new dropout + linear head.
+
+    python finetune_birds.py --freeze-backbone                   # ResNet-50, ImageNet weights, head only
+    python finetune_birds.py --freeze-backbone --cache-features  # same, backbone run once over the data
+    python finetune_birds.py --backbone-lr-mult 0.1              # fine-tune everything, backbone at lr/10
+    python finetune_birds.py --arch tf_efficientnet_lite0 --weights ../shared/weights/tf_efficientnet_lite0_in1k.pth \
+        --data-dir ../shared/data/CUB_200_2011_subset100 --device cpu --img-size 224
+    torchrun --nproc_per_node=4 finetune_birds.py ...            # DistributedDataParallel
+
+Validation is carved from the official training split (--val-frac, stratified, seeded); the official
+test split is scored where labels exist and predicted into OUT/submission.csv in images.txt order.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import data
+import engine
+import models
+
+RECIPE = dict(epochs=15, batch_size=64, optimizer="sgd", lr=0.01, wd=1e-4, schedule="cosine", out="runs/birds")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--data-dir", default="data/CUB_200_2011", help="CUB_200_2011 root (or its parent), or a train/ test/ tree")
+    add("--dataset", choices=["cub2011", "folder"], default="cub2011",
+        help="cub2011: official text files; folder: ImageFolder-style train/ and test/ (e.g. CUB-200-2010)")
+    add("--download", action="store_true", help="fetch the official CUB-200-2011 archive into --data-dir if missing")
+    add("--crop-boxes", action="store_true", help="crop each image to its bounding_boxes.txt box (torch loader)")
+    add("--val-frac", type=float, default=0.1, help="fraction of each class's training images kept for validation")
+    add("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    add("--arch", default="resnet50",
+        help="torchvision resnet18|resnet34|resnet50|resnet101, or a timm model name (timm:NAME or plain)")
+    add("--weights", default="imagenet",
+        help="imagenet (torchvision/timm download and cache), none (random init), or a local state-dict file")
+    add("--freeze-backbone", action="store_true", help="train the head only; backbone frozen, BatchNorm in eval mode")
+    add("--cache-features", action="store_true",
+        help="with --freeze-backbone: run the backbone once over every image (no augmentation) and train the head on the stored features")
+    add("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = --lr times this, when fine-tuning")
+    add("--dropout", type=float, default=0.0, help="dropout before the new head")
+    add("--img-size", type=int, default=224, help="training and evaluation crop size in pixels")
+    add("--aug", default="rrc,flip", help="training augmentation: rrc (random-resized crop), flip, or none")
+    add("--rrc-min-scale", type=float, default=0.25, help="smallest area fraction a random-resized crop keeps")
+    add("--loader", choices=["auto", "dali", "torch"], default="auto",
+        help="dali: nvJPEG/DALI pipeline; torch: PIL in DataLoader workers; auto: DALI on a GPU, torch on CPU")
+    add("--workers", type=int, default=2, help="decoding threads/processes")
+    add("--max-bad-frac", type=float, default=0.05, help="refuse the data when more than this fraction of images is broken")
+    add("--tta", action="store_true", help="average predictions with the mirrored image for the test CSV")
+    engine.add_training_args(parser, RECIPE)
+    return parser.parse_args(argv)
+
+
+def load_samples(args):
+    if args.dataset == "cub2011":
+        if args.download and not (args.data_dir and data.Path(args.data_dir).exists()):
+            data.Path(args.data_dir).parent.mkdir(parents=True, exist_ok=True)
+            data.download_cub2011(data.Path(args.data_dir).parent)
+        return data.load_cub(args.data_dir, args.crop_boxes)
+    if args.download:
+        raise engine.UsageError("--download fetches CUB-200-2011 only; use --dataset cub2011")
+    return data.load_image_folder(args.data_dir)
+
+
+def build_model(args, num_classes):
+    pretrained = args.weights == "imagenet"
+    try:
+        model = models.TransferNet(args.arch, num_classes, args.dropout, args.freeze_backbone, pretrained)
+    except ValueError as e:
+        raise engine.UsageError(str(e)) from None
+    except (OSError, RuntimeError) as e:  # hub/download failures when offline
+        if not pretrained:
+            raise
+        raise engine.UsageError(f"could not fetch ImageNet weights for {args.arch} ({type(e).__name__}); "
+                                f"connect to the internet once, or pass --weights PATH to a local state dict") from None
+    if args.weights not in ("imagenet", "none"):
+        if not data.Path(args.weights).is_file():
+            raise engine.UsageError(f"--weights {args.weights} is neither imagenet, none, nor an existing file")
+        models.load_backbone_weights(model.backbone, args.weights)
+    return model
+
+
+@torch.inference_mode()
+def extract_features(model, loader, device, amp):
+    model.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        with engine.autocast(device, amp):
+            feats.append(model.features(x).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def check_args(args):
+    if not 0 < args.val_frac < 1:
+        raise engine.UsageError(f"--val-frac must be between 0 and 1, got {args.val_frac}")
+    if args.img_size < 16 or args.backbone_lr_mult < 0 or not 0 < args.rrc_min_scale <= 1:
+        raise engine.UsageError("--img-size must be >= 16, --backbone-lr-mult >= 0, --rrc-min-scale in (0, 1]")
+    if args.cache_features and not args.freeze_backbone:
+        raise engine.UsageError("--cache-features needs --freeze-backbone (a training backbone changes its features)")
+    try:
+        args.aug_set = sorted(data.parse_bird_aug(args.aug))
+    except data.DataError as e:
+        raise engine.UsageError(str(e)) from None
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    rank, world, local_rank = engine.setup_distributed()
+    device = engine.resolve_device(args, local_rank)
+    train_all, test_samples, classes = load_samples(args)
+    train_all, skipped = data.drop_bad_images(train_all, args.max_bad_frac, "training images")
+    if not train_all:
+        raise data.DataError(f"{args.data_dir} has no readable training images")
+    train_idx, val_idx = data.stratified_split([s[1] for s in train_all], val_frac=args.val_frac, seed=args.split_seed)
+    train_samples, val_samples = [train_all[i] for i in train_idx], [train_all[i] for i in val_idx]
+    engine.check_training_args(args, len(train_samples))
+    data.drop_bad_images(test_samples, 1.0, "test images")  # only warns: broken test images become black
+    engine.prepare_run_dir(args.out, engine.run_config(args, {"data": args.dataset, "classes": len(classes)}),
+                           args.resume, args.force, rank)
+    engine.barrier(world)
+
+    engine.seed_everything(args.seed, rank=0)
+    model = build_model(args, len(classes)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = model.mean, model.std
+    loader_kind = data.default_loader(device) if args.loader == "auto" else args.loader
+    common = dict(mean=mean, std=std, device=device, workers=args.workers, rank=rank, world=world,
+                  channels_last=args.channels_last, scale=(args.rrc_min_scale, 1.0))
+    eval_batch = max(args.batch_size, 64 // world * world)
+    train_aug = () if args.cache_features else args.aug_set
+    train = data.bird_loader(loader_kind, train_samples, args.img_size, args.batch_size, True, aug=train_aug,
+                             seed=args.seed, **common)
+    val = data.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False, **common)
+    test = data.bird_loader(loader_kind, test_samples, args.img_size, eval_batch, False, keep_broken=True,
+                            **{**common, "rank": 0, "world": 1})
+    if engine.is_main(rank):
+        engine.atomic_write_text(f"{args.out}/architecture.md", f"# {args.arch} ({'frozen' if args.freeze_backbone else 'fine-tuned'})\n\n"
+                                 + models.architecture_table(model, (1, 3, args.img_size, args.img_size)) + "\n")
+        print(f"{args.arch}: {models.count_parameters(model):,} parameters "
+              f"({models.count_parameters(model, trainable_only=True):,} trainable) on {device}; loader {loader_kind}; "
+              f"{len(classes)} classes, train {len(train_samples)}, val {len(val_samples)}, test {len(test_samples)}"
+              f"{f', skipped {len(skipped)} broken' if skipped else ''}; amp={args.amp} compile={args.compile}")
+
+    cache_seconds = None
+    if args.cache_features:
+        t0 = time.perf_counter()
+        unshuffled = data.bird_loader(loader_kind, train_samples, args.img_size, eval_batch, False,
+                                      **{**common, "rank": 0, "world": 1})
+        feats = {name: extract_features(model, loader, device, args.amp)
+                 for name, loader in (("train", unshuffled), ("val", val), ("test", test))}
+        cache_seconds = time.perf_counter() - t0
+        if engine.is_main(rank):
+            print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {cache_seconds:.1f}s")
+        train = data.DeviceLoader(*feats["train"], args.batch_size, shuffle=True, seed=args.seed,
+                                  drop_last=len(train_samples) > args.batch_size, rank=rank, world=world)
+        val = data.DeviceLoader(*feats["val"], eval_batch)
+        test = data.DeviceLoader(*feats["test"], eval_batch)
+
+    model_config = {"kind": "transfer", "arch": args.arch, "num_classes": len(classes), "dropout": args.dropout,
+                    "freeze_backbone": args.freeze_backbone}
+    data_config = {"dataset": args.dataset, "img_size": args.img_size, "mean": list(mean), "std": list(std),
+                   "crop_boxes": args.crop_boxes}
+    param_groups = [{"params": list(model.head.parameters()), "lr_mult": 1.0}]
+    if not args.freeze_backbone:
+        param_groups.append({"params": list(model.backbone.parameters()), "lr_mult": args.backbone_lr_mult})
+    engine.seed_everything(args.seed, rank)
+    summary = engine.fit(model, train, val, args, args.out, model_config, data_config, device, rank, world,
+                         param_groups=param_groups, title=f"birds {args.arch} "
+                         f"{'frozen' if args.freeze_backbone else 'fine-tuned'}")
+
+    if engine.is_main(rank):
+        engine.load_best(model, args.out, device)
+        preds, labels = engine.predict(model, test, device, args.amp, tta=args.tta and not args.cache_features)
+        engine.write_submission(f"{args.out}/submission.csv", preds.tolist())
+        test_acc = (preds == labels).float().mean().item() if data.labels_are_real(labels.numpy()) else None
+        final = engine.finish(args.out, summary, model, test_acc,
+                              {"arch": args.arch, "freeze_backbone": args.freeze_backbone, "loader": loader_kind,
+                               "cache_seconds": cache_seconds, "skipped_images": skipped})
+        print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
+              f"{'n/a' if test_acc is None else f'{test_acc:.4f}'}; wrote {args.out}/submission.csv")
+
+
+if __name__ == "__main__":
+    engine.cli(run)

@@ -1,0 +1,273 @@
+"""Models only: the course's BaseNet, a configurable CNN for the CIFAR ablations, a CIFAR
+ResNet-18, the transfer-learning network for birds, and an architecture table for any model.
+
+    python models.py basenet          # prints BaseNet's layer table
+    python models.py convnet --depth 8 --bn
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+
+
+class BaseNet(nn.Module):
+    """The course baseline, exactly: two 5x5 convs with max-pooling, then 400 -> 50 -> classes."""
+
+    def __init__(self, num_classes=100, dropout=0.0):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten())
+        head = [nn.Linear(400, 50), nn.ReLU(), nn.Linear(50, num_classes)]
+        if dropout > 0:
+            head = [nn.Dropout(dropout), head[0], head[1], nn.Dropout(dropout), head[2]]
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def norm_layer(kind, channels):
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, c_in, c_out, norm):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), norm_layer(norm, c_out),
+                         nn.ReLU(inplace=True))
+
+
+class ResidualPair(nn.Module):
+    """Two 3x3 conv blocks with an identity shortcut around them."""
+
+    def __init__(self, channels, norm):
+        super().__init__()
+        self.body = nn.Sequential(ConvBlock(channels, channels, norm), ConvBlock(channels, channels, norm))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ConvNet(nn.Module):
+    """`depth` 3x3 conv layers in three stages (width, 2*width, 4*width channels, max-pool between),
+    optional BatchNorm/GroupNorm and residual pairs, global average pooling, dropout, linear head."""
+
+    def __init__(self, depth=8, width=32, norm="bn", dropout=0.0, residual=False, num_classes=100):
+        super().__init__()
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        per_stage = [depth // 3 + (i < depth % 3) for i in range(3)]
+        layers, c_in = [], 3
+        for stage, n_convs in enumerate(per_stage):
+            if n_convs == 0:
+                continue
+            c_out = width * 2 ** stage
+            layers.append(ConvBlock(c_in, c_out, norm))
+            remaining = n_convs - 1
+            while remaining >= 2 and residual:
+                layers.append(ResidualPair(c_out, norm))
+                remaining -= 2
+            layers += [ConvBlock(c_out, c_out, norm) for _ in range(remaining)]
+            if stage < 2 and per_stage[stage + 1] > 0:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs: 3x3 stem without max-pool, four stages of two basic blocks."""
+
+    def __init__(self, num_classes=100, width=64, dropout=0.0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        blocks, c_in = [], width
+        for stage in range(4):
+            c_out = width * 2 ** stage
+            blocks += [BasicBlock(c_in, c_out, 1 if stage == 0 else 2), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(self.stem(x))))
+
+
+def build_cifar_model(name, num_classes=100, depth=8, width=32, norm="none", dropout=0.0, residual=False):
+    if name == "basenet":
+        return BaseNet(num_classes, dropout)
+    if name == "convnet":
+        return ConvNet(depth, width, norm, dropout, residual, num_classes)
+    if name == "resnet18":
+        return CifarResNet18(num_classes, width=64 if width == 32 else width, dropout=dropout)
+    raise ValueError(f"unknown CIFAR model {name!r}")
+
+
+# ----------------------------------------------------------------------------- transfer learning
+
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "last_linear.")
+
+
+class WeightsMismatch(ValueError):
+    pass
+
+
+def make_backbone(arch, pretrained_imagenet=False):
+    """Backbone returning pooled features, its feature width and its input mean/std."""
+    if arch in TORCHVISION_RESNETS:
+        import torchvision
+        weights = "DEFAULT" if pretrained_imagenet else None
+        net = getattr(torchvision.models, arch)(weights=weights)
+        width = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, width, IMAGENET_MEAN, IMAGENET_STD
+    import timm
+    name = arch.removeprefix("timm:")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown --arch {arch!r}: not a torchvision ResNet ({', '.join(TORCHVISION_RESNETS)}) "
+                         f"nor a timm model name")
+    net = timm.create_model(name, pretrained=pretrained_imagenet, num_classes=0)
+    cfg = net.pretrained_cfg or {}
+    return net, net.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+def load_backbone_weights(backbone, path):
+    """Load an ImageNet state dict from a local file into the backbone (classifier keys ignored)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsMismatch(f"{path} does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = backbone.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise WeightsMismatch(f"{path} does not fit this architecture: {'; '.join(parts)}")
+    backbone.load_state_dict(state)
+
+
+class TransferNet(nn.Module):
+    """An ImageNet backbone with a new dropout + linear head for the target classes.
+
+    With `freeze_backbone` the backbone gets no gradients and stays in eval mode (BatchNorm statistics
+    frozen) even when the network is put in train mode. `forward` also accepts features the backbone
+    already computed (a 2-D tensor), which is how the feature cache trains the head alone.
+    """
+
+    def __init__(self, arch, num_classes, dropout=0.0, freeze_backbone=False, pretrained_imagenet=False):
+        super().__init__()
+        self.backbone, self.num_features, self.mean, self.std = make_backbone(arch, pretrained_imagenet)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def features(self, x):
+        return self.backbone(x)
+
+    def forward(self, x):
+        return self.head(x if x.ndim == 2 else self.features(x))
+
+
+# ----------------------------------------------------------------------------- model building from config
+
+def build_model(config):
+    """Rebuild a model from the plain `model_config` dict stored in every checkpoint."""
+    config = dict(config)
+    kind = config.pop("kind")
+    if kind == "cifar":
+        return build_cifar_model(**config)
+    if kind == "transfer":
+        return TransferNet(config["arch"], config["num_classes"], config.get("dropout", 0.0),
+                           config.get("freeze_backbone", False))
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def count_parameters(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def architecture_table(model, input_shape=(1, 3, 32, 32)):
+    """Markdown table of every leaf layer: name, type, output shape, parameters."""
+    rows, hooks = [], []
+    for name, module in model.named_modules():
+        if len(list(module.children())) == 0 and name:
+            def hook(mod, inputs, output, name=name):
+                shape = tuple(output.shape) if torch.is_tensor(output) else "-"
+                rows.append((name, type(mod).__name__, shape, sum(p.numel() for p in mod.parameters(recurse=False))))
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(torch.zeros(input_shape, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    lines = ["| layer | type | output shape | parameters |", "|---|---|---|---:|"]
+    lines += [f"| {name} | {kind} | {'x'.join(map(str, shape[1:])) if shape != '-' else '-'} | {n:,} |"
+              for name, kind, shape, n in rows]
+    total, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
+    lines.append(f"| **total** | | | **{total:,}** ({trainable:,} trainable) |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print a CIFAR model's architecture table.")
+    parser.add_argument("model", choices=["basenet", "convnet", "resnet18"], help="which network")
+    parser.add_argument("--depth", type=int, default=8, help="conv layers (convnet)")
+    parser.add_argument("--width", type=int, default=32, help="base channels (convnet)")
+    parser.add_argument("--bn", action="store_true", help="BatchNorm after every conv (convnet)")
+    parser.add_argument("--residual", action="store_true", help="residual pairs (convnet)")
+    args = parser.parse_args()
+    model = build_cifar_model(args.model, depth=args.depth, width=args.width, norm="bn" if args.bn else "none",
+                              residual=args.residual)
+    print(architecture_table(model))
+
+
+if __name__ == "__main__":
+    main()

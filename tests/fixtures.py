@@ -1,0 +1,80 @@
+"""Fixtures in the official on-disk formats, generated on the fly: cifar-100-python pickles
+(learnable: each class is a distinct colour pattern plus noise) and a CUB_200_2011 tree."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+def class_patterns(num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(num_classes, 3, 32, 32)).astype(np.float32)
+
+
+def make_cifar_images(labels, patterns, rng, noise=40.0):
+    images = patterns[labels] + rng.normal(0, noise, size=(len(labels), 3, 32, 32))
+    return np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
+
+
+def write_cifar100(root, per_class_train=60, per_class_test=10, num_classes=100, seed=0, test_labels=True,
+                   protocol=2):
+    """cifar-100-python/{train,test,meta} as the official tarball has them (dicts pickled with numpy data)."""
+    root = Path(root) / "cifar-100-python"
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patterns = class_patterns(num_classes, seed)
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.repeat(np.arange(num_classes), per_class)
+        rng.shuffle(labels)
+        images = make_cifar_images(labels, patterns, rng)
+        fine = labels.tolist() if (split == "train" or test_labels) else [0] * len(labels)
+        d = {"filenames": [f"img_{i}.png" for i in range(len(labels))], "batch_label": f"{split} batch",
+             "fine_labels": fine, "coarse_labels": [l // 5 for l in fine], "data": images}
+        with open(root / split, "wb") as f:
+            pickle.dump(d, f, protocol=protocol)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class_{i}" for i in range(num_classes)],
+                     "coarse_label_names": [f"super_{i}" for i in range(20)]}, f, protocol=protocol)
+    return root.parent
+
+
+def write_cub(root, num_classes=3, per_class=8, size=48, seed=0, broken=True):
+    """A tiny CUB_200_2011 tree: text files + JPEG folders; includes a grayscale JPEG, a CMYK JPEG,
+    a PNG saved under a .jpg name and (with broken=True) a truncated JPEG."""
+    from PIL import Image
+    root = Path(root) / "CUB_200_2011"
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(30, 225, size=(num_classes, 3))
+    lines = {"images": [], "labels": [], "split": [], "boxes": []}
+    classes = [f"{c + 1:03d}.Bird_{c + 1}" for c in range(num_classes)]
+    image_id = 0
+    for c, name in enumerate(classes):
+        (root / "images" / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            image_id += 1
+            rel = f"{name}/{name}_{k:04d}.jpg"
+            pixels = np.clip(colours[c] + rng.normal(0, 25, size=(size, size + 8, 3)), 0, 255).astype(np.uint8)
+            im = Image.fromarray(pixels)
+            path = root / "images" / rel
+            if image_id == 2:
+                im.convert("L").save(path, "JPEG")
+            elif image_id == 3:
+                im.convert("CMYK").save(path, "JPEG")
+            elif image_id == 4:
+                im.save(path, "PNG")
+            else:
+                im.save(path, "JPEG", quality=90)
+            lines["images"].append(f"{image_id} {rel}")
+            lines["labels"].append(f"{image_id} {c + 1}")
+            lines["split"].append(f"{image_id} {int(k < per_class // 2 + 1)}")
+            lines["boxes"].append(f"{image_id} 2.0 2.0 {size - 4}.0 {size - 4}.0")
+    if broken:
+        victim = root / "images" / lines["images"][per_class + 1].split()[1]
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
+    (root / "images.txt").write_text("\n".join(lines["images"]) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(lines["labels"]) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(lines["split"]) + "\n")
+    (root / "bounding_boxes.txt").write_text("\n".join(lines["boxes"]) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"{i + 1} {n}" for i, n in enumerate(classes)) + "\n")
+    return root
