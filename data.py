@@ -104,18 +104,23 @@ def download_cub2011(data_dir):
 
 # ----------------------------------------------------------------------------- CIFAR-100
 
+class RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles only what the cifar-100-python files need: plain containers and numpy arrays."""
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of the CIFAR format")
+        raise RefusedGlobal(f"refused to load {module}.{name}: not part of the CIFAR format")
 
 
 def safe_unpickle(path):
@@ -123,9 +128,9 @@ def safe_unpickle(path):
     try:
         with open(path, "rb") as f:
             obj = RestrictedUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except RefusedGlobal as e:
         raise DataError(f"{path} is not a safe CIFAR pickle: {e}") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} does not hold a dict as the CIFAR format does")
@@ -251,8 +256,8 @@ def batch_cutout(images, centres, size):
     n, _, h, w = images.shape
     ys = torch.arange(h, device=images.device).view(1, h, 1)
     xs = torch.arange(w, device=images.device).view(1, 1, w)
-    cy, cx = centres[:, 0].view(n, 1, 1), centres[:, 1].view(n, 1, 1)
-    inside = ((ys - cy).abs() <= size // 2 - (size % 2 == 0)) & ((xs - cx).abs() <= size // 2 - (size % 2 == 0))
+    top, left = centres[:, 0].view(n, 1, 1) - size // 2, centres[:, 1].view(n, 1, 1) - size // 2
+    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
     return images.masked_fill(inside.unsqueeze(1), 0)
 
 

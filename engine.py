@@ -458,12 +458,15 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                 "partial": partial_sums, "rng": rngs if world > 1 else rngs[0], "train_seconds": train_seconds,
             }, out / "last.pt")
 
+    # Ctrl-C and SIGTERM only raise a flag; the loop stops at the next step boundary and saves there.
     interrupted = {"flag": False}
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         interrupted["flag"] = True
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main and world == 1 else None
+    old_handlers = {}
+    if world == 1:
+        old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     show_bar = main and not args.quiet and sys.stderr.isatty()
     first_step_seconds = None
     skipped_steps = 0
@@ -488,6 +491,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             step = start_step
             try:
                 for x, y in train_loader:
+                    if interrupted["flag"]:
+                        raise KeyboardInterrupt
                     if y.numel() == 0:
                         step += 1
                         continue
@@ -527,8 +532,6 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                                                 f"(lower --lr, or add --warmup)")
                         if show_bar:
                             bar.update(step, f"loss {loss_sum.item() / max(1, count.item()):.3f}")
-                    if interrupted["flag"]:
-                        raise KeyboardInterrupt
             except KeyboardInterrupt:
                 bar.close()
                 train_seconds += time.perf_counter() - t0
@@ -572,8 +575,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                       f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
                       f"({h['images_per_second']:.0f} img/s)", flush=True)
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     if skipped_steps and main:
         print(f"fp16 loss scaling skipped {skipped_steps} steps with overflowing gradients")
     barrier(world)

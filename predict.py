@@ -1,0 +1,79 @@
+"""Write the competition CSV ("Id","Prediction1") for the test set from any saved checkpoint.
+
+    python predict.py runs/cifar/best.pt --data-dir data --out submission.csv [--tta]
+    python predict.py runs/birds/best.pt --data-dir data/CUB_200_2011 --out birds.csv
+
+The checkpoint says which network and which preprocessing it needs (CIFAR-100 or birds); it is
+loaded with weights_only=True. Test accuracy is printed where the test labels are real.
+"""
+import argparse
+
+import torch
+
+import data
+import engine
+import models
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="best.pt or last.pt written by train_cifar.py or finetune_birds.py")
+    parser.add_argument("--data-dir", required=True, help="the data set the checkpoint was trained for")
+    parser.add_argument("--out", required=True, help="CSV file to write")
+    parser.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--loader", choices=["auto", "dali", "torch"], default="auto", help="bird image loader")
+    parser.add_argument("--workers", type=int, default=2, help="decoding workers for bird images")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA)")
+    return parser.parse_args(argv)
+
+
+def test_loader(ckpt, args, device):
+    """The checkpoint's own test-time preprocessing over the test split of --data-dir; returns (loader, classes)."""
+    cfg = ckpt.get("data_config") or {}
+    if cfg.get("dataset") == "cifar100":
+        cifar = data.load_cifar100(args.data_dir)
+        x = torch.from_numpy(cifar["test_x"]).to(device)
+        y = torch.from_numpy(cifar["test_y"]).to(device)
+        return data.DeviceLoader(x, y, args.batch_size, mean=cfg["mean"], std=cfg["std"]), len(cifar["classes"])
+    if cfg.get("dataset") in ("cub2011", "folder"):
+        if cfg["dataset"] == "cub2011":
+            _, test, classes = data.load_cub(args.data_dir, cfg.get("crop_boxes", False))
+        else:
+            _, test, classes = data.load_image_folder(args.data_dir)
+        loader = data.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
+                                  device, workers=args.workers, keep_broken=True)
+        return loader, len(classes)
+    raise engine.UsageError(f"{args.checkpoint} does not say which data set it was trained on")
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise engine.UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    ckpt = engine.load_checkpoint(args.checkpoint, map_location=device)
+    loader, num_classes = test_loader(ckpt, args, device)
+    if ckpt["model_config"].get("num_classes") != num_classes:
+        raise engine.UsageError(f"{args.checkpoint} predicts {ckpt['model_config'].get('num_classes')} classes but "
+                                f"{args.data_dir} has {num_classes}: checkpoint and data set do not match")
+    model = models.build_model(ckpt["model_config"]).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [""]
+        raise engine.UsageError(f"{args.checkpoint} holds weights of a different model than its config "
+                                f"describes ({first[0].strip()})") from None
+    preds, labels = engine.predict(model, loader, device, amp, tta=args.tta)
+    engine.write_submission(args.out, preds.tolist())
+    msg = f"wrote {len(preds)} predictions to {args.out}"
+    if data.labels_are_real(labels.numpy()):
+        msg += f"; test accuracy {(preds == labels).float().mean().item():.4f}"
+    print(msg)
+
+
+if __name__ == "__main__":
+    engine.cli(run)

@@ -1,0 +1,217 @@
+"""CIFAR and CUB readers, the restricted unpickler, the split and the on-device augmentation."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import fixtures
+
+
+def test_unpickler_reads_official_layout(cifar_dir):
+    cifar = data.load_cifar100(cifar_dir)
+    assert cifar["train_x"].shape == (4000, 3, 32, 32) and cifar["train_x"].dtype == np.uint8
+    assert cifar["test_x"].shape == (600, 3, 32, 32)
+    assert len(cifar["classes"]) == 100 and cifar["classes"][3] == "class_3"
+    assert cifar["train_y"].min() == 0 and cifar["train_y"].max() == 99
+
+
+@pytest.mark.parametrize("protocol", [2, 4, pickle.HIGHEST_PROTOCOL])
+def test_unpickler_accepts_every_protocol(tmp_path, protocol):
+    root = fixtures.write_cifar100(tmp_path, per_class_train=2, per_class_test=1, protocol=protocol)
+    assert len(data.load_cifar100(root)["train_y"]) == 200
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unpickler_refuses_malicious_pickle_without_running_it(tmp_path):
+    root = fixtures.write_cifar100(tmp_path, per_class_train=2, per_class_test=1)
+    marker = tmp_path / "pwned"
+    with open(root / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({"data": Exploit(marker), "fine_labels": [0]}, f, protocol=2)
+    with pytest.raises(data.DataError, match="refused to load"):
+        data.load_cifar100(root)
+    assert not marker.exists()
+
+
+def test_truncated_pickle_is_a_clear_error(tmp_path):
+    root = fixtures.write_cifar100(tmp_path, per_class_train=2, per_class_test=1)
+    path = root / "cifar-100-python" / "test"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        data.load_cifar100(root)
+
+
+def test_labels_out_of_range_and_wrong_layout(tmp_path):
+    root = fixtures.write_cifar100(tmp_path, per_class_train=2, per_class_test=1)
+    path = root / "cifar-100-python" / "train"
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 100]}, f)
+    with pytest.raises(data.DataError, match="labels outside 0..99"):
+        data.load_cifar100(root)
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "fine_labels": [0, 1]}, f)
+    with pytest.raises(data.DataError, match=r"shape \(N, 3072\)"):
+        data.load_cifar100(root)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_cifar100(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="does not hold cifar-100-python"):
+        data.load_cifar100(tmp_path / "empty")
+
+
+def test_split_is_stratified_stable_and_disjoint():
+    labels = np.repeat(np.arange(100), 500)
+    np.random.default_rng(1).shuffle(labels)
+    train, val = data.stratified_split(labels, val_per_class=50, seed=0)
+    assert len(train) == 45_000 and len(val) == 5_000
+    assert np.all(np.bincount(labels[val]) == 50) and np.all(np.bincount(labels[train]) == 450)
+    assert not set(train) & set(val)
+    train2, val2 = data.stratified_split(labels, val_per_class=50, seed=0)
+    assert np.array_equal(val, val2) and np.array_equal(train, train2)
+    _, val_other = data.stratified_split(labels, val_per_class=50, seed=1)
+    assert not np.array_equal(val, val_other)
+
+
+def test_test_labels_real_or_placeholder():
+    assert data.labels_are_real([0, 3, 1])
+    assert not data.labels_are_real([0, 0, 0])
+
+
+def test_flip_and_crop_really_move_pixels():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int32).remainder(251).to(torch.uint8).view(2, 3, 32, 32)
+    flipped = data.batch_crop_flip(x, 0, None, torch.tensor([True, False]))
+    assert flipped.dtype == torch.uint8 and flipped.shape == x.shape
+    assert torch.equal(flipped[0], x[0].flip(2)) and torch.equal(flipped[1], x[1])
+    # shift (0, 0) of a 4-padded image: the content moves 4 px down-right, zeros come in
+    cropped = data.batch_crop_flip(x, 4, torch.tensor([[0, 0], [4, 4]]), None)
+    assert torch.equal(cropped[0, :, 4:, 4:], x[0, :, :28, :28])
+    assert cropped[0, :, :4].eq(0).all() and cropped[0, :, :, :4].eq(0).all()
+    assert torch.equal(cropped[1], x[1])  # shift (4, 4) is the centre: unchanged
+
+
+def test_cutout_zeroes_a_square():
+    x = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
+    out = data.batch_cutout(x, torch.tensor([[16, 16]]), 8)
+    assert out.dtype == torch.uint8
+    assert out[0, 0].eq(0).sum() == 64 and out[0, :, 12:20, 12:20].eq(0).all()
+
+
+def test_device_loader_is_deterministic_per_epoch_and_normalises():
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(50)
+    loader = data.DeviceLoader(x, y, 16, shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.5] * 3, std=[0.25] * 3,
+                               seed=3)
+    loader.set_epoch(2)
+    first = [(a.clone(), b.clone()) for a, b in loader]
+    second = list(loader)
+    assert len(first) == len(loader) == 4
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(first, second))
+    assert first[0][0].dtype == torch.float32 and first[0][0].shape == (16, 3, 32, 32)
+    assert sorted(torch.cat([b for _, b in first]).tolist()) == list(range(50))
+    loader.set_epoch(3)
+    assert not torch.equal(next(iter(loader))[1], first[0][1])
+    loader.start_step = 2  # resuming mid-epoch gives the same remaining batches
+    loader.set_epoch(2)
+    assert torch.equal(next(iter(loader))[0], first[2][0])
+
+
+def test_ranks_together_see_the_single_process_batch():
+    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(40)
+    single = data.DeviceLoader(x, y, 8, shuffle=True, aug={"flip", "crop"}, seed=1)
+    ranks = [data.DeviceLoader(x, y, 8, shuffle=True, aug={"flip", "crop"}, seed=1, rank=r, world=2) for r in (0, 1)]
+    for (xs, ys), (x0, y0), (x1, y1) in zip(single, *ranks):
+        assert torch.equal(ys[0::2], y0) and torch.equal(ys[1::2], y1)
+        assert torch.equal(xs[0::2], x0) and torch.equal(xs[1::2], x1)
+
+
+def test_unknown_augmentation_is_refused():
+    with pytest.raises(data.DataError, match="unknown augmentation rotate"):
+        data.parse_aug("flip,rotate")
+
+
+# ----------------------------------------------------------------------------- birds
+
+def test_cub_reader_follows_images_txt(cub_dir):
+    train, test, classes = data.load_cub(cub_dir.parent)  # the parent of CUB_200_2011 works too
+    assert classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
+    ids = [int(l.split()[0]) for l in (cub_dir / "images.txt").read_text().split("\n") if l]
+    split = dict(l.split() for l in (cub_dir / "train_test_split.txt").read_text().split("\n") if l)
+    paths = {int(l.split()[0]): l.split()[1] for l in (cub_dir / "images.txt").read_text().split("\n") if l}
+    expected_test = [str(cub_dir / "images" / paths[i]) for i in ids if split[str(i)] == "0"]
+    assert [s[0] for s in test] == expected_test
+    assert len(train) + len(test) == 30
+    assert {s[1] for s in train} == {0, 1, 2}
+
+
+def test_cub_count_mismatch_and_missing_files(tmp_path):
+    root = fixtures.write_cub(tmp_path, num_classes=2, per_class=4)
+    lines = (root / "image_class_labels.txt").read_text().splitlines()
+    (root / "image_class_labels.txt").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(data.DataError, match="lists 7 images but images.txt lists 8"):
+        data.load_cub(root)
+    (root / "classes.txt").unlink()
+    with pytest.raises(data.DataError, match="lacks classes.txt"):
+        data.load_cub(root)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_cub(tmp_path / "nowhere")
+
+
+def test_broken_images_are_found_and_named(cub_dir):
+    train, test, _ = data.load_cub(cub_dir)
+    kept, bad = data.drop_bad_images(train + test, max_bad_frac=0.5)
+    assert len(bad) == 1 and bad[0].endswith(".jpg") and len(kept) == 29
+    with pytest.raises(data.DataError, match="1 of 30 images are broken"):
+        data.drop_bad_images(train + test, max_bad_frac=0.0)
+    junk = cub_dir / "junk.jpg"
+    junk.write_text("not an image")
+    assert data.check_image_file(str(junk)) == "not an image"
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_bird_loaders_decode_every_mode(cub_dir, kind):
+    if kind == "dali" and not data.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    train, test, _ = data.load_cub(cub_dir)
+    train, _ = data.drop_bad_images(train, 0.5)
+    loader = data.bird_loader(kind, train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc", "flip"}, workers=0)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
+    # every test image gets a row, the truncated one as a black placeholder
+    test_loader = data.bird_loader(kind, test, 32, 5, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0, keep_broken=True)
+    assert sum(len(y) for _, y in test_loader) == len(test)
+
+
+def test_dali_and_torch_share_eval_preprocessing(clean_cub_dir):
+    if not data.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    _, test, _ = data.load_cub(clean_cub_dir)
+    args = (test, 40, 8, False, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "cpu")
+    a = torch.cat([x for x, _ in data.bird_loader("torch", *args, workers=0)])
+    b = torch.cat([x for x, _ in data.bird_loader("dali", *args, workers=0)])
+    assert a.shape == b.shape
+    # the two decoders and resizers differ by a few grey levels, never by content or normalisation
+    assert (a.mean((0, 2, 3)) - b.mean((0, 2, 3))).abs().max() < 0.05
+    assert (a - b).abs().mean() < 0.25
+
+
+def test_image_folder_layout(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        for cls in ("a_bird", "b_bird"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (20, 20), (k * 50, 0, 0)).save(tmp_path / split / cls / f"{k}.jpg")
+    train, test, classes = data.load_image_folder(tmp_path)
+    assert classes == ["a_bird", "b_bird"] and len(train) == 4 and len(test) == 4
+    assert [s[1] for s in test] == [0, 0, 1, 1]

@@ -1,0 +1,201 @@
+"""train_cifar.py end to end on a learnable fixture in the official format, and predict.py."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+QUICK = ["--device", "cpu", "--val-per-class", "10", "--quiet"]
+LEARN = ["--model", "convnet", "--depth", "3", "--width", "16", "--bn", "--normalize", "--optimizer", "adamw",
+         "--lr", "0.01", "--batch-size", "100"]
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--epochs", "4", "--out", out, *QUICK, *LEARN,
+                      "--aug", "flip,crop")
+    return out, proc
+
+
+def test_run_writes_every_file(trained):
+    out, _ = trained
+    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "final.json", "curves.png", "submission.csv",
+                 "architecture.md"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["depth"] == 3 and config["seed"] == 0 and "torch" in config["versions"]
+    final = json.loads((out / "final.json").read_text())
+    assert set(final) >= {"best_val_acc", "test_acc", "train_seconds", "parameters"}
+    assert "| **total** |" in (out / "architecture.md").read_text()
+
+
+def test_training_learns(trained):
+    out, _ = trained
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.columns[:8]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+                                   "images_per_second"]
+    assert list(m.epoch) == [1, 2, 3, 4]
+    assert m.train_loss.iloc[-1] < 0.6 * m.train_loss.iloc[0]
+    final = json.loads((out / "final.json").read_text())
+    assert final["best_val_acc"] > 0.3  # chance is 0.01
+    assert final["test_acc"] > 0.3
+    assert ((m.val_acc >= 0) & (m.val_acc <= 1)).all()
+
+
+def test_submission_csv_is_byte_exact(trained):
+    out, _ = trained
+    text = (out / "submission.csv").read_bytes().decode()
+    lines = text.split("\n")
+    assert lines[0] == '"Id","Prediction1"' and text.endswith("\n") and "\r" not in text
+    rows = lines[1:-1]
+    assert len(rows) == 600
+    for i, row in enumerate(rows):
+        ident, pred = row.split(",")
+        assert ident == f'"{i}"' and pred.startswith('"') and pred.endswith('"') and 0 <= int(pred[1:-1]) < 100
+
+
+def test_predict_reproduces_the_submission(trained, cifar_dir, tmp_path):
+    out, _ = trained
+    run_script("predict.py", out / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", "--device", "cpu")
+    assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
+
+
+def test_checkpoints_are_plain_tensors(trained):
+    out, _ = trained
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert ckpt["model_config"]["name"] == "convnet"
+
+
+def test_baseline_defaults_are_basenet(cifar_dir, tmp_path):
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--epochs", "1", "--out", tmp_path / "b", *QUICK)
+    assert "basenet: 28,022 parameters" in proc.stdout
+    config = json.loads((tmp_path / "b" / "config.json").read_text())["args"]
+    assert config["optimizer"] == "sgd" and config["momentum"] == 0.9 and config["aug"] == "none"
+    assert not config["normalize"]
+
+
+def test_design_card_command_builds_8_conv_layers(cifar_dir, tmp_path):
+    run_script("train_cifar.py", "--bn", "--depth", "8", "--aug", "flip,crop", "--width", "8", "--data-dir", cifar_dir,
+               "--epochs", "1", "--out", tmp_path / "d8", *QUICK)
+    table = (tmp_path / "d8" / "architecture.md").read_text()
+    assert table.count("| Conv2d |") == 8 and table.count("| BatchNorm2d |") == 8
+
+
+def _deterministic_columns(path):
+    return pd.read_csv(path).drop(columns=["epoch_seconds", "images_per_second"])
+
+
+RESUME = ["--epochs", "4", "--deterministic", "--model", "convnet", "--depth", "2", "--width", "8", "--bn",
+          "--dropout", "0.2", "--aug", "flip,crop,cutout", "--normalize", "--schedule", "cosine", "--batch-size", "50",
+          *QUICK]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "r"
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *RESUME)
+    return out
+
+
+def _same_run(a, b):
+    pd.testing.assert_frame_equal(_deterministic_columns(a / "metrics.csv"), _deterministic_columns(b / "metrics.csv"))
+    wa = torch.load(a / "last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "submission.csv").read_bytes() == (b / "submission.csv").read_bytes()
+
+
+def _start(cifar_dir, out, *extra):
+    return subprocess.Popen([sys.executable, "train_cifar.py", "--data-dir", str(cifar_dir), "--out", str(out), *RESUME,
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(cifar_dir, tmp_path, uninterrupted):
+    out = tmp_path / "r"
+    proc = _start(cifar_dir, out)
+    deadline = time.time() + 300
+    while not (out / "metrics.csv").exists() or len((out / "metrics.csv").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch 3: no chance to save anything
+    proc.wait()
+    assert len(pd.read_csv(out / "metrics.csv")) == 2
+    assert not list(out.glob(".*.tmp"))  # no half-written files left behind
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *RESUME, "--resume")
+    assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2, 3, 4]
+    _same_run(out, uninterrupted)
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(cifar_dir, tmp_path, uninterrupted):
+    out = tmp_path / "r"
+    proc = _start(cifar_dir, out)
+    deadline = time.time() + 300
+    while not (out / "metrics.csv").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] >= 1
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *RESUME, "--resume")
+    _same_run(out, uninterrupted)
+
+
+def test_existing_run_is_not_overwritten(trained, cifar_dir):
+    out, _ = trained
+    before = (out / "last.pt").read_bytes()
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *QUICK, check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--resume", *QUICK, check=False)
+    assert proc.returncode == 2 and "different config" in proc.stderr
+    assert (out / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--lr", "-0.1"], "--lr must be a positive number"),
+    (["--batch-size", "100000"], "larger than the 3000 training images"),
+    (["--aug", "flip,rotate"], "unknown augmentation rotate"),
+    (["--depth", "0"], "--depth and --width must be at least 1"),
+])
+def test_nonsense_flags_are_refused(cifar_dir, tmp_path, flags, message):
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "x", *QUICK, *flags, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == proc.stderr.strip() and message in proc.stderr
+    assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_missing_data_dir_is_one_sentence(tmp_path):
+    proc = run_script("train_cifar.py", "--data-dir", tmp_path / "nope", "--out", tmp_path / "x", *QUICK, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "does not exist" in proc.stderr
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(cifar_dir, tmp_path):
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "x", *QUICK, "--lr", "1e12",
+                      "--epochs", "2", check=False)
+    assert proc.returncode == 1 and "non-finite at epoch 1 step" in proc.stderr
+
+
+def test_predict_refuses_a_checkpoint_for_other_data(trained, cub_dir, tmp_path):
+    out, _ = trained
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_script("predict.py", bad, "--data-dir", cub_dir, "--out", tmp_path / "p.csv", check=False)
+    assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    ckpt["model"] = {k: v for k, v in list(ckpt["model"].items())[:-1]}
+    torch.save(ckpt, tmp_path / "other.pt")
+    proc = run_script("predict.py", tmp_path / "other.pt", "--data-dir", ROOT / "nowhere", "--out", tmp_path / "p.csv",
+                      check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
