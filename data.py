@@ -606,7 +606,8 @@ class TorchImageLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchList(batches), num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if self.workers else None)
+            prefetch_factor=4 if self.workers else None,
+            generator=self.sampler.generator(salt=2))  # else DataLoader draws from the global RNG (dropout's)
         for xb, yb in loader:
             xb = xb.to(self.device, non_blocking=True)
             xb = (xb.float() - self.mean) / self.std

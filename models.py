@@ -161,7 +161,11 @@ def make_backbone(arch, pretrained_imagenet=False):
 
 def load_backbone_weights(backbone, path):
     """Load an ImageNet state dict from a local file into the backbone (classifier keys ignored)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain types
+        raise WeightsMismatch(f"{path} cannot be loaded safely as a state dict ({type(e).__name__}); "
+                              f"only plain tensors are accepted") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
