@@ -232,8 +232,9 @@ def plot_curves(path, history, title=""):
 RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download"}
 
 
-def prepare_run_dir(out, config, resume, force, rank):
-    """Refuse to mix two different runs in one folder; write config.json."""
+def prepare_run_dir(out, config, resume, force, rank=0, world=1):
+    """Refuse to mix two different runs in one folder; write config.json. Every process checks before
+    rank 0 writes anything, so all of them agree on the verdict."""
     out = Path(out)
     old_path = out / "config.json"
     if old_path.exists() and not force:
@@ -245,12 +246,14 @@ def prepare_run_dir(out, config, resume, force, rank):
         if changed:
             raise UsageError(f"{out} holds a run with a different config ({', '.join(changed)} differ); "
                              f"use another --out or --force to overwrite it")
-    if force and is_main(rank):
-        for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png"):
-            (out / name).unlink(missing_ok=True)
+    barrier(world)
     if is_main(rank):
+        if force:
+            for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png"):
+                (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    barrier(world)
 
 
 def run_config(args, extra=None):

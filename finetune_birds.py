@@ -123,8 +123,7 @@ def run(argv=None):
     engine.check_training_args(args, len(train_samples))
     data.drop_bad_images(test_samples, 1.0, "test images")  # only warns: broken test images become black
     engine.prepare_run_dir(args.out, engine.run_config(args, {"data": args.dataset, "classes": len(classes)}),
-                           args.resume, args.force, rank)
-    engine.barrier(world)
+                           args.resume, args.force, rank, world)
 
     engine.seed_everything(args.seed, rank=0)
     model = build_model(args, len(classes)).to(device)

@@ -79,8 +79,7 @@ def run(argv=None):
     device = engine.resolve_device(args, local_rank)
     cifar = data.load_cifar100(args.data_dir, download_if_missing=args.download)
     engine.check_training_args(args, len(cifar["train_y"]) - args.val_per_class * len(cifar["classes"]))
-    engine.prepare_run_dir(args.out, engine.run_config(args, {"data": "cifar100"}), args.resume, args.force, rank)
-    engine.barrier(world)
+    engine.prepare_run_dir(args.out, engine.run_config(args, {"data": "cifar100"}), args.resume, args.force, rank, world)
 
     engine.seed_everything(args.seed, rank=0)  # same initial weights on every rank
     train, val, test, info = data.cifar_loaders(cifar, args, device, rank, world)

@@ -1,0 +1,26 @@
+"""torchrun with 2 CPU processes (gloo) trains like one process with the same global batch."""
+import json
+import sys
+
+import pandas as pd
+import torch
+
+from conftest import run_script
+
+COMMON = ["--epochs", "2", "--batch-size", "64", "--val-per-class", "10", "--device", "cpu", "--quiet", "--deterministic",
+          "--normalize", "--aug", "flip,crop,cutout", "--lr", "0.02"]
+
+
+def test_two_processes_match_one(cifar_dir, tmp_path):
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "one", *COMMON)
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_cifar.py",
+               "--data-dir", cifar_dir, "--out", tmp_path / "two", *COMMON, env={"OMP_NUM_THREADS": "1"})
+    one, two = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
+    for column in ("train_loss", "val_loss", "train_acc", "val_acc"):
+        pd.testing.assert_series_equal(one[column], two[column], rtol=1e-3, atol=2e-3)
+    wa = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+    assert len((tmp_path / "two" / "submission.csv").read_text().splitlines()) == 601
+    assert json.loads((tmp_path / "two" / "final.json").read_text())["best_val_acc"] > 0
