@@ -81,3 +81,18 @@ def write_cub(root, num_classes=3, per_class=8, size=48, seed=0, broken=True):
     (root / "bounding_boxes.txt").write_text("\n".join(lines["boxes"]) + "\n")
     (root / "classes.txt").write_text("\n".join(f"{i + 1} {n}" for i, n in enumerate(classes)) + "\n")
     return root
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Write small generated data sets in the official layouts "
+                                                 "(used by the tests and by run_all.sh --smoke).")
+    parser.add_argument("what", choices=["cifar", "cub"], help="cifar: cifar-100-python pickles; cub: CUB_200_2011 tree")
+    parser.add_argument("out", help="folder to write into")
+    parser.add_argument("--per-class", type=int, default=40, help="training images per class")
+    parser.add_argument("--classes", type=int, default=5, help="classes (cub only; cifar always has 100)")
+    args = parser.parse_args()
+    if args.what == "cifar":
+        print(write_cifar100(args.out, per_class_train=args.per_class, per_class_test=max(2, args.per_class // 5)))
+    else:
+        print(write_cub(args.out, num_classes=args.classes, per_class=args.per_class, size=80, broken=False))

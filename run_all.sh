@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Reproduce every result: the CIFAR-100 baseline and ablation ladder, the final CIFAR model, the birds
+# runs (frozen feature extractor vs full fine-tuning, plus a small learning-rate sweep), the final
+# prediction CSVs, and results/REPORT.md with plots and tables.
+#
+#   bash run_all.sh                      # everything, on real data (CIFAR_DATA, BIRDS_DATA below)
+#   bash run_all.sh --smoke              # the whole chain in minutes on CPU with small generated data
+#   bash run_all.sh --only cifar         # or --only birds
+#   bash run_all.sh --epochs-scale 0.5   # every run with half its epochs
+#   bash run_all.sh --seeds 3            # each run with seeds 0,1,2; the report gives mean ± std
+#
+# A run whose final.json exists is skipped; an unfinished one resumes from its last.pt. Settings from
+# the environment: PYTHON, RESULTS (results), CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011),
+# BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet), BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SMOKE=0; ONLY=all; SCALE=1; SEEDS=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --only) ONLY="$2"; shift ;;
+    --epochs-scale) SCALE="$2"; shift ;;
+    --seeds) SEEDS="$2"; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$ONLY" in all|cifar|birds) ;; *) echo "run_all.sh: --only takes cifar or birds" >&2; exit 2 ;; esac
+[[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --seeds takes a positive integer" >&2; exit 2; }
+
+PYTHON=${PYTHON:-python}
+RESULTS=${RESULTS:-results}
+CIFAR_DATA=${CIFAR_DATA:-data}
+BIRDS_DATA=${BIRDS_DATA:-data/CUB_200_2011}
+BIRDS_ARCH=${BIRDS_ARCH:-resnet50}
+BIRDS_WEIGHTS=${BIRDS_WEIGHTS:-imagenet}
+BIRDS_IMG=${BIRDS_IMG:-224}
+EXTRA=${EXTRA:-}
+DEVICE_FLAG=""; [ -n "${DEVICE:-}" ] && DEVICE_FLAG="--device $DEVICE"
+WIDTH=32; WIDE=64; CIFAR_FINAL_WIDTH=64
+CIFAR_SMOKE=""; BIRDS_SMOKE=""
+
+if [ "$SMOKE" = 1 ]; then
+  SCALE=$($PYTHON -c "print(0.07 * $SCALE)")   # 30 epochs become 2
+  SMOKE_DATA="$RESULTS/smoke_data"
+  [ -d "$SMOKE_DATA/cifar/cifar-100-python" ] || $PYTHON tests/fixtures.py cifar "$SMOKE_DATA/cifar" --per-class 20 >/dev/null
+  [ -d "$SMOKE_DATA/cub/CUB_200_2011" ] || $PYTHON tests/fixtures.py cub "$SMOKE_DATA/cub" --classes 5 --per-class 12 >/dev/null
+  CIFAR_DATA="$SMOKE_DATA/cifar"; BIRDS_DATA="$SMOKE_DATA/cub/CUB_200_2011"
+  BIRDS_ARCH=resnet18; BIRDS_WEIGHTS=none; BIRDS_IMG=64; WIDTH=8; WIDE=16; CIFAR_FINAL_WIDTH=16
+  EXTRA="$EXTRA --quiet"
+  CIFAR_SMOKE="--val-per-class 5"; BIRDS_SMOKE="--batch-size 8 --workers 0"
+fi
+
+mkdir -p "$RESULTS"
+PLAN="$RESULTS/plan.tsv"
+printf 'study\trun\tchange\tseeds\n' > "$PLAN"
+
+epochs() { $PYTHON -c "print(max(1, round($1 * $SCALE)))"; }
+
+# run STUDY NAME "CHANGE" SCRIPT FLAGS...: one run folder per seed, skipped when finished, resumed when not.
+run() {
+  local study=$1 name=$2 change=$3; shift 3
+  printf '%s\t%s\t%s\t%s\n' "$study" "$name" "$change" "$SEEDS" >> "$PLAN"
+  for ((seed = 0; seed < SEEDS; seed++)); do
+    local out="$RESULTS/$study/$name/seed$seed"
+    if [ -f "$out/final.json" ]; then echo "== $study/$name seed $seed: done, skipped"; continue; fi
+    echo "== $study/$name seed $seed: $change"
+    local start=$SECONDS
+    # shellcheck disable=SC2086
+    $PYTHON "$@" --seed "$seed" --out "$out" --resume $DEVICE_FLAG
+    echo "== $study/$name seed $seed: $((SECONDS - start)) s"
+  done
+}
+
+CIFAR_EXTRA="$EXTRA $CIFAR_SMOKE"
+BIRDS_EXTRA="$EXTRA $BIRDS_SMOKE"
+
+if [ "$ONLY" != birds ]; then
+  E=$(epochs 30)
+  C="train_cifar.py --data-dir $CIFAR_DATA --epochs $E $CIFAR_EXTRA"
+  SGD="--optimizer sgd --lr 0.05 --wd 5e-4 --batch-size 128"
+  run cifar 01_basenet "BaseNet, course recipe" $C
+  run cifar 02_normalize "+ per-channel normalisation" $C --normalize
+  run cifar 03_augment "+ random crop and flip" $C --normalize --aug flip,crop
+  run cifar 04_depth "+ 8 conv layers (no normalisation)" $C --normalize --aug flip,crop --depth 8 --width $WIDTH
+  run cifar 05_bn "+ BatchNorm, larger lr" $C --normalize --aug flip,crop --depth 8 --width $WIDTH --bn $SGD
+  run cifar 06_width "+ twice the width" $C --normalize --aug flip,crop --depth 8 --width $WIDE --bn $SGD
+  run cifar 07_schedule "+ one-cycle schedule, label smoothing, dropout" $C --normalize --aug flip,crop --depth 8 \
+      --width $WIDE --bn $SGD --lr 0.1 --schedule onecycle --label-smoothing 0.1 --dropout 0.2
+  run cifar 08_final "ResNet-18, cutout, 2x epochs (final model)" train_cifar.py --data-dir "$CIFAR_DATA" \
+      --epochs "$(epochs 60)" $CIFAR_EXTRA --model resnet18 --width "$CIFAR_FINAL_WIDTH" --normalize \
+      --aug flip,crop,cutout $SGD --lr 0.1 --schedule onecycle --label-smoothing 0.1
+fi
+
+if [ "$ONLY" != cifar ]; then
+  E=$(epochs 30)
+  B="finetune_birds.py --data-dir $BIRDS_DATA --arch $BIRDS_ARCH --weights $BIRDS_WEIGHTS --img-size $BIRDS_IMG --epochs $E $BIRDS_EXTRA"
+  run birds frozen "frozen backbone, head on cached features" $B --freeze-backbone --cache-features --lr 0.03
+  run birds finetune "full fine-tuning, backbone lr x0.1" $B --lr 0.01 --backbone-lr-mult 0.1
+  run birds finetune_lr0.003 "full fine-tuning, lr 0.003" $B --lr 0.003 --backbone-lr-mult 0.1
+  run birds finetune_lr0.03 "full fine-tuning, lr 0.03" $B --lr 0.03 --backbone-lr-mult 0.1
+  run birds finetune_dropout "full fine-tuning, dropout 0.3, label smoothing 0.1" $B --lr 0.01 \
+      --backbone-lr-mult 0.1 --dropout 0.3 --label-smoothing 0.1
+fi
+
+# Final CSVs from the best checkpoints, each written by predict.py alone.
+if [ "$ONLY" != birds ] && [ -f "$RESULTS/cifar/08_final/seed0/best.pt" ]; then
+  $PYTHON predict.py "$RESULTS/cifar/08_final/seed0/best.pt" --data-dir "$CIFAR_DATA" --out "$RESULTS/cifar_submission.csv" \
+      --tta $DEVICE_FLAG
+fi
+if [ "$ONLY" != cifar ]; then
+  BEST_BIRDS=$($PYTHON report.py --results "$RESULTS" --best-run birds)
+  if [ -n "$BEST_BIRDS" ]; then
+    $PYTHON predict.py "$BEST_BIRDS/best.pt" --data-dir "$BIRDS_DATA" --out "$RESULTS/birds_submission.csv" $DEVICE_FLAG
+  fi
+fi
+
+$PYTHON report.py --results "$RESULTS"
+echo "report: $RESULTS/REPORT.md"
