@@ -237,28 +237,32 @@ class EpochSampler:
             yield pos, order[pos]
 
 
-def batch_crop_flip(images, pad, shifts, flips):
-    """Random crop with zero padding and horizontal flip for a whole uint8 batch at once."""
-    n, c, h, w = images.shape
-    if pad:
-        padded = F.pad(images, (pad, pad, pad, pad))
-        rows = (shifts[:, 0, None] + torch.arange(h, device=images.device)).view(n, 1, h, 1)
-        cols = (shifts[:, 1, None] + torch.arange(w, device=images.device)).view(n, 1, 1, w)
-        images = padded[torch.arange(n, device=images.device).view(n, 1, 1, 1),
-                        torch.arange(c, device=images.device).view(1, c, 1, 1), rows, cols]
+def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cutout=0, scale=1 / 255, bias=0.0):
+    """Gather images[idx] with a random crop, mirror and cutout, and normalise, in one pass.
+
+    `images` is uint8 (N, C, H + 2*pad, W + 2*pad), already zero-padded by `pad`; `shifts` (B, 2) pick the
+    crop's top-left corner in 0..2*pad, `flips` (B,) mirror, `centres` (B, 2) place a cutout x cutout
+    square (pixels set to 0 before normalising). Output: float (x * scale + bias), shape (B, C, H, W).
+    Every sample is addressed through one index grid, so crop and flip cost a single gather; compiled
+    (torch.compile), the whole function becomes one loop.
+    """
+    n, c = idx.shape[0], images.shape[1]
+    h, w = images.shape[2] - 2 * pad, images.shape[3] - 2 * pad
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
+    rows = ys.view(1, h) + (shifts[:, :1] if shifts is not None else pad)
+    cols = xs.view(1, w).expand(n, w)
     if flips is not None:
-        images = torch.where(flips.view(n, 1, 1, 1), images.flip(3), images)
-    return images
-
-
-def batch_cutout(images, centres, size):
-    """Zero a size x size square around each image's centre (clipped at the borders)."""
-    n, _, h, w = images.shape
-    ys = torch.arange(h, device=images.device).view(1, h, 1)
-    xs = torch.arange(w, device=images.device).view(1, 1, w)
-    top, left = centres[:, 0].view(n, 1, 1) - size // 2, centres[:, 1].view(n, 1, 1) - size // 2
-    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
-    return images.masked_fill(inside.unsqueeze(1), 0)
+        cols = torch.where(flips.view(n, 1), w - 1 - cols, cols)
+    cols = cols + (shifts[:, 1:] if shifts is not None else pad)
+    out = images[idx.view(n, 1, 1, 1), torch.arange(c, device=images.device).view(1, c, 1, 1),
+                 rows.view(-1, 1, h, 1), cols.view(n, 1, 1, w)]
+    if centres is not None and cutout:
+        top, left = centres[:, :1] - cutout // 2, centres[:, 1:] - cutout // 2
+        inside_rows = (ys.view(1, h) >= top) & (ys.view(1, h) < top + cutout)
+        inside_cols = (xs.view(1, w) >= left) & (xs.view(1, w) < left + cutout)
+        out = out.masked_fill((inside_rows.view(n, 1, h, 1) & inside_cols.view(n, 1, 1, w)), 0)
+    return out.float() * scale + bias
 
 
 AUGMENTATIONS = ("flip", "crop", "cutout")
@@ -277,15 +281,21 @@ class DeviceLoader:
 
     All random choices of an epoch (order, crop shifts, flips, cutout centres) are drawn up front from
     (seed, epoch), so an epoch can be resumed at any step and DDP ranks agree with one process.
+    uint8 images are augmented and normalised by `augment_batch` (compiled with compile=True).
     """
 
     def __init__(self, x, y, batch_size, shuffle=False, aug=(), mean=None, std=None, seed=0,
-                 drop_last=False, rank=0, world=1, pad=4, cutout=8, channels_last=False):
-        self.x, self.y, self.aug = x, y, set(aug)
+                 drop_last=False, rank=0, world=1, pad=4, cutout=8, channels_last=False, compile=False):
+        self.aug = set(aug)
+        self.pad = pad if "crop" in self.aug else 0
+        self.x = F.pad(x, (self.pad,) * 4) if self.pad else x  # padded once, not per batch
+        self.y, self.cutout_size, self.channels_last = y, cutout, channels_last
         self.sampler = EpochSampler(len(x), batch_size, shuffle, seed, drop_last, rank, world)
-        self.pad, self.cutout_size, self.channels_last = pad, cutout, channels_last
-        self.mean = None if mean is None else torch.as_tensor(mean, device=x.device).view(1, -1, 1, 1)
-        self.std = None if std is None else torch.as_tensor(std, device=x.device).view(1, -1, 1, 1)
+        self.image_size = x.shape[-2:] if x.ndim == 4 else None
+        mean = torch.as_tensor(mean if mean is not None else [0.0] * 3, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(std if std is not None else [1.0] * 3, device=x.device).view(1, -1, 1, 1)
+        self.scale, self.bias = 1 / (255 * std), -mean / std
+        self.augment = torch.compile(augment_batch, dynamic=True) if compile and x.dtype == torch.uint8 else augment_batch
         self.start_step = 0
 
     def set_epoch(self, epoch):
@@ -299,33 +309,34 @@ class DeviceLoader:
         return self.sampler.n
 
     def _epoch_randomness(self):
-        n, (h, w) = self.sampler.n, self.x.shape[-2:]
+        n, (h, w) = self.sampler.n, self.image_size
         g = self.sampler.generator(salt=1)
         shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5
         centres = torch.stack([torch.randint(0, h, (n,), generator=g), torch.randint(0, w, (n,), generator=g)], 1)
-        return shifts, flips, centres
+        return [t.to(self.x.device) for t in (shifts, flips, centres)]
 
     def __iter__(self):
-        if self.aug:
-            shifts, flips, centres = (t.to(self.x.device) for t in self._epoch_randomness())
         start, self.start_step = self.start_step, 0
+        is_image = self.x.dtype == torch.uint8
+        if is_image and self.aug:
+            shifts, flips, centres = self._epoch_randomness()
         for pos, idx in self.sampler.batches(start):
             idx = idx.to(self.x.device, non_blocking=True)
-            xb, yb = self.x[idx], self.y[idx]
+            if not is_image:  # cached features: no augmentation
+                yield self.x[idx], self.y[idx]
+                continue
             if self.aug:
                 pos = pos.to(self.x.device)
-                xb = batch_crop_flip(xb, self.pad if "crop" in self.aug else 0, shifts[pos],
-                                     flips[pos] if "flip" in self.aug else None)
-                if "cutout" in self.aug:
-                    xb = batch_cutout(xb, centres[pos], self.cutout_size)
-            if xb.dtype == torch.uint8:
-                xb = xb.float().div_(255)
-            if self.mean is not None:
-                xb = (xb - self.mean) / self.std
-            if self.channels_last and xb.ndim == 4:
+                xb = self.augment(self.x, idx, shifts[pos] if self.pad else None,
+                                  flips[pos] if "flip" in self.aug else None,
+                                  centres[pos] if "cutout" in self.aug else None, self.pad,
+                                  self.cutout_size if "cutout" in self.aug else 0, self.scale, self.bias)
+            else:
+                xb = self.x[idx].float() * self.scale + self.bias
+            if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
+            yield xb, self.y[idx]
 
 
 def channel_stats(images_uint8):
@@ -348,7 +359,7 @@ def cifar_loaders(data, args, device, rank=0, world=1):
     common = dict(mean=mean, std=std, rank=rank, world=world, channels_last=args.channels_last)
     train = DeviceLoader(*on_device(train_x, data["train_y"][train_idx]), args.batch_size, shuffle=True,
                          aug=aug, seed=args.seed, drop_last=len(train_idx) > args.batch_size,
-                         cutout=args.cutout_size, **common)
+                         cutout=args.cutout_size, compile=args.compile, **common)
     eval_batch = max(args.batch_size, 500) * world
     val = DeviceLoader(*on_device(data["train_x"][val_idx], data["train_y"][val_idx]), eval_batch, **common)
     test = DeviceLoader(*on_device(data["test_x"], data["test_y"]), eval_batch, **common)

@@ -197,7 +197,8 @@ def write_submission(path, predictions):
     atomic_write_text(path, buf.getvalue())
 
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"]
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
+                  "eval_seconds"]
 
 
 def write_metrics(path, history):
@@ -478,20 +479,21 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             train_loader.set_epoch(epoch)
             train_loader.start_step = start_step
             model.train()
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            count = torch.zeros((), device=device, dtype=torch.long)
-            bad_step = torch.full((), -1, device=device, dtype=torch.long)
+            # Per-step loss and correct counts stay on the device; the host reads them every 50 steps only.
+            step_loss = torch.zeros(steps_per_epoch, device=device)
+            step_correct = torch.zeros(steps_per_epoch, device=device, dtype=torch.long)
+            step_count = [0] * steps_per_epoch
             elapsed_before = 0.0
             if partial:
-                loss_sum += partial["loss_sum"]
-                correct += partial["correct"]
-                count += partial["count"]
+                step_loss.copy_(partial["step_loss"])
+                step_correct.copy_(partial["step_correct"])
+                step_count = list(partial["step_count"])
                 elapsed_before = partial["seconds"]
                 partial = None
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", show_bar)
             t0 = time.perf_counter()
-            step = start_step
+            step = checked = start_step
+            current_factor = None
             try:
                 for x, y in train_loader:
                     if interrupted["flag"]:
@@ -499,10 +501,11 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                     if y.numel() == 0:
                         step += 1
                         continue
-                    global_step = epoch * steps_per_epoch + step
-                    factor = lr_factor(global_step, total_steps, warmup_steps, args.schedule)
-                    for group in optimizer.param_groups:
-                        group["lr"] = args.lr * group["lr_mult"] * factor
+                    factor = lr_factor(epoch * steps_per_epoch + step, total_steps, warmup_steps, args.schedule)
+                    if factor != current_factor:
+                        for group in optimizer.param_groups:
+                            group["lr"] = args.lr * group["lr_mult"] * factor
+                        current_factor = factor
                     t_step = time.perf_counter() if first_step_seconds is None else None
                     with autocast(device, args.amp):
                         logits = model(x)
@@ -521,54 +524,54 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         first_step_seconds = time.perf_counter() - t_step
-                    detached = loss.detach()
-                    if not use_scaler:  # fp16 scaling skips non-finite steps itself; they are counted above
-                        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
-                    loss_sum += detached.double() * y.numel()
-                    correct += (logits.detach().argmax(1) == y).sum()
-                    count += y.numel()
+                    step_loss[step] = loss.detach()
+                    step_correct[step] = (logits.detach().argmax(1) == y).sum()
+                    step_count[step] = y.shape[0]
                     step += 1
                     if step % 50 == 0 or step == steps_per_epoch:
-                        if bad_step.item() >= 0:  # one host sync every 50 steps, not every step
-                            raise NonFiniteLoss(f"the training loss became non-finite at epoch {epoch + 1} step "
-                                                f"{bad_step.item() + 1}; last.pt still holds the last good epoch "
-                                                f"(lower --lr, or add --warmup)")
+                        check_finite(step_loss, checked, step, epoch, use_scaler)
+                        checked = step
                         if show_bar:
-                            bar.update(step, f"loss {loss_sum.item() / max(1, count.item()):.3f}")
+                            bar.update(step, f"loss {epoch_mean(step_loss, step_count):.3f}")
             except KeyboardInterrupt:
                 bar.close()
                 train_seconds += time.perf_counter() - t0
-                save_last(epoch, step, {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "count": count.cpu(),
-                                        "seconds": elapsed_before + time.perf_counter() - t0})
+                save_last(epoch, step, {"step_loss": step_loss.cpu(), "step_correct": step_correct.cpu(),
+                                        "step_count": step_count, "seconds": elapsed_before + time.perf_counter() - t0})
                 if main:
                     print(f"\ninterrupted at epoch {epoch + 1} step {step}; last.pt saved. Resume with the same "
                           f"command plus --resume", file=sys.stderr)
                 raise
-            if bad_step.item() >= 0:
-                raise NonFiniteLoss(f"the training loss became non-finite at epoch {epoch + 1} step "
-                                    f"{bad_step.item() + 1}; last.pt still holds the last good epoch")
+            check_finite(step_loss, checked, step, epoch, use_scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_seconds = elapsed_before + time.perf_counter() - t0
             train_seconds += time.perf_counter() - t0
             bar.close()
             start_step = 0
+            counts = torch.tensor(step_count, device=device, dtype=torch.float64)
+            finite = torch.isfinite(step_loss)  # only fp16 loss scaling lets a non-finite step through
+            loss_sum = (torch.where(finite, step_loss, 0).double() * counts).sum()
+            correct, count = step_correct.sum(), (counts * finite).sum()
             reduce_sums(world, loss_sum, correct, count)
-            n = max(1, count.item())
+            n = max(1.0, count.item())
+            t_eval = time.perf_counter()
             val_loss, val_acc = evaluate(model, val_loader, device, args.amp, world)
+            eval_seconds = time.perf_counter() - t_eval
             history.append({
                 "epoch": epoch + 1, "train_loss": round(loss_sum.item() / n, 6), "train_acc": round(correct.item() / n, 6),
                 "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
                 "lr": round(args.lr * lr_factor(min((epoch + 1) * steps_per_epoch, total_steps) - 1, total_steps,
                                                 warmup_steps, args.schedule), 8),
                 "epoch_seconds": round(epoch_seconds, 3), "images_per_second": round(n / max(epoch_seconds, 1e-9), 1),
+                "eval_seconds": round(eval_seconds, 3),
             })
             if val_acc > best_val_acc:
                 best_val_acc, best_epoch = val_acc, epoch + 1
                 if main:
                     atomic_torch_save({"model": raw_model.state_dict(), "model_config": model_config,
-                                       "data_config": data_config, "config": run_config_plain(args), "epoch": epoch + 1, "val_acc": val_acc},
-                                      out / "best.pt")
+                                       "data_config": data_config, "config": run_config_plain(args),
+                                       "epoch": epoch + 1, "val_acc": val_acc}, out / "best.pt")
             save_last(epoch + 1, 0)
             if main:
                 write_metrics(out / "metrics.csv", history)
@@ -585,6 +588,23 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     barrier(world)
     return {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "train_seconds": round(train_seconds, 2),
             "first_step_seconds": first_step_seconds, "skipped_steps": int(skipped_steps), "history": history}
+
+
+def check_finite(step_loss, start, stop, epoch, use_scaler):
+    """Stop on the first non-finite loss of steps start..stop (one host sync). Under fp16 loss scaling
+    such steps are skipped by the scaler and counted instead."""
+    if use_scaler or stop <= start:
+        return
+    bad = ~torch.isfinite(step_loss[start:stop])
+    if bad.any():
+        first = start + int(bad.nonzero()[0].item()) + 1
+        raise NonFiniteLoss(f"the training loss became non-finite at epoch {epoch + 1} step {first}; last.pt still "
+                            f"holds the last good epoch (lower --lr, or add --warmup)")
+
+
+def epoch_mean(step_loss, step_count):
+    counts = torch.tensor(step_count, device=step_loss.device, dtype=step_loss.dtype)
+    return ((step_loss * counts).sum() / counts.sum().clamp(min=1)).item()
 
 
 def run_config_plain(args):

@@ -39,7 +39,7 @@ def load_json(path):
 
 def read_metrics(seed_dir):
     with open(seed_dir / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def mean_std(values, digits=4):

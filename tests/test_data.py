@@ -86,23 +86,50 @@ def test_test_labels_real_or_placeholder():
     assert not data.labels_are_real([0, 0, 0])
 
 
+def _augment(x, **kw):
+    pad = kw.pop("pad", 0)
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    return data.augment_batch(padded, torch.arange(len(x)), pad=pad, scale=1.0, **kw)
+
+
 def test_flip_and_crop_really_move_pixels():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int32).remainder(251).to(torch.uint8).view(2, 3, 32, 32)
-    flipped = data.batch_crop_flip(x, 0, None, torch.tensor([True, False]))
-    assert flipped.dtype == torch.uint8 and flipped.shape == x.shape
-    assert torch.equal(flipped[0], x[0].flip(2)) and torch.equal(flipped[1], x[1])
+    flipped = _augment(x, flips=torch.tensor([True, False]))
+    assert flipped.shape == x.shape
+    assert torch.equal(flipped[0], x[0].flip(2).float()) and torch.equal(flipped[1], x[1].float())
     # shift (0, 0) of a 4-padded image: the content moves 4 px down-right, zeros come in
-    cropped = data.batch_crop_flip(x, 4, torch.tensor([[0, 0], [4, 4]]), None)
-    assert torch.equal(cropped[0, :, 4:, 4:], x[0, :, :28, :28])
+    cropped = _augment(x, pad=4, shifts=torch.tensor([[0, 0], [4, 4]]))
+    assert torch.equal(cropped[0, :, 4:, 4:], x[0, :, :28, :28].float())
     assert cropped[0, :, :4].eq(0).all() and cropped[0, :, :, :4].eq(0).all()
-    assert torch.equal(cropped[1], x[1])  # shift (4, 4) is the centre: unchanged
+    assert torch.equal(cropped[1], x[1].float())  # shift (4, 4) is the centre: unchanged
+    both = _augment(x, pad=4, shifts=torch.tensor([[0, 8], [4, 4]]), flips=torch.tensor([True, True]))
+    # crop (rows 0..27 land at 4..31, columns 4..31 at 0..27, zeros at 28..31), then mirror: zeros move left
+    assert torch.equal(both[0, :, 4:, 4:], x[0, :, :28, 4:].flip(2).float()) and both[0, :, :, :4].eq(0).all()
 
 
 def test_cutout_zeroes_a_square():
     x = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
-    out = data.batch_cutout(x, torch.tensor([[16, 16]]), 8)
-    assert out.dtype == torch.uint8
+    out = _augment(x, centres=torch.tensor([[16, 16]]), cutout=8)
     assert out[0, 0].eq(0).sum() == 64 and out[0, :, 12:20, 12:20].eq(0).all()
+
+
+def test_augment_keeps_dtype_and_normalises():
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    loader = data.DeviceLoader(x, torch.arange(4), 4, aug={"flip", "crop", "cutout"}, mean=[0.5] * 3, std=[0.25] * 3)
+    xb, _ = next(iter(loader))
+    assert loader.x.dtype == torch.uint8 and xb.dtype == torch.float32 and xb.shape == (4, 3, 32, 32)
+    plain = data.DeviceLoader(x, torch.arange(4), 4, mean=[0.5] * 3, std=[0.25] * 3)
+    torch.testing.assert_close(next(iter(plain))[0], (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_compiled_augmentation_matches_eager():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    kw = dict(shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.4] * 3, std=[0.2] * 3, seed=5, batch_size=24)
+    eager = list(data.DeviceLoader(x, torch.arange(64), **kw))
+    compiled = list(data.DeviceLoader(x, torch.arange(64), compile=True, **kw))
+    for (a, ya), (b, yb) in zip(eager, compiled):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(a, b)
 
 
 def test_device_loader_is_deterministic_per_epoch_and_normalises():

@@ -7,8 +7,10 @@ import torch
 
 from conftest import run_script
 
+# Two ranks of 32 and one process of 64 round differently (~1e-6); a gentle lr keeps training from amplifying
+# that into visible differences, so what is compared is the sharding, batching and gradient averaging.
 COMMON = ["--epochs", "2", "--batch-size", "64", "--val-per-class", "10", "--device", "cpu", "--quiet", "--deterministic",
-          "--normalize", "--aug", "flip,crop,cutout", "--lr", "0.02"]
+          "--normalize", "--aug", "flip,crop,cutout", "--lr", "0.005"]
 
 
 def test_two_processes_match_one(cifar_dir, tmp_path):
@@ -17,7 +19,7 @@ def test_two_processes_match_one(cifar_dir, tmp_path):
                "--data-dir", cifar_dir, "--out", tmp_path / "two", *COMMON, env={"OMP_NUM_THREADS": "1"})
     one, two = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
     for column in ("train_loss", "val_loss", "train_acc", "val_acc"):
-        pd.testing.assert_series_equal(one[column], two[column], rtol=1e-3, atol=2e-3)
+        pd.testing.assert_series_equal(one[column], two[column], rtol=1e-4, atol=1e-4)
     wa = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
     for k in wa:

@@ -91,7 +91,7 @@ def test_design_card_command_builds_8_conv_layers(cifar_dir, tmp_path):
 
 
 def _deterministic_columns(path):
-    return pd.read_csv(path).drop(columns=["epoch_seconds", "images_per_second"])
+    return pd.read_csv(path).drop(columns=["epoch_seconds", "images_per_second", "eval_seconds"])
 
 
 RESUME = ["--epochs", "4", "--deterministic", "--model", "convnet", "--depth", "2", "--width", "8", "--bn",

@@ -1,0 +1,479 @@
+"""Measure the speed figures of BENCHMARKS.md on whatever machine this runs on; print a table, write JSON.
+
+    python bench.py                      # every section this machine can run (CPU: 1-5, 6-7 small; GPU: all)
+    python bench.py --sections 1,2 --repeats 5 --json bench.json
+
+Ratios are measured side by side in the same run and each figure is the median of --repeats runs.
+CIFAR figures use a generated 50k/10k data set in the official pickle layout (speed does not depend on
+the pixels); bird figures use the real JPEGs of ../shared/data/CUB_200_2011_subset100 when present.
+Not a test: no figure here is asserted anywhere.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import data
+import engine
+import models
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tests"))
+SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
+SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0_in1k.pth"
+H100_BF16_DENSE_TFLOPS = 989.0  # SXM datasheet figure, dense (no sparsity)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_rate(fn, repeats):
+    """fn() -> (items, seconds); returns the median items/second over repeats."""
+    rates = []
+    for _ in range(repeats):
+        items, seconds = fn()
+        rates.append(items / seconds)
+    return statistics.median(rates)
+
+
+def cifar_fixture(tmp):
+    import fixtures
+    root = Path(tmp) / "cifar50k"
+    if not (root / "cifar-100-python").exists():
+        fixtures.write_cifar100(root, per_class_train=500, per_class_test=100)
+    return root
+
+
+# ----------------------------------------------------------------------------- 1. CIFAR input pipeline
+
+def bench_cifar_loader(cifar_root, device, repeats, workers=2):
+    import torchvision
+    from torchvision import transforms as T
+    cifar = data.load_cifar100(cifar_root)
+    train_idx, _ = data.stratified_split(cifar["train_y"], val_per_class=50)
+    x = torch.from_numpy(cifar["train_x"][train_idx]).to(device)
+    y = torch.from_numpy(cifar["train_y"][train_idx]).to(device)
+    mean, std = data.channel_stats(cifar["train_x"][train_idx])
+    def make_run(compiled):
+        loader = data.DeviceLoader(x, y, 256, shuffle=True, aug={"flip", "crop"}, mean=mean, std=std, compile=compiled)
+        t0 = time.perf_counter()
+        next(iter(loader))  # compiles once (dynamic shapes), excluded from the rate
+        compile_seconds[compiled] = time.perf_counter() - t0
+
+        def run():
+            sync(device)
+            t0, n = time.perf_counter(), 0
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                for xb, _ in loader:
+                    n += len(xb)
+            sync(device)
+            return n, time.perf_counter() - t0
+        return run
+
+    compile_seconds = {}
+
+    class UncheckedCIFAR100(torchvision.datasets.CIFAR100):  # the generated copy has other md5s than the official
+        base = torchvision.datasets.CIFAR100
+        train_list = [[name, None] for name, _ in base.train_list]
+        test_list = [[name, None] for name, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    dataset = UncheckedCIFAR100(str(cifar_root), train=True, download=False, transform=T.Compose([
+        T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
+    reference = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=True, num_workers=workers)
+
+    def run_reference():
+        t0, n = time.perf_counter(), 0
+        for xb, yb in reference:
+            xb = xb.to(device)
+            n += len(xb)
+        sync(device)
+        return n, time.perf_counter() - t0
+
+    eager_rate = median_rate(make_run(False), repeats)
+    ours_rate = median_rate(make_run(True), repeats)
+    ref_rate = median_rate(run_reference, repeats)
+    return [dict(id=1, figure="CIFAR train input pipeline (crop+flip+normalise, batch 256), img/s",
+                 value=ours_rate, baseline=ref_rate, ratio=ours_rate / ref_rate, target=">= 20x",
+                 met=ours_rate / ref_rate >= 20,
+                 notes=f"ours: DeviceLoader on {device} with the augmentation compiled (--compile; one-off "
+                       f"{compile_seconds[True]:.1f} s); eager (the CPU default, --no-compile): {eager_rate:.0f} img/s = "
+                       f"{eager_rate / ref_rate:.1f}x; baseline: torchvision CIFAR100 + transforms, DataLoader {workers} workers")]
+
+
+# ----------------------------------------------------------------------------- 2. BaseNet epoch
+
+def bench_basenet_epoch(cifar_root, device, repeats):
+    cifar = data.load_cifar100(cifar_root)
+    times, train_times = [], []
+    for r in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            args = argparse.Namespace(**{**engine_defaults(), "epochs": 1, "batch_size": 64, "lr": 0.01, "out": out,
+                                         "normalize": False, "aug": "none", "val_per_class": 50, "split_seed": 0,
+                                         "channels_last": False, "cutout_size": 8, "amp": False, "compile": False})
+            engine.seed_everything(0)
+            train, val, _, _ = data.cifar_loaders(cifar, args, device)
+            model = models.BaseNet().to(device)
+            t0 = time.perf_counter()
+            summary = engine.fit(model, train, val, args, out, {"kind": "cifar", "name": "basenet"}, {}, device)
+            times.append(time.perf_counter() - t0)
+            h = summary["history"][0]
+            train_times.append((h["epoch_seconds"], h["eval_seconds"]))
+    wall = statistics.median(times)
+    train_s, eval_s = (statistics.median(t[i] for t in train_times) for i in (0, 1))
+    return [dict(id=2, figure="BaseNet full epoch (45k train + 5k validation), seconds", value=train_s + eval_s,
+                 target="< 5 s", met=train_s + eval_s < 5,
+                 notes=f"train {train_s:.2f} s + validation {eval_s:.2f} s; with checkpoints, metrics.csv and "
+                       f"curves.png written: {wall:.2f} s; batch 64 (the baseline recipe); {torch.get_num_threads()} threads")]
+
+
+def engine_defaults():
+    p = argparse.ArgumentParser()
+    engine.add_training_args(p, dict(epochs=1, batch_size=64, optimizer="sgd", lr=0.01, wd=0.0, schedule="none", out="x"))
+    return {**vars(p.parse_args([])), "quiet": True, "dropout": 0.0}
+
+
+# ----------------------------------------------------------------------------- 3./6. training throughput
+
+def train_rate(model, device, batch, size, steps, amp, channels_last, compile_model, classes=100):
+    """Training images/second of model on random data, and the seconds the first (compiling) steps took."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    step_model = torch.compile(model) if compile_model else model
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        with engine.autocast(device, amp):
+            loss = loss_fn(step_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync(device)
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - t0), warmup
+
+
+def bench_fast_path(device, repeats, steps):
+    make = lambda: models.build_cifar_model("convnet", depth=8, width=32, norm="bn")  # noqa: E731
+    batch = 256
+    rows, rates = [], {}
+    for name, amp, cl, comp in (("fp32 eager", False, False, False), ("bf16 eager", True, False, False),
+                                ("bf16 + channels-last eager", True, True, False),
+                                ("bf16 + channels-last + compile", True, True, True)):
+        results = [train_rate(make(), device, batch, 32, steps, amp, cl, comp) for _ in range(repeats)]
+        rates[name] = statistics.median(r[0] for r in results)
+        rows.append(f"{name}: {rates[name]:.0f} img/s" + (f" (first 3 steps incl. compile {results[0][1]:.1f} s)" if comp else ""))
+    fast, plain = rates["bf16 + channels-last + compile"], rates["fp32 eager"]
+    return [dict(id=3, figure="--depth 8 --bn training img/s, bf16 + channels-last + compile vs fp32 eager",
+                 value=fast, baseline=plain, ratio=fast / plain, target=">= 1.5x", met=fast / plain >= 1.5,
+                 notes="; ".join(rows) + f"; batch {batch} on {device}")]
+
+
+def forward_flops(model, size, device):
+    from torch.utils.flop_counter import FlopCounterMode
+    model = model.to(device).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size, device=device))
+    return counter.get_total_flops()
+
+
+def bench_gpu_models(device, repeats, steps):
+    rows = []
+    for name, make in (("final CIFAR network (ResNet-18, CIFAR variant, width 64)", lambda: models.CifarResNet18()),
+                       ("convnet --depth 8 --width 64 --bn", lambda: models.build_cifar_model("convnet", depth=8, width=64, norm="bn"))):
+        batch = 512 if device.type == "cuda" else 128
+        results = [train_rate(make(), device, batch, 32, steps, True, True, True) for _ in range(repeats)]
+        rate = statistics.median(r[0] for r in results)
+        flops = 3 * forward_flops(make(), 32, device)  # forward + backward ~ 3x forward
+        achieved = flops * rate / 1e12
+        mfu = achieved / H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None
+        is_resnet = "ResNet-18" in name
+        rows.append(dict(id=6, figure=f"{name}: training img/s, bf16 + channels-last + compile", value=rate,
+                         target=">= 40,000 img/s on an H100" if is_resnet else "-",
+                         met=(rate >= 40_000) if (is_resnet and device.type == "cuda") else None,
+                         notes=f"batch {batch}; {flops / 1e9:.2f} GFLOP per image (fwd+bwd); {achieved:.1f} TFLOP/s"
+                               + (f"; MFU {mfu:.1%} of {H100_BF16_DENSE_TFLOPS:.0f} dense bf16 TFLOP/s" if mfu else "")
+                               + f"; first steps incl. compile {results[0][1]:.1f} s"))
+    return rows
+
+
+def bench_loader_vs_model(cifar_root, device, repeats, model_rate):
+    cifar = data.load_cifar100(cifar_root)
+    x = torch.from_numpy(cifar["train_x"]).to(device)
+    y = torch.from_numpy(cifar["train_y"]).to(device)
+    loader = data.DeviceLoader(x, y, 512, shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.5] * 3, std=[0.25] * 3,
+                               channels_last=True)
+
+    def run():
+        sync(device)
+        t0, n = time.perf_counter(), 0
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for xb, _ in loader:
+                n += len(xb)
+        sync(device)
+        return n, time.perf_counter() - t0
+
+    rate = median_rate(run, repeats)
+    return [dict(id=7, figure="CIFAR device loader alone (crop+flip+cutout+normalise, channels-last), img/s", value=rate,
+                 baseline=model_rate, ratio=rate / model_rate, target=">= 10x the model's training rate",
+                 met=rate / model_rate >= 10, notes=f"model rate = final CIFAR network above, on {device}")]
+
+
+# ----------------------------------------------------------------------------- 4. birds input pipeline
+
+def bird_samples(limit):
+    train, _, _ = data.load_cub(SHARED_CUB)
+    return train[:limit]
+
+
+def bench_bird_loaders(device, repeats, n_images, workers=2):
+    from PIL import Image
+    from torchvision import transforms as T
+    samples = bird_samples(n_images)
+    mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
+    rates = {}
+
+    def timed(loader):
+        def run():
+            t0, n = time.perf_counter(), 0
+            for xb, _ in loader:
+                n += len(xb)
+            sync(device)
+            return n, time.perf_counter() - t0
+        return run
+
+    ours = data.TorchImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
+    rates["ours: PIL workers + batched normalise (default on CPU)"] = median_rate(timed(ours), repeats)
+    if data.dali_available():
+        dali = data.DaliImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
+        rates[f"ours: DALI ({'nvJPEG' if device.type == 'cuda' else 'CPU'} decoder)"] = median_rate(timed(dali), repeats)
+
+    class Folder(torch.utils.data.Dataset):  # what torchvision.datasets.ImageFolder does per item
+        transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            with open(samples[i][0], "rb") as f:
+                image = Image.open(f).convert("RGB")
+            return self.transform(image), samples[i][1]
+
+    reference = torch.utils.data.DataLoader(Folder(), batch_size=64, shuffle=True, num_workers=workers)
+
+    def run_reference():
+        t0, n = time.perf_counter(), 0
+        for xb, _ in reference:
+            xb = xb.to(device)
+            n += len(xb)
+        sync(device)
+        return n, time.perf_counter() - t0
+
+    ref = median_rate(run_reference, repeats)
+    default = data.default_loader(device)
+    default_rate = next(v for k, v in rates.items() if ("DALI" in k) == (default == "dali"))
+    notes = "; ".join(f"{k}: {v:.0f} img/s" for k, v in rates.items())
+    return [dict(id=4, figure="birds train input pipeline at 224 px (random-resized crop + flip + normalise), img/s",
+                 value=default_rate, baseline=ref, ratio=default_rate / ref, target=">= 1x (as fast)",
+                 met=default_rate >= ref,
+                 notes=f"{len(samples)} real CUB JPEGs; {notes}; baseline: ImageFolder-style PIL + torchvision "
+                       f"transforms, DataLoader {workers} workers; default loader here: {default}")]
+
+
+# ----------------------------------------------------------------------------- 5. feature cache
+
+def bench_feature_cache(device, repeats, n_images):
+    samples = bird_samples(n_images)
+    model = models.TransferNet("tf_efficientnet_lite0", 100, freeze_backbone=True).to(device)
+    models.load_backbone_weights(model.backbone, SHARED_WEIGHTS)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = data.TorchImageLoader(samples, 224, 64, True, model.mean, model.std, device, aug=(), workers=2)
+
+    def head_epoch(batches):
+        model.train()
+        t0, n = time.perf_counter(), 0
+        for xb, yb in batches:
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(yb)
+        sync(device)
+        return n, time.perf_counter() - t0
+
+    uncached = median_rate(lambda: head_epoch(loader), repeats)
+    with torch.inference_mode():
+        feats = [(model.features(xb).clone(), yb.clone()) for xb, yb in loader]
+    cache = data.DeviceLoader(torch.cat([f for f, _ in feats]), torch.cat([y for _, y in feats]), 64, shuffle=True)
+    cached = median_rate(lambda: head_epoch(cache), max(repeats, 5))
+    return [dict(id=5, figure="frozen-backbone head training per epoch, feature cache vs none, img/s", value=cached,
+                 baseline=uncached, ratio=cached / uncached, target=">= 10x", met=cached / uncached >= 10,
+                 notes=f"tf_efficientnet_lite0 at 224 px, {len(samples)} real CUB images, epochs after the first")]
+
+
+# ----------------------------------------------------------------------------- 8. ResNet-50 from JPEG (GPU)
+
+def bench_resnet50_jpeg(device, repeats, n_images, workers):
+    """End-to-end ResNet-50 fine-tuning at 224 px from JPEG files: DALI (or torchvision GPU decode) vs PIL workers."""
+    samples = bird_samples(n_images)
+    model = models.TransferNet("resnet50", 100).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step_model = torch.compile(model)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def epoch(loader):
+        def run():
+            t0, n = time.perf_counter(), 0
+            for xb, yb in loader:
+                with engine.autocast(device, True):
+                    loss = loss_fn(step_model(xb).float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n += len(yb)
+            sync(device)
+            return n, time.perf_counter() - t0
+        return run
+
+    kw = dict(aug={"rrc", "flip"}, channels_last=True)
+    torch_loader = data.TorchImageLoader(samples, 224, 256, True, model.mean, model.std, device, workers=workers, **kw)
+    epoch(torch_loader)()  # compile + warm-up
+    torch_rate = median_rate(epoch(torch_loader), repeats)
+    if data.dali_available():
+        gpu_loader, gpu_name = data.DaliImageLoader(samples, 224, 256, True, model.mean, model.std, device,
+                                                    workers=workers, **kw), "DALI nvJPEG"
+    else:
+        gpu_loader, gpu_name = TorchvisionGpuDecode(samples, 256, model.mean, model.std, device, workers), \
+            "torchvision.io.decode_jpeg(device='cuda') (DALI not installed)"
+    gpu_rate = median_rate(epoch(gpu_loader), repeats)
+    return [dict(id=8, figure="ResNet-50 fine-tuning at 224 px from JPEG, end to end, img/s", value=gpu_rate,
+                 baseline=torch_rate, ratio=gpu_rate / torch_rate, target=">= 4,000 img/s on an H100",
+                 met=gpu_rate >= 4000 if device.type == "cuda" else None,
+                 notes=f"GPU path: {gpu_name}; baseline: PIL in {workers} DataLoader workers; bf16 + channels-last + "
+                       f"compile; {len(samples)} real CUB JPEGs (227 px)")]
+
+
+class TorchvisionGpuDecode:
+    """Fallback GPU JPEG path for the benchmark: workers read bytes, the GPU decodes and augments."""
+
+    def __init__(self, samples, batch_size, mean, std, device, workers):
+        self.samples, self.batch_size, self.device, self.workers = samples, batch_size, device, workers
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __iter__(self):
+        import torchvision
+        from torchvision.transforms.v2 import functional as TF
+        from torchvision.transforms.v2 import RandomResizedCrop
+        files = torch.utils.data.DataLoader(
+            [(s[0], s[1]) for s in self.samples], batch_size=self.batch_size, shuffle=True, num_workers=self.workers,
+            collate_fn=lambda b: ([torchvision.io.read_file(p) for p, _ in b], torch.tensor([l for _, l in b])))
+        for raw, labels in files:
+            images = torchvision.io.decode_jpeg(raw, device=self.device, mode=torchvision.io.ImageReadMode.RGB)
+            out = []
+            for im in images:
+                i, j, h, w = RandomResizedCrop.get_params(im, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3))
+                im = TF.resized_crop(im, i, j, h, w, [224, 224], antialias=True)
+                out.append(TF.horizontal_flip(im) if torch.rand(()) < 0.5 else im)
+            x = ((torch.stack(out).float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(self.device)
+
+
+# ----------------------------------------------------------------------------- main
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; " + text
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", default="all", help="comma-separated figure numbers 1-8, or all")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per figure (the median is reported)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 on CPU, 50 on GPU)")
+    parser.add_argument("--bird-images", type=int, default=512, help="real CUB images for figures 4, 5 and 8")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps = args.steps or (50 if device.type == "cuda" else 10)
+    wanted = set(range(1, 9)) if args.sections == "all" else {int(s) for s in args.sections.split(",")}
+    has_birds = SHARED_CUB.is_dir() and SHARED_WEIGHTS.is_file()
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cifar_root = cifar_fixture(tmp) if wanted & {1, 2, 7} else None
+        sections = [
+            (1, lambda: bench_cifar_loader(cifar_root, device, args.repeats)),
+            (2, lambda: bench_basenet_epoch(cifar_root, device, args.repeats)),
+            (3, lambda: bench_fast_path(device, args.repeats, steps)),
+            (4, lambda: bench_bird_loaders(device, args.repeats, args.bird_images) if has_birds else "no ../shared birds"),
+            (5, lambda: bench_feature_cache(device, args.repeats, min(args.bird_images, 256)) if has_birds else "no ../shared birds"),
+            (6, lambda: bench_gpu_models(device, args.repeats, steps)),
+            (7, lambda: bench_loader_vs_model(cifar_root, device, args.repeats,
+                                              next((r["value"] for r in rows if r["id"] == 6), None) or
+                                              bench_gpu_models(device, 1, steps)[0]["value"])),
+            (8, lambda: bench_resnet50_jpeg(device, args.repeats, args.bird_images, os.cpu_count())
+             if device.type == "cuda" and has_birds else "needs a GPU and ../shared birds"),
+        ]
+        for number, fn in sections:
+            if number not in wanted:
+                continue
+            t0 = time.perf_counter()
+            result = fn()
+            if isinstance(result, str):
+                skipped.append(f"{number}: {result}")
+                continue
+            for r in result:
+                r["bench_seconds"] = round(time.perf_counter() - t0, 1)
+                rows.append(r)
+                print(f"[{r['id']}] {r['figure']}: {r['value']:.2f}"
+                      + (f" vs {r['baseline']:.2f} = {r['ratio']:.2f}x" if r.get("baseline") else "")
+                      + f"  target {r['target']}: {'met' if r['met'] else 'MISSED' if r['met'] is False else 'n/a here'}"
+                      + f"  ({r['notes']})", flush=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(device), "device": str(device),
+              "command": " ".join(["python"] + sys.argv), "results": rows, "skipped": skipped}
+    engine.atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    for s in skipped:
+        print(f"skipped {s}")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
