@@ -270,7 +270,7 @@ def bench_bird_loaders(device, repeats, n_images, workers=2):
         return run
 
     ours = data.TorchImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
-    rates["ours: PIL workers + batched normalise (default on CPU)"] = median_rate(timed(ours), repeats)
+    rates["ours: PIL workers (--loader torch)"] = median_rate(timed(ours), repeats)
     if data.dali_available():
         dali = data.DaliImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
         rates[f"ours: DALI ({'nvJPEG' if device.type == 'cuda' else 'CPU'} decoder)"] = median_rate(timed(dali), repeats)

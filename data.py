@@ -528,9 +528,13 @@ class BirdImages(torch.utils.data.Dataset):
     and dropped (None), or replaced by a black image where `keep_broken` (test sets: one row per id).
     """
 
-    def __init__(self, samples, img_size, aug=(), scale=(0.25, 1.0), crop_frac=0.875, keep_broken=False):
+    def __init__(self, samples, img_size, aug=(), scale=(0.25, 1.0), crop_frac=0.875, keep_broken=False,
+                 mean=None, std=None):
         self.samples, self.img_size, self.aug = samples, img_size, set(aug)
         self.scale, self.crop_frac, self.keep_broken = scale, crop_frac, keep_broken
+        # With mean/std the worker also normalises (CPU training: spreads the work over the workers).
+        self.scale_bias = None if mean is None else (1 / (255 * torch.tensor(std).view(3, 1, 1)),
+                                                       -torch.tensor(mean).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1))
 
     def __len__(self):
         return len(self.samples)
@@ -564,13 +568,16 @@ class BirdImages(torch.utils.data.Dataset):
             im = im.crop((left, top, left + s, top + s))
         if "flip" in self.aug and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), label
+        image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        if self.scale_bias is not None:
+            image = torch.addcmul(self.scale_bias[1], image.float(), self.scale_bias[0])
+        return image, label
 
 
 def _collate(batch):
     batch = [b for b in batch if b is not None]
     if not batch:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 
@@ -586,14 +593,17 @@ class _BatchList(torch.utils.data.Sampler):
 
 
 class TorchImageLoader:
-    """PIL decoding in DataLoader workers; normalisation (and channels-last) on the device."""
+    """PIL decoding in DataLoader workers; normalisation on the GPU (uint8 crosses the bus), or in the
+    workers when training on the CPU."""
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
-        self.dataset = BirdImages(samples, img_size, aug if train else (), scale, crop_frac, keep_broken)
+        self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
+        on_gpu = self.device.type == "cuda"
+        self.dataset = BirdImages(samples, img_size, aug if train else (), scale, crop_frac, keep_broken,
+                                  None if on_gpu else mean, None if on_gpu else std)
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
-        self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.start_step = 0
@@ -620,8 +630,8 @@ class TorchImageLoader:
             prefetch_factor=4 if self.workers else None,
             generator=self.sampler.generator(salt=2))  # else DataLoader draws from the global RNG (dropout's)
         for xb, yb in loader:
-            xb = xb.to(self.device, non_blocking=True)
-            xb = (xb.float() - self.mean) / self.std
+            if xb.dtype == torch.uint8:
+                xb = (xb.to(self.device, non_blocking=True).float() - self.mean) / self.std
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb.to(self.device, non_blocking=True)
@@ -642,7 +652,6 @@ class DaliImageLoader:
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
-        from nvidia.dali import fn, pipeline_def, types
         self.samples, self.device, self.channels_last = samples, torch.device(device), channels_last
         aug = set(aug) if train else set()
         # DALI stops the whole pipeline on an undecodable file: catch them up front (cheap header check).
@@ -659,8 +668,20 @@ class DaliImageLoader:
         gpu = self.device.type == "cuda"
         self.local_batch = batch_size // world
 
-        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
-                      device_id=(self.device.index or 0) if gpu else None, seed=seed + 7 * rank,
+        self.settings = dict(img_size=img_size, aug=aug, scale=scale, crop_frac=crop_frac, mean=mean, std=std,
+                             gpu=gpu, workers=workers, seed=seed, rank=rank)
+        self.pipe, self.pipe_epoch = None, None
+
+    def _build(self, epoch):
+        """A pipeline per epoch, seeded from (seed, epoch, rank): augmentation follows the epoch, so a
+        resumed run draws what the uninterrupted one drew."""
+        from nvidia.dali import fn, pipeline_def, types
+        c = self.settings
+        img_size, aug, gpu = c["img_size"], c["aug"], c["gpu"]
+
+        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, c["workers"]),
+                      device_id=(self.device.index or 0) if gpu else None,
+                      seed=(c["seed"] * 1_000_003 + epoch * 7919 + c["rank"]) % (2 ** 31),
                       prefetch_queue_depth=2, exec_dynamic=True)
         def pipe():
             jpegs, labels = fn.external_source(source=self._feed, num_outputs=2, batch=True,
@@ -668,19 +689,20 @@ class DaliImageLoader:
             decoder_device = "mixed" if gpu else "cpu"
             if "rrc" in aug:
                 images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
-                                                       random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3])
+                                                       random_area=list(c["scale"]), random_aspect_ratio=[3 / 4, 4 / 3])
                 images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=False)
             else:
                 images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=round(img_size / crop_frac), antialias=False)
+                images = fn.resize(images, resize_shorter=round(img_size / c["crop_frac"]), antialias=False)
             mirror = fn.random.coin_flip(probability=0.5) if "flip" in aug else 0
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size),
-                mean=[m * 255 for m in mean], std=[s * 255 for s in std], mirror=mirror)
+                mean=[m * 255 for m in c["mean"]], std=[s * 255 for s in c["std"]], mirror=mirror)
             return images, labels.gpu() if gpu else labels
 
         self.pipe = pipe()
         self.pipe.build()
+        self.pipe_epoch = epoch
 
     def _feed(self, info=None):
         batch = next(self._batches)  # StopIteration ends DALI's epoch
@@ -705,7 +727,10 @@ class DaliImageLoader:
         # DALI needs full batches: the last short one is padded and the padding cut off afterwards.
         sizes = [len(b) for b in idx_batches]
         self._batches = iter([b + [b[-1]] * (self.local_batch - len(b)) for b in idx_batches])
-        self.pipe.reset()
+        if self.pipe is None or (self.settings["aug"] and self.pipe_epoch != self.sampler.epoch):
+            self._build(self.sampler.epoch)
+        else:
+            self.pipe.reset()
         for size in sizes:
             images, labels = self.pipe.run()
             xb = _dali_to_torch(images, self.device)[:size]
@@ -728,8 +753,9 @@ def _dali_to_torch(tensor_list, device):
 
 
 def default_loader(device):
-    """DALI (nvJPEG) on a GPU when it imports; PIL workers on CPU, where they measured faster (BENCHMARKS.md)."""
-    return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
+    """DALI wherever it imports (nvJPEG on a GPU, its CPU decoder otherwise: measured 2x the PIL paths on
+    CPU, BENCHMARKS.md figure 4); PIL in DataLoader workers where it does not."""
+    return "dali" if dali_available() else "torch"
 
 
 def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     add("--aug", default="rrc,flip", help="training augmentation: rrc (random-resized crop), flip, or none")
     add("--rrc-min-scale", type=float, default=0.25, help="smallest area fraction a random-resized crop keeps")
     add("--loader", choices=["auto", "dali", "torch"], default="auto",
-        help="dali: nvJPEG/DALI pipeline; torch: PIL in DataLoader workers; auto: DALI on a GPU, torch on CPU")
+        help="dali: DALI pipeline (nvJPEG on a GPU, DALI CPU decoder otherwise); torch: PIL in DataLoader workers; auto: DALI when installed, else torch")
     add("--workers", type=int, default=2, help="decoding threads/processes")
     add("--max-bad-frac", type=float, default=0.05, help="refuse the data when more than this fraction of images is broken")
     add("--tta", action="store_true", help="average predictions with the mirrored image for the test CSV")
@@ -130,7 +130,9 @@ def run(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean, std = model.mean, model.std
-    loader_kind = data.default_loader(device) if args.loader == "auto" else args.loader
+    loader_kind = args.loader
+    if loader_kind == "auto":
+        loader_kind = "torch" if args.crop_boxes else data.default_loader(device)  # boxes: torch loader only
     common = dict(mean=mean, std=std, device=device, workers=args.workers, rank=rank, world=world,
                   channels_last=args.channels_last, scale=(args.rrc_min_scale, 1.0))
     eval_batch = max(args.batch_size, 64 // world * world)

@@ -242,3 +242,22 @@ def test_image_folder_layout(tmp_path):
     train, test, classes = data.load_image_folder(tmp_path)
     assert classes == ["a_bird", "b_bird"] and len(train) == 4 and len(test) == 4
     assert [s[1] for s in test] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_bird_epoch_is_the_same_fresh_or_after_earlier_epochs(clean_cub_dir, kind):
+    """What resuming at an epoch boundary needs: epoch 1's augmented batches depend on (seed, epoch) only."""
+    if kind == "dali" and not data.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    train, _, _ = data.load_cub(clean_cub_dir)
+    make = lambda: data.bird_loader(kind, train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu",  # noqa: E731
+                                    aug={"rrc", "flip"}, workers=0, seed=3)
+    continued = make()
+    continued.set_epoch(0)
+    epoch0 = [x for x, _ in continued]
+    continued.set_epoch(1)
+    after = [x for x, _ in continued]
+    fresh = make()
+    fresh.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(after, [x for x, _ in fresh]))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, after))
