@@ -228,7 +228,7 @@ def bench_loader_vs_model(cifar_root, device, repeats, model_rate):
     x = torch.from_numpy(cifar["train_x"]).to(device)
     y = torch.from_numpy(cifar["train_y"]).to(device)
     loader = data.DeviceLoader(x, y, 512, shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.5] * 3, std=[0.25] * 3,
-                               channels_last=True)
+                               channels_last=True, compile=device.type == "cuda")  # the default path per device
 
     def run():
         sync(device)
@@ -395,8 +395,10 @@ class TorchvisionGpuDecode:
         from torchvision.transforms.v2 import RandomResizedCrop
         files = torch.utils.data.DataLoader(
             [(s[0], s[1]) for s in self.samples], batch_size=self.batch_size, shuffle=True, num_workers=self.workers,
-            collate_fn=lambda b: ([torchvision.io.read_file(p) for p, _ in b], torch.tensor([l for _, l in b])))
+            collate_fn=lambda b: ([Path(p).read_bytes() for p, _ in b], [l for _, l in b]))  # bytes: no fd sharing
         for raw, labels in files:
+            raw = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raw]
+            labels = torch.tensor(labels)
             images = torchvision.io.decode_jpeg(raw, device=self.device, mode=torchvision.io.ImageReadMode.RGB)
             out = []
             for im in images:
