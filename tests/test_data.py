@@ -261,3 +261,38 @@ def test_bird_epoch_is_the_same_fresh_or_after_earlier_epochs(clean_cub_dir, kin
     fresh.set_epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(after, [x for x, _ in fresh]))
     assert not all(torch.equal(a, b) for a, b in zip(epoch0, after))
+
+
+# ----------------------------------------------------------------------------- downloads
+
+def _tarball(tmp_path):
+    import tarfile
+    src = tmp_path / "src" / "cifar-100-python"
+    src.mkdir(parents=True)
+    (src / "meta").write_bytes(b"x")
+    archive = tmp_path / "archive.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-100-python")
+    return archive
+
+
+def test_download_checks_md5_resumes_and_unpacks_atomically(tmp_path):
+    archive = _tarball(tmp_path)
+    good_md5 = data.md5sum(archive)
+    dest = tmp_path / "dl" / "cifar.tar.gz"
+    dest.parent.mkdir()
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(archive.read_bytes()[:10])  # an interrupted earlier download
+    data.download(archive.as_uri(), dest, good_md5)
+    assert data.md5sum(dest) == good_md5 and not part.exists()
+    root = data.extract_atomically(dest, tmp_path / "dl", "cifar-100-python")
+    assert (root / "meta").read_bytes() == b"x"
+    assert not list((tmp_path / "dl").glob(".extract-*"))
+    with pytest.raises(data.DataError, match="wrong md5"):
+        data.download(archive.as_uri(), tmp_path / "dl" / "other.tar.gz", "0" * 32)
+    assert not (tmp_path / "dl" / "other.tar.gz.part").exists()
+
+
+def test_download_offline_is_one_sentence(tmp_path):
+    with pytest.raises(data.DataError, match=r"could not download .* fetch it by hand and save it as"):
+        data.download((tmp_path / "nowhere.tar.gz").as_uri(), tmp_path / "x.tar.gz", "0" * 32)

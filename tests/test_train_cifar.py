@@ -187,15 +187,18 @@ def test_non_finite_loss_stops_with_epoch_and_step(cifar_dir, tmp_path):
     assert proc.returncode == 1 and "non-finite at epoch 1 step" in proc.stderr
 
 
-def test_predict_refuses_a_checkpoint_for_other_data(trained, cub_dir, tmp_path):
+def test_predict_refuses_foreign_checkpoints(trained, cifar_dir, cub_dir, tmp_path):
     out, _ = trained
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = run_script("predict.py", bad, "--data-dir", cub_dir, "--out", tmp_path / "p.csv", check=False)
+    proc = run_script("predict.py", bad, "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", check=False)
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    ckpt["model"] = {k: v for k, v in list(ckpt["model"].items())[:-1]}
+    ckpt["model_config"]["name"] = "basenet"  # weights of one model, config of another
     torch.save(ckpt, tmp_path / "other.pt")
-    proc = run_script("predict.py", tmp_path / "other.pt", "--data-dir", ROOT / "nowhere", "--out", tmp_path / "p.csv",
+    proc = run_script("predict.py", tmp_path / "other.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv",
                       check=False)
-    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    assert proc.returncode == 2 and "weights of a different model" in proc.stderr
+    proc = run_script("predict.py", out / "best.pt", "--data-dir", cub_dir, "--out", tmp_path / "p.csv", check=False)
+    assert proc.returncode == 1 and "does not hold cifar-100-python" in proc.stderr
+    assert not (tmp_path / "p.csv").exists()
