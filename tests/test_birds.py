@@ -176,3 +176,11 @@ def test_real_birds_transfer_beats_random_weights(tmp_path):
     chance = 1 / 10
     assert pretrained["test_acc"] > 5 * chance  # far above chance
     assert pretrained["test_acc"] > random_init["test_acc"] + 0.3  # and far above the same run without ImageNet
+
+
+def test_crop_boxes_use_the_torch_loader(cub_dir, tmp_path):
+    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--crop-boxes",
+                      "--out", tmp_path / "r", *QUICK)
+    assert "loader torch" in proc.stdout
+    train, _, _ = data.load_cub(cub_dir, crop_boxes=True)
+    assert train[0][2] == (2.0, 2.0, 44.0, 44.0)

@@ -296,3 +296,12 @@ def test_download_checks_md5_resumes_and_unpacks_atomically(tmp_path):
 def test_download_offline_is_one_sentence(tmp_path):
     with pytest.raises(data.DataError, match=r"could not download .* fetch it by hand and save it as"):
         data.download((tmp_path / "nowhere.tar.gz").as_uri(), tmp_path / "x.tar.gz", "0" * 32)
+
+
+def test_cub_labels_must_name_defined_classes(tmp_path):
+    root = fixtures.write_cub(tmp_path, num_classes=2, per_class=3, broken=False)
+    lines = (root / "image_class_labels.txt").read_text().splitlines()
+    lines[0] = lines[0].split()[0] + " 9"
+    (root / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DataError, match=r"class ids \[9\] that classes.txt does not define"):
+        data.load_cub(root)

@@ -26,3 +26,20 @@ def test_two_processes_match_one(cifar_dir, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
     assert len((tmp_path / "two" / "submission.csv").read_text().splitlines()) == 601
     assert json.loads((tmp_path / "two" / "final.json").read_text())["best_val_acc"] > 0
+
+
+def test_birds_two_processes_match_one(clean_cub_dir, tmp_path):
+    backbone_weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    import models
+    torch.save(models.make_backbone("resnet18")[0].state_dict(), backbone_weights)
+    common = ["--data-dir", clean_cub_dir, "--arch", "resnet18", "--weights", backbone_weights, "--freeze-backbone",
+              "--aug", "none", "--img-size", "32", "--batch-size", "4", "--val-frac", "0.25", "--epochs", "2",
+              "--device", "cpu", "--quiet", "--workers", "0", "--deterministic"]
+    run_script("finetune_birds.py", *common, "--out", tmp_path / "one")
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_birds.py", *common,
+               "--out", tmp_path / "two", env={"OMP_NUM_THREADS": "1"})
+    one, two = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
+    for column in ("train_loss", "val_loss", "val_acc"):
+        pd.testing.assert_series_equal(one[column], two[column], rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "one" / "submission.csv").read_bytes() == (tmp_path / "two" / "submission.csv").read_bytes()
