@@ -13,6 +13,7 @@ scaler, epoch, step and every RNG, so `--resume` continues a killed run exactly;
 (or SIGTERM) saves it mid-epoch. Checkpoints hold only tensors and plain types and are
 loaded with `weights_only=True`. Not run directly.
 """
+import argparse
 import csv
 import io
 import json
@@ -24,7 +25,6 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +56,11 @@ def add_training_args(parser, defaults):
         help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
     add("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
     add("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
-    add("--amp", action=argparse_bool(), default=None,
+    add("--amp", action=argparse.BooleanOptionalAction, default=None,
         help="bf16 autocast (fp16 with loss scaling where bf16 is unsupported); default: on for CUDA, off on CPU")
-    add("--compile", action=argparse_bool(), default=None,
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile the model (first-compile time is reported apart); default: on for CUDA, off on CPU")
-    add("--channels-last", action=argparse_bool(), default=None,
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory format; default: on for CUDA, off on CPU")
     add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     add("--out", default=defaults["out"], help="run folder for checkpoints, metrics, plots and the CSV")
@@ -70,11 +70,6 @@ def add_training_args(parser, defaults):
     add("--deterministic", action="store_true", help="deterministic kernels (slower; exact resume on CPU)")
     add("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
     add("--quiet", action="store_true", help="no progress bar")
-
-
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction
 
 
 def check_training_args(args, train_size):

@@ -13,8 +13,8 @@ test split is scored where labels exist and predicted into OUT/submission.csv in
 """
 import argparse
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
 import data
@@ -58,9 +58,12 @@ def parse_args(argv=None):
 
 def load_samples(args):
     if args.dataset == "cub2011":
-        if args.download and not (args.data_dir and data.Path(args.data_dir).exists()):
-            data.Path(args.data_dir).parent.mkdir(parents=True, exist_ok=True)
-            data.download_cub2011(data.Path(args.data_dir).parent)
+        if args.download:  # into the folder that holds (or will hold) CUB_200_2011/
+            root = Path(args.data_dir)
+            parent = root.parent if root.name == "CUB_200_2011" else root
+            if not (parent / "CUB_200_2011" / "images.txt").is_file():
+                parent.mkdir(parents=True, exist_ok=True)
+                data.download_cub2011(parent)
         return data.load_cub(args.data_dir, args.crop_boxes)
     if args.download:
         raise engine.UsageError("--download fetches CUB-200-2011 only; use --dataset cub2011")
@@ -79,7 +82,7 @@ def build_model(args, num_classes):
         raise engine.UsageError(f"could not fetch ImageNet weights for {args.arch} ({type(e).__name__}); "
                                 f"connect to the internet once, or pass --weights PATH to a local state dict") from None
     if args.weights not in ("imagenet", "none"):
-        if not data.Path(args.weights).is_file():
+        if not Path(args.weights).is_file():
             raise engine.UsageError(f"--weights {args.weights} is neither imagenet, none, nor an existing file")
         models.load_backbone_weights(model.backbone, args.weights)
     return model

@@ -10,7 +10,6 @@ The 50k training images are split 45k train / 5k validation (450/50 per class, s
 epoch by validation accuracy is kept and predicts the 10k test images into OUT/submission.csv.
 """
 import argparse
-import sys
 
 import torch
 

@@ -1,6 +1,5 @@
 """torchrun with 2 CPU processes (gloo) trains like one process with the same global batch."""
 import json
-import sys
 
 import pandas as pd
 import torch
