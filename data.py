@@ -237,6 +237,19 @@ class EpochSampler:
             yield pos, order[pos]
 
 
+class SampledLoader:
+    """What every loader shares: an EpochSampler, `set_epoch`, `len()` in batches and `start_step`
+    (the step of the epoch the next iteration starts at, for resuming mid-epoch)."""
+    sampler: EpochSampler
+    start_step = 0
+
+    def set_epoch(self, epoch):
+        self.sampler.epoch = epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+
 def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cutout=0, scale=1 / 255, bias=0.0):
     """Gather images[idx] with a random crop, mirror and cutout, and normalise, in one pass.
 
@@ -276,7 +289,7 @@ def parse_aug(text):
     return set(names)
 
 
-class DeviceLoader:
+class DeviceLoader(SampledLoader):
     """Batches from tensors that already live on the device (CIFAR uint8 images, or cached features).
 
     All random choices of an epoch (order, crop shifts, flips, cutout centres) are drawn up front from
@@ -297,16 +310,6 @@ class DeviceLoader:
         self.scale, self.bias = 1 / (255 * std), -mean / std
         self.augment = torch.compile(augment_batch, dynamic=True) if compile and x.dtype == torch.uint8 else augment_batch
         self.start_step = 0
-
-    def set_epoch(self, epoch):
-        self.sampler.epoch = epoch
-
-    def __len__(self):
-        return len(self.sampler)
-
-    @property
-    def num_samples(self):
-        return self.sampler.n
 
     def _epoch_randomness(self):
         n, (h, w) = self.sampler.n, self.image_size
@@ -592,7 +595,7 @@ class _BatchList(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-class TorchImageLoader:
+class TorchImageLoader(SampledLoader):
     """PIL decoding in DataLoader workers; normalisation on the GPU (uint8 crosses the bus), or in the
     workers when training on the CPU."""
 
@@ -607,17 +610,6 @@ class TorchImageLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.start_step = 0
-        self.name = "torch"
-
-    def set_epoch(self, epoch):
-        self.sampler.epoch = epoch
-
-    def __len__(self):
-        return len(self.sampler)
-
-    @property
-    def num_samples(self):
-        return self.sampler.n
 
     def __iter__(self):
         base = self.sampler.seed * 1_000_003 + self.sampler.epoch * 7919
@@ -645,7 +637,7 @@ def dali_available():
         return False
 
 
-class DaliImageLoader:
+class DaliImageLoader(SampledLoader):
     """DALI pipeline: JPEG decode (nvJPEG, device='mixed' on a GPU; DALI's CPU decoder otherwise),
     random-resized crop, flip and normalisation inside DALI. File bytes are fed by the same
     EpochSampler as the torch loader, so both loaders visit samples in the same order."""
@@ -664,7 +656,6 @@ class DaliImageLoader:
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
         self.start_step = 0
-        self.name = "dali"
         gpu = self.device.type == "cuda"
         self.local_batch = batch_size // world
 
@@ -709,16 +700,6 @@ class DaliImageLoader:
         files = [self.placeholder if i in self.bad else np.fromfile(self.samples[i][0], dtype=np.uint8) for i in batch]
         labels = [np.array(self.samples[i][1], dtype=np.int64) for i in batch]
         return files, labels
-
-    def set_epoch(self, epoch):
-        self.sampler.epoch = epoch
-
-    def __len__(self):
-        return len(self.sampler)
-
-    @property
-    def num_samples(self):
-        return self.sampler.n
 
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: F401  (import check)
