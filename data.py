@@ -702,7 +702,6 @@ class DaliImageLoader(SampledLoader):
         return files, labels
 
     def __iter__(self):
-        from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: F401  (import check)
         idx_batches = [idx.tolist() for _, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
         # DALI needs full batches: the last short one is padded and the padding cut off afterwards.
@@ -722,15 +721,12 @@ class DaliImageLoader(SampledLoader):
 
 
 def _dali_to_torch(tensor_list, device):
-    if hasattr(tensor_list, "as_cpu") and device.type != "cuda":
-        tensor_list = tensor_list.as_cpu()
+    """Copy a DALI batch (CPU or GPU) into a new torch tensor on `device`, on torch's current stream."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
     array = tensor_list.as_tensor()
-    if device.type == "cuda":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        out = torch.empty(array.shape(), dtype=torch.float32 if array.dtype == 9 else torch.int64, device=device)
-        feed_ndarray(array, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(array))
+    out = torch.empty(array.shape(), dtype=to_torch_type[array.dtype], device=device)
+    feed_ndarray(array, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    return out
 
 
 def default_loader(device):
