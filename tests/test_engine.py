@@ -1,0 +1,59 @@
+"""Schedules, atomic writes and the fast-path flags of the shared loop."""
+import math
+
+import pytest
+import torch
+
+import engine
+from conftest import run_script
+
+
+def test_lr_schedules():
+    f = engine.lr_factor
+    assert [f(s, 100, 0, "none") for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [f(s, 100, 0, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert f(0, 100, 0, "cosine") == 1.0 and f(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert f(99, 100, 0, "cosine") < 0.001
+    assert [f(s, 100, 10, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    one = [f(s, 100, 0, "onecycle") for s in range(100)]
+    assert one.index(max(one)) == 24 and one[0] < 0.1 and one[-1] < 0.02  # up for 25%, then down to 0
+    assert all(math.isfinite(v) and v >= 0 for v in one)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "metrics.csv"
+    engine.atomic_write_text(path, "old\n")
+
+    def explode(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        engine.atomic_write(path, explode)
+    assert path.read_text() == "old\n" and list(tmp_path.iterdir()) == [path]
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    engine.atomic_torch_save({"rng": engine.rng_state()}, tmp_path / "s.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    engine.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_fast_path_flags_run_on_cpu(cifar_dir, tmp_path):
+    """bf16 autocast + channels-last + torch.compile (the GPU default) also run on CPU, and the compiled
+    model's checkpoint loads into a plain model (predict.py reproduces the run's CSV)."""
+    out = tmp_path / "fast"
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--device", "cpu", "--val-per-class", "10",
+               "--quiet", "--epochs", "1", "--amp", "--channels-last", "--compile", "--aug", "flip,crop,cutout",
+               "--normalize", "--batch-size", "100")
+    keys = torch.load(out / "best.pt", weights_only=True)["model"].keys()
+    assert not any(k.startswith(("_orig_mod", "module.")) for k in keys)
+    run_script("predict.py", out / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", "--device", "cpu",
+               "--amp")
+    assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
