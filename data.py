@@ -185,6 +185,11 @@ def stratified_split(labels, val_per_class=None, val_frac=None, seed=0):
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    if val_per_class is not None:
+        classes, counts = np.unique(labels, return_counts=True)
+        if val_per_class < 0 or counts.min() <= val_per_class:
+            raise DataError(f"--val-per-class {val_per_class} leaves no training images for class {classes[counts.argmin()]}, "
+                            f"which has {counts.min()}; use a value below {counts.min()}")
     train_idx, val_idx = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -349,9 +354,9 @@ def channel_stats(images_uint8):
     return x.mean(1).tolist(), x.std(1).tolist()
 
 
-def cifar_loaders(data, args, device, rank=0, world=1):
+def cifar_loaders(data, args, device, rank=0, world=1, split=None):
     """train/val/test DeviceLoaders for CIFAR-100 from `load_cifar100` output and parsed flags."""
-    train_idx, val_idx = stratified_split(data["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
+    train_idx, val_idx = split or stratified_split(data["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
     train_x = data["train_x"][train_idx]
     mean, std = channel_stats(train_x) if args.normalize else (None, None)
     aug = parse_aug(args.aug)

@@ -77,11 +77,12 @@ def run(argv=None):
     rank, world, local_rank = engine.setup_distributed()
     device = engine.resolve_device(args, local_rank)
     cifar = data.load_cifar100(args.data_dir, download_if_missing=args.download)
-    engine.check_training_args(args, len(cifar["train_y"]) - args.val_per_class * len(cifar["classes"]))
+    split = data.stratified_split(cifar["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
+    engine.check_training_args(args, len(split[0]))
     engine.prepare_run_dir(args.out, engine.run_config(args, {"data": "cifar100"}), args.resume, args.force, rank, world)
 
     engine.seed_everything(args.seed, rank=0)  # same initial weights on every rank
-    train, val, test, info = data.cifar_loaders(cifar, args, device, rank, world)
+    train, val, test, info = data.cifar_loaders(cifar, args, device, rank, world, split)
     config = model_config(args, len(cifar["classes"]))
     model = models.build_model(config).to(device)
     if args.channels_last:

@@ -305,3 +305,11 @@ def test_cub_labels_must_name_defined_classes(tmp_path):
     (root / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(data.DataError, match=r"class ids \[9\] that classes.txt does not define"):
         data.load_cub(root)
+
+
+def test_validation_cannot_swallow_a_class():
+    labels = np.repeat(np.arange(3), 5)
+    with pytest.raises(data.DataError, match="--val-per-class 5 leaves no training images for class 0, which has 5"):
+        data.stratified_split(labels, val_per_class=5)
+    train, val = data.stratified_split(labels, val_per_class=4)
+    assert len(train) == 3 and len(val) == 12
