@@ -51,6 +51,7 @@ def add_training_args(parser, defaults):
     add("--optimizer", choices=["sgd", "adamw"], default=defaults["optimizer"], help="optimizer")
     add("--lr", type=float, default=defaults["lr"], help="peak learning rate")
     add("--momentum", type=float, default=0.9, help="SGD momentum (AdamW beta1)")
+    add("--nesterov", action="store_true", help="Nesterov momentum for SGD (the course baseline uses plain momentum)")
     add("--wd", type=float, default=defaults["wd"], help="weight decay (not applied to biases and norm layers)")
     add("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
         help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
@@ -306,7 +307,7 @@ def make_optimizer(param_groups, args):
     if not groups:
         raise UsageError("the model has no trainable parameters")
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
 
 

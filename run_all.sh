@@ -80,7 +80,7 @@ BIRDS_EXTRA="$EXTRA $BIRDS_SMOKE"
 if [ "$ONLY" != birds ]; then
   E=$(epochs 30)
   C="train_cifar.py --data-dir $CIFAR_DATA --epochs $E $CIFAR_EXTRA"
-  SGD="--optimizer sgd --lr 0.05 --wd 5e-4 --batch-size 128"
+  SGD="--optimizer sgd --nesterov --lr 0.05 --wd 5e-4 --batch-size 128"
   run cifar 01_basenet "BaseNet, course recipe" $C
   run cifar 02_normalize "+ per-channel normalisation" $C --normalize
   run cifar 03_augment "+ random crop and flip" $C --normalize --aug flip,crop

@@ -79,7 +79,8 @@ def test_baseline_defaults_are_basenet(cifar_dir, tmp_path):
     proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--epochs", "1", "--out", tmp_path / "b", *QUICK)
     assert "basenet: 28,022 parameters" in proc.stdout
     config = json.loads((tmp_path / "b" / "config.json").read_text())["args"]
-    assert config["optimizer"] == "sgd" and config["momentum"] == 0.9 and config["aug"] == "none"
+    assert config["optimizer"] == "sgd" and config["momentum"] == 0.9 and not config["nesterov"]
+    assert config["aug"] == "none"
     assert not config["normalize"]
 
 
