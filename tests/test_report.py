@@ -74,3 +74,22 @@ def test_run_all_smoke_end_to_end(tmp_path):
 def test_run_all_rejects_unknown_options():
     proc = subprocess.run(["bash", "run_all.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
+
+
+def test_notebook_only_loads_results(tmp_path, monkeypatch):
+    """lab2.ipynb's code cells run against a results tree and hold no training code."""
+    import matplotlib
+    matplotlib.use("Agg")
+    results = tmp_path / "results"
+    results.mkdir()
+    fake_run(results, "cifar", "01_basenet", 0, 0.2, 0.21)
+    fake_run(results, "birds", "frozen", 0, 0.6, 0.58, frozen=True)
+    notebook = json.loads((ROOT / "lab2.ipynb").read_text())
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert not any(word in "\n".join(code) for word in ("fit(", "backward", "optimizer", "train_cifar"))
+    monkeypatch.setenv("RESULTS", str(results))
+    scope = {}
+    for cell in code:
+        exec(compile(cell, "lab2.ipynb", "exec"), scope)
+    assert set(scope["table"].run) == {"frozen", "01_basenet"}
+    assert (results / "cifar_curves.png").is_file()
