@@ -37,6 +37,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def time_loader(loader, device, epochs=1):
+    """(images, seconds) of `epochs` passes over a loader, each batch moved to the device."""
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for epoch in range(epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for xb, _ in loader:
+            n += len(xb.to(device))
+    sync(device)
+    return n, time.perf_counter() - t0
+
+
 def median_rate(fn, repeats):
     """fn() -> (items, seconds); returns the median items/second over repeats."""
     rates = []
@@ -69,17 +82,7 @@ def bench_cifar_loader(cifar_root, device, repeats, workers=2):
         t0 = time.perf_counter()
         next(iter(loader))  # compiles once (dynamic shapes), excluded from the rate
         compile_seconds[compiled] = time.perf_counter() - t0
-
-        def run():
-            sync(device)
-            t0, n = time.perf_counter(), 0
-            for epoch in range(3):
-                loader.set_epoch(epoch)
-                for xb, _ in loader:
-                    n += len(xb)
-            sync(device)
-            return n, time.perf_counter() - t0
-        return run
+        return lambda: time_loader(loader, device, epochs=3)
 
     compile_seconds = {}
 
@@ -93,17 +96,9 @@ def bench_cifar_loader(cifar_root, device, repeats, workers=2):
         T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
     reference = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=True, num_workers=workers)
 
-    def run_reference():
-        t0, n = time.perf_counter(), 0
-        for xb, yb in reference:
-            xb = xb.to(device)
-            n += len(xb)
-        sync(device)
-        return n, time.perf_counter() - t0
-
     eager_rate = median_rate(make_run(False), repeats)
     ours_rate = median_rate(make_run(True), repeats)
-    ref_rate = median_rate(run_reference, repeats)
+    ref_rate = median_rate(lambda: time_loader(reference, device), repeats)
     return [dict(id=1, figure="CIFAR train input pipeline (crop+flip+normalise, batch 256), img/s",
                  value=ours_rate, baseline=ref_rate, ratio=ours_rate / ref_rate, target=">= 20x",
                  met=ours_rate / ref_rate >= 20,
@@ -230,17 +225,7 @@ def bench_loader_vs_model(cifar_root, device, repeats, model_rate):
     loader = data.DeviceLoader(x, y, 512, shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.5] * 3, std=[0.25] * 3,
                                channels_last=True, compile=device.type == "cuda")  # the default path per device
 
-    def run():
-        sync(device)
-        t0, n = time.perf_counter(), 0
-        for epoch in range(3):
-            loader.set_epoch(epoch)
-            for xb, _ in loader:
-                n += len(xb)
-        sync(device)
-        return n, time.perf_counter() - t0
-
-    rate = median_rate(run, repeats)
+    rate = median_rate(lambda: time_loader(loader, device, epochs=3), repeats)
     return [dict(id=7, figure="CIFAR device loader alone (crop+flip+cutout+normalise, channels-last), img/s", value=rate,
                  baseline=model_rate, ratio=rate / model_rate, target=">= 10x the model's training rate",
                  met=rate / model_rate >= 10, notes=f"model rate = final CIFAR network above, on {device}")]
@@ -260,20 +245,11 @@ def bench_bird_loaders(device, repeats, n_images, workers=2):
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     rates = {}
 
-    def timed(loader):
-        def run():
-            t0, n = time.perf_counter(), 0
-            for xb, _ in loader:
-                n += len(xb)
-            sync(device)
-            return n, time.perf_counter() - t0
-        return run
-
     ours = data.TorchImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
-    rates["ours: PIL workers (--loader torch)"] = median_rate(timed(ours), repeats)
+    rates["ours: PIL workers (--loader torch)"] = median_rate(lambda: time_loader(ours, device), repeats)
     if data.dali_available():
         dali = data.DaliImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
-        rates[f"ours: DALI ({'nvJPEG' if device.type == 'cuda' else 'CPU'} decoder)"] = median_rate(timed(dali), repeats)
+        rates[f"ours: DALI ({'nvJPEG' if device.type == 'cuda' else 'CPU'} decoder)"] = median_rate(lambda: time_loader(dali, device), repeats)
 
     class Folder(torch.utils.data.Dataset):  # what torchvision.datasets.ImageFolder does per item
         transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
@@ -288,15 +264,7 @@ def bench_bird_loaders(device, repeats, n_images, workers=2):
 
     reference = torch.utils.data.DataLoader(Folder(), batch_size=64, shuffle=True, num_workers=workers)
 
-    def run_reference():
-        t0, n = time.perf_counter(), 0
-        for xb, _ in reference:
-            xb = xb.to(device)
-            n += len(xb)
-        sync(device)
-        return n, time.perf_counter() - t0
-
-    ref = median_rate(run_reference, repeats)
+    ref = median_rate(lambda: time_loader(reference, device), repeats)
     default = data.default_loader(device)
     default_rate = next(v for k, v in rates.items() if ("DALI" in k) == (default == "dali"))
     notes = "; ".join(f"{k}: {v:.0f} img/s" for k, v in rates.items())
