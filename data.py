@@ -314,7 +314,6 @@ class DeviceLoader(SampledLoader):
         std = torch.as_tensor(std if std is not None else [1.0] * 3, device=x.device).view(1, -1, 1, 1)
         self.scale, self.bias = 1 / (255 * std), -mean / std
         self.augment = torch.compile(augment_batch, dynamic=True) if compile and x.dtype == torch.uint8 else augment_batch
-        self.start_step = 0
 
     def _epoch_randomness(self):
         n, (h, w) = self.sampler.n, self.image_size
@@ -370,7 +369,8 @@ def cifar_loaders(data, args, device, rank=0, world=1, split=None):
                          cutout=args.cutout_size, compile=args.compile, **common)
     eval_batch = max(args.batch_size, 500) * world
     val = DeviceLoader(*on_device(data["train_x"][val_idx], data["train_y"][val_idx]), eval_batch, **common)
-    test = DeviceLoader(*on_device(data["test_x"], data["test_y"]), eval_batch, **common)
+    test = DeviceLoader(*on_device(data["test_x"], data["test_y"]), eval_batch,  # rank 0 predicts all of it
+                        **{**common, "rank": 0, "world": 1})
     return train, val, test, dict(mean=mean, std=std, train_size=len(train_idx), val_size=len(val_idx))
 
 
@@ -614,7 +614,6 @@ class TorchImageLoader(SampledLoader):
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.start_step = 0
 
     def __iter__(self):
         base = self.sampler.seed * 1_000_003 + self.sampler.epoch * 7919
@@ -660,7 +659,6 @@ class DaliImageLoader(SampledLoader):
             raise DataError("--crop-boxes is implemented in the torch loader only; add --loader torch")
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
-        self.start_step = 0
         gpu = self.device.type == "cuda"
         self.local_batch = batch_size // world
 

@@ -182,9 +182,8 @@ def run(argv=None):
 
     if engine.is_main(rank):
         engine.load_best(model, args.out, device)
-        preds, labels = engine.predict(model, test, device, args.amp, tta=args.tta and not args.cache_features)
-        engine.write_submission(f"{args.out}/submission.csv", preds.tolist())
-        test_acc = (preds == labels).float().mean().item() if data.labels_are_real(labels.numpy()) else None
+        test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv",
+                                         tta=args.tta and not args.cache_features)
         final = engine.finish(args.out, summary, model, test_acc,
                               {"arch": args.arch, "freeze_backbone": args.freeze_backbone, "loader": loader_kind,
                                "cache_seconds": cache_seconds, "skipped_images": skipped})

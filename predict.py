@@ -67,12 +67,9 @@ def run(argv=None):
         first = str(e).strip().splitlines()[1:2] or [""]
         raise engine.UsageError(f"{args.checkpoint} holds weights of a different model than its config "
                                 f"describes ({first[0].strip()})") from None
-    preds, labels = engine.predict(model, loader, device, amp, tta=args.tta)
-    engine.write_submission(args.out, preds.tolist())
-    msg = f"wrote {len(preds)} predictions to {args.out}"
-    if data.labels_are_real(labels.numpy()):
-        msg += f"; test accuracy {(preds == labels).float().mean().item():.4f}"
-    print(msg)
+    test_acc = engine.predict_to_csv(model, loader, device, amp, args.out, tta=args.tta)
+    print(f"wrote {loader.sampler.n} predictions to {args.out}"
+          + ("" if test_acc is None else f"; test accuracy {test_acc:.4f}"))
 
 
 if __name__ == "__main__":

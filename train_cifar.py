@@ -100,10 +100,7 @@ def run(argv=None):
 
     if engine.is_main(rank):
         engine.load_best(model, args.out, device)
-        test.sampler.rank, test.sampler.world = 0, 1  # rank 0 predicts the whole test set
-        preds, labels = engine.predict(model, test, device, args.amp, tta=args.tta)
-        engine.write_submission(f"{args.out}/submission.csv", preds.tolist())
-        test_acc = (preds == labels).float().mean().item() if data.labels_are_real(labels.numpy()) else None
+        test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv", args.tta)
         final = engine.finish(args.out, summary, model, test_acc, {"model": args.model})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
               f"{'n/a (no test labels)' if test_acc is None else f'{test_acc:.4f}'}; wrote {args.out}/submission.csv")
