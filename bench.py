@@ -141,6 +141,23 @@ def engine_defaults():
 
 # ----------------------------------------------------------------------------- 3./6. training throughput
 
+def train_pass(model, opt, batches, device, amp=False):
+    """(images, seconds) of one training pass (forward, cross-entropy, backward, step) over batches."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for xb, yb in batches:
+        with engine.autocast(device, amp):
+            loss = loss_fn(model(xb).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(yb)
+    sync(device)
+    return n, time.perf_counter() - t0
+
+
 def train_rate(model, device, batch, size, steps, amp, channels_last, compile_model, classes=100):
     """Training images/second of model on random data, and the seconds the first (compiling) steps took."""
     model = model.to(device)
@@ -152,26 +169,9 @@ def train_rate(model, device, batch, size, steps, amp, channels_last, compile_mo
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=device)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step():
-        with engine.autocast(device, amp):
-            loss = loss_fn(step_model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.train()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        step()
-    sync(device)
-    warmup = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - t0), warmup
+    _, warmup = train_pass(step_model, opt, [(x, y)] * 3, device, amp)
+    images, seconds = train_pass(step_model, opt, [(x, y)] * steps, device, amp)
+    return images / seconds, warmup
 
 
 def bench_fast_path(device, repeats, steps):
@@ -282,26 +282,12 @@ def bench_feature_cache(device, repeats, n_images):
     model = models.TransferNet("tf_efficientnet_lite0", 100, freeze_backbone=True).to(device)
     models.load_backbone_weights(model.backbone, SHARED_WEIGHTS)
     opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
     loader = data.TorchImageLoader(samples, 224, 64, True, model.mean, model.std, device, aug=(), workers=2)
-
-    def head_epoch(batches):
-        model.train()
-        t0, n = time.perf_counter(), 0
-        for xb, yb in batches:
-            loss = loss_fn(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += len(yb)
-        sync(device)
-        return n, time.perf_counter() - t0
-
-    uncached = median_rate(lambda: head_epoch(loader), repeats)
+    uncached = median_rate(lambda: train_pass(model, opt, loader, device), repeats)
     with torch.inference_mode():
         feats = [(model.features(xb).clone(), yb.clone()) for xb, yb in loader]
     cache = data.DeviceLoader(torch.cat([f for f, _ in feats]), torch.cat([y for _, y in feats]), 64, shuffle=True)
-    cached = median_rate(lambda: head_epoch(cache), max(repeats, 5))
+    cached = median_rate(lambda: train_pass(model, opt, cache, device), max(repeats, 5))
     return [dict(id=5, figure="frozen-backbone head training per epoch, feature cache vs none, img/s", value=cached,
                  baseline=uncached, ratio=cached / uncached, target=">= 10x", met=cached / uncached >= 10,
                  notes=f"tf_efficientnet_lite0 at 224 px, {len(samples)} real CUB images, epochs after the first")]
@@ -315,21 +301,9 @@ def bench_resnet50_jpeg(device, repeats, n_images, workers):
     model = models.TransferNet("resnet50", 100).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step_model = torch.compile(model)
-    loss_fn = nn.CrossEntropyLoss()
 
     def epoch(loader):
-        def run():
-            t0, n = time.perf_counter(), 0
-            for xb, yb in loader:
-                with engine.autocast(device, True):
-                    loss = loss_fn(step_model(xb).float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                n += len(yb)
-            sync(device)
-            return n, time.perf_counter() - t0
-        return run
+        return lambda: train_pass(step_model, opt, loader, device, amp=True)
 
     kw = dict(aug={"rrc", "flip"}, channels_last=True)
     torch_loader = data.TorchImageLoader(samples, 224, 256, True, model.mean, model.std, device, workers=workers, **kw)
