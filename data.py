@@ -258,29 +258,35 @@ class SampledLoader:
 def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cutout=0, scale=1 / 255, bias=0.0):
     """Gather images[idx] with a random crop, mirror and cutout, and normalise, in one pass.
 
-    `images` is uint8 (N, C, H + 2*pad, W + 2*pad), already zero-padded by `pad`; `shifts` (B, 2) pick the
-    crop's top-left corner in 0..2*pad, `flips` (B,) mirror, `centres` (B, 2) place a cutout x cutout
-    square (pixels set to 0 before normalising). Output: float (x * scale + bias), shape (B, C, H, W).
-    Every sample is addressed through one index grid, so crop and flip cost a single gather; compiled
-    (torch.compile), the whole function becomes one loop.
+    `images` is uint8 (M, N, C, H + 2*pad, W + 2*pad): the data set zero-padded by `pad`, and with
+    M == 2 its mirror image as images[1], so a mirrored crop is a plain crop of the mirrored copy.
+    `shifts` (B, 2) pick the crop's top-left corner in 0..2*pad, `flips` (B,) mirror (needs M == 2),
+    `centres` (B, 2) place a cutout x cutout square (pixels set to 0 before normalising).
+    Output: float (x * scale + bias), shape (B, C, H, W).
     """
-    n, c = idx.shape[0], images.shape[1]
-    h, w = images.shape[2] - 2 * pad, images.shape[3] - 2 * pad
-    ys = torch.arange(h, device=images.device)
-    xs = torch.arange(w, device=images.device)
-    rows = ys.view(1, h) + (shifts[:, :1] if shifts is not None else pad)
-    cols = xs.view(1, w).expand(n, w)
+    m, n_all, c, hp, wp = images.shape
+    n, h, w = idx.shape[0], hp - 2 * pad, wp - 2 * pad
+    # Every possible crop as a view: windows[m, i, :, dy, dx] is image i cropped at (dy, dx). Indexing
+    # it with B (mirror, image, dy, dx) tuples is one gather, where cropping and mirroring as separate
+    # steps (or through a per-pixel index grid) costs several passes over the batch.
+    s = images.stride()
+    windows = images.as_strided((m, n_all, c, 2 * pad + 1, 2 * pad + 1, h, w),
+                                (s[0], s[1], s[2], s[3], s[4], s[3], s[4]), images.storage_offset())
+    dy = shifts[:, 0] if shifts is not None else torch.full_like(idx, pad)
+    dx = shifts[:, 1] if shifts is not None else torch.full_like(idx, pad)
+    mirror = torch.zeros_like(idx)
     if flips is not None:
-        cols = torch.where(flips.view(n, 1), w - 1 - cols, cols)
-    cols = cols + (shifts[:, 1:] if shifts is not None else pad)
-    out = images[idx.view(n, 1, 1, 1), torch.arange(c, device=images.device).view(1, c, 1, 1),
-                 rows.view(-1, 1, h, 1), cols.view(n, 1, 1, w)]
+        dx = torch.where(flips, 2 * pad - dx, dx)  # column offset of the same crop in the mirrored copy
+        mirror = flips.long()
+    out = windows[mirror, idx, :, dy, dx]  # (B, C, H, W)
     if centres is not None and cutout:
+        ys = torch.arange(h, device=images.device)
+        xs = torch.arange(w, device=images.device)
         top, left = centres[:, :1] - cutout // 2, centres[:, 1:] - cutout // 2
         inside_rows = (ys.view(1, h) >= top) & (ys.view(1, h) < top + cutout)
         inside_cols = (xs.view(1, w) >= left) & (xs.view(1, w) < left + cutout)
         out = out.masked_fill((inside_rows.view(n, 1, h, 1) & inside_cols.view(n, 1, 1, w)), 0)
-    return out.float() * scale + bias
+    return torch.addcmul(torch.as_tensor(bias, device=out.device), out.float(), torch.as_tensor(scale, device=out.device))
 
 
 AUGMENTATIONS = ("flip", "crop", "cutout")
@@ -306,7 +312,10 @@ class DeviceLoader(SampledLoader):
                  drop_last=False, rank=0, world=1, pad=4, cutout=8, channels_last=False, compile=False):
         self.aug = set(aug)
         self.pad = pad if "crop" in self.aug else 0
-        self.x = F.pad(x, (self.pad,) * 4) if self.pad else x  # padded once, not per batch
+        self.x = x
+        if x.dtype == torch.uint8:  # padded (and mirrored) once, not per batch: see augment_batch
+            padded = F.pad(x, (self.pad,) * 4) if self.pad else x
+            self.x = torch.stack([padded, padded.flip(3)]) if "flip" in self.aug else padded[None]
         self.y, self.cutout_size, self.channels_last = y, cutout, channels_last
         self.sampler = EpochSampler(len(x), batch_size, shuffle, seed, drop_last, rank, world)
         self.image_size = x.shape[-2:] if x.ndim == 4 else None
@@ -340,7 +349,7 @@ class DeviceLoader(SampledLoader):
                                   centres[pos] if "cutout" in self.aug else None, self.pad,
                                   self.cutout_size if "cutout" in self.aug else 0, self.scale, self.bias)
             else:
-                xb = self.x[idx].float() * self.scale + self.bias
+                xb = torch.addcmul(self.bias, self.x[0, idx].float(), self.scale)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx]

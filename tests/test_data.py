@@ -89,7 +89,7 @@ def test_test_labels_real_or_placeholder():
 def _augment(x, **kw):
     pad = kw.pop("pad", 0)
     padded = torch.nn.functional.pad(x, (pad,) * 4)
-    return data.augment_batch(padded, torch.arange(len(x)), pad=pad, scale=1.0, **kw)
+    return data.augment_batch(torch.stack([padded, padded.flip(3)]), torch.arange(len(x)), pad=pad, scale=1.0, **kw)
 
 
 def test_flip_and_crop_really_move_pixels():
@@ -105,6 +105,19 @@ def test_flip_and_crop_really_move_pixels():
     both = _augment(x, pad=4, shifts=torch.tensor([[0, 8], [4, 4]]), flips=torch.tensor([True, True]))
     # crop (rows 0..27 land at 4..31, columns 4..31 at 0..27, zeros at 28..31), then mirror: zeros move left
     assert torch.equal(both[0, :, 4:, 4:], x[0, :, :28, 4:].flip(2).float()) and both[0, :, :, :4].eq(0).all()
+
+
+def test_augment_matches_a_per_image_crop_and_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 8, 6), dtype=torch.uint8, generator=g)
+    idx = torch.randint(0, 40, (32,), generator=g)
+    shifts, flips = torch.randint(0, 5, (32, 2), generator=g), torch.rand(32, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    out = data.augment_batch(torch.stack([padded, padded.flip(3)]), idx, shifts, flips, pad=2, scale=1.0)
+    for k in range(32):
+        (dy, dx), image = shifts[k].tolist(), padded[idx[k]]
+        crop = image[:, dy:dy + 8, dx:dx + 6]
+        assert torch.equal(out[k], (crop.flip(2) if flips[k] else crop).float())
 
 
 def test_cutout_zeroes_a_square():
