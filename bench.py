@@ -113,7 +113,7 @@ def bench_basenet_epoch(cifar_root, device, repeats):
     """The default train_cifar.py path (channels-last), and channels-first beside it, repeats interleaved."""
     cifar = data.load_cifar100(cifar_root)
     runs = {True: [], False: []}  # channels_last -> [(train s, validation s, wall s incl. writes)]
-    for r in range(repeats):
+    for _ in range(repeats):
         for channels_last in (True, False):
             with tempfile.TemporaryDirectory() as out:
                 args = argparse.Namespace(**{**engine_defaults(), "epochs": 1, "batch_size": 64, "lr": 0.01, "out": out,
