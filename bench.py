@@ -5,7 +5,8 @@
 
 Ratios are measured side by side in the same run and each figure is the median of --repeats runs.
 CIFAR figures use a generated 50k/10k data set in the official pickle layout (speed does not depend on
-the pixels); bird figures use the real JPEGs of ../shared/data/CUB_200_2011_subset100 when present.
+the pixels); bird figures use the real JPEGs of ../shared/data/CUB_200_2011_subset100 when present
+(--cub-dir and --weights point elsewhere, e.g. at a copy carried to a GPU machine).
 Not a test: no figure here is asserted anywhere.
 """
 import argparse
@@ -238,15 +239,15 @@ def bench_loader_vs_model(cifar_root, device, repeats, model_rate):
 
 # ----------------------------------------------------------------------------- 4. birds input pipeline
 
-def bird_samples(limit):
-    train, _, _ = data.load_cub(SHARED_CUB)
+def bird_samples(cub_dir, limit):
+    train, _, _ = data.load_cub(cub_dir)
     return train[:limit]
 
 
-def bench_bird_loaders(device, repeats, n_images, workers=2):
+def bench_bird_loaders(cub_dir, device, repeats, n_images, workers=2):
     from PIL import Image
     from torchvision import transforms as T
-    samples = bird_samples(n_images)
+    samples = bird_samples(cub_dir, n_images)
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     rates = {}
 
@@ -282,10 +283,10 @@ def bench_bird_loaders(device, repeats, n_images, workers=2):
 
 # ----------------------------------------------------------------------------- 5. feature cache
 
-def bench_feature_cache(device, repeats, n_images):
-    samples = bird_samples(n_images)
+def bench_feature_cache(cub_dir, weights, device, repeats, n_images):
+    samples = bird_samples(cub_dir, n_images)
     model = models.TransferNet("tf_efficientnet_lite0", 100, freeze_backbone=True).to(device)
-    models.load_backbone_weights(model.backbone, SHARED_WEIGHTS)
+    models.load_backbone_weights(model.backbone, weights)
     opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
     loader = data.TorchImageLoader(samples, 224, 64, True, model.mean, model.std, device, aug=(), workers=2)
     uncached = median_rate(lambda: train_pass(model, opt, loader, device), repeats)
@@ -300,9 +301,9 @@ def bench_feature_cache(device, repeats, n_images):
 
 # ----------------------------------------------------------------------------- 8. ResNet-50 from JPEG (GPU)
 
-def bench_resnet50_jpeg(device, repeats, n_images, workers):
+def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers):
     """End-to-end ResNet-50 fine-tuning at 224 px from JPEG files: DALI (or torchvision GPU decode) vs PIL workers."""
-    samples = bird_samples(n_images)
+    samples = bird_samples(cub_dir, n_images)
     model = models.TransferNet("resnet50", 100).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step_model = torch.compile(model)
@@ -377,6 +378,8 @@ def main():
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 on CPU, 50 on GPU)")
     parser.add_argument("--bird-images", type=int, default=512, help="real CUB images for figures 4, 5 and 8")
+    parser.add_argument("--cub-dir", default=str(SHARED_CUB), help="real CUB images (official layout) for figures 4, 5, 8")
+    parser.add_argument("--weights", default=str(SHARED_WEIGHTS), help="tf_efficientnet_lite0 ImageNet weights for figure 5")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -384,7 +387,8 @@ def main():
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (50 if device.type == "cuda" else 10)
     wanted = set(range(1, 9)) if args.sections == "all" else {int(s) for s in args.sections.split(",")}
-    has_birds = SHARED_CUB.is_dir() and SHARED_WEIGHTS.is_file()
+    cub_dir, weights = Path(args.cub_dir), Path(args.weights)
+    has_birds, has_weights = cub_dir.is_dir(), weights.is_file()
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cifar_root = cifar_fixture(tmp) if wanted & {1, 2, 7} else None
@@ -392,14 +396,16 @@ def main():
             (1, lambda: bench_cifar_loader(cifar_root, device, args.repeats)),
             (2, lambda: bench_basenet_epoch(cifar_root, device, args.repeats)),
             (3, lambda: bench_fast_path(device, args.repeats, steps)),
-            (4, lambda: bench_bird_loaders(device, args.repeats, args.bird_images) if has_birds else "no ../shared birds"),
-            (5, lambda: bench_feature_cache(device, args.repeats, min(args.bird_images, 256)) if has_birds else "no ../shared birds"),
+            (4, lambda: bench_bird_loaders(cub_dir, device, args.repeats, args.bird_images)
+             if has_birds else f"no birds in {cub_dir}"),
+            (5, lambda: bench_feature_cache(cub_dir, weights, device, args.repeats, min(args.bird_images, 256))
+             if has_birds and has_weights else f"needs birds in {cub_dir} and weights {weights}"),
             (6, lambda: bench_gpu_models(device, args.repeats, steps)),
             (7, lambda: bench_loader_vs_model(cifar_root, device, args.repeats,
                                               next((r["value"] for r in rows if r["id"] == 6), None) or
                                               bench_gpu_models(device, 1, steps)[0]["value"])),
-            (8, lambda: bench_resnet50_jpeg(device, args.repeats, args.bird_images, os.cpu_count())
-             if device.type == "cuda" and has_birds else "needs a GPU and ../shared birds"),
+            (8, lambda: bench_resnet50_jpeg(cub_dir, device, args.repeats, args.bird_images, os.cpu_count())
+             if device.type == "cuda" and has_birds else f"needs a GPU and birds in {cub_dir}"),
         ]
         for number, fn in sections:
             if number not in wanted:
