@@ -233,6 +233,10 @@ class EpochSampler:
     def __len__(self):
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
+    def sample_seeds(self, pos):
+        """Seeds for the augmentation of the samples at these positions of this epoch's order."""
+        return [self.seed * 1_000_003 + self.epoch * 7919 + int(p) for p in pos]
+
     def batches(self, start_step=0):
         """Yield (positions in the epoch order, sample indices) of this rank, batch by batch."""
         order = self.order()
@@ -517,6 +521,14 @@ def sample_crop(width, height, rng, scale, ratio=(3 / 4, 4 / 3)):
     return (width - side) // 2, (height - side) // 2, side, side
 
 
+def draw_augmentation(sample_seed, width, height, aug, scale):
+    """One sample's random-resized-crop box (x, y, w, h), or None without 'rrc', and its mirror flag.
+    A pure function of the sample's seed, so both bird loaders draw the same and resume at any step."""
+    rng = np.random.default_rng(sample_seed)
+    box = sample_crop(width, height, rng, scale) if "rrc" in aug else None
+    return box, "flip" in aug and rng.random() < 0.5
+
+
 BIRD_AUGMENTATIONS = ("rrc", "flip")
 
 
@@ -573,9 +585,9 @@ class BirdImages(torch.utils.data.Dataset):
             x, y, w, h = box
             im = im.crop((int(x), int(y), int(x + w), int(y + h)))
         s = self.img_size
-        rng = np.random.default_rng(sample_seed)
-        if "rrc" in self.aug:
-            x, y, w, h = sample_crop(im.width, im.height, rng, self.scale)
+        crop, mirror = draw_augmentation(sample_seed, im.width, im.height, self.aug, self.scale)
+        if crop is not None:
+            x, y, w, h = crop
             im = im.resize((s, s), Image.BILINEAR, box=(x, y, x + w, y + h))
         else:
             short = int(round(s / self.crop_frac))
@@ -583,7 +595,7 @@ class BirdImages(torch.utils.data.Dataset):
             im = im.resize((max(s, round(im.width * ratio)), max(s, round(im.height * ratio))), Image.BILINEAR)
             left, top = (im.width - s) // 2, (im.height - s) // 2
             im = im.crop((left, top, left + s, top + s))
-        if "flip" in self.aug and rng.random() < 0.5:
+        if mirror:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
         if self.scale_bias is not None:
@@ -625,8 +637,7 @@ class TorchImageLoader(SampledLoader):
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
     def __iter__(self):
-        base = self.sampler.seed * 1_000_003 + self.sampler.epoch * 7919
-        batches = [[(int(i), base + int(p)) for p, i in zip(pos, idx)]
+        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos)))
                    for pos, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
         loader = torch.utils.data.DataLoader(
@@ -652,13 +663,15 @@ def dali_available():
 
 class DaliImageLoader(SampledLoader):
     """DALI pipeline: JPEG decode (nvJPEG, device='mixed' on a GPU; DALI's CPU decoder otherwise),
-    random-resized crop, flip and normalisation inside DALI. File bytes are fed by the same
-    EpochSampler as the torch loader, so both loaders visit samples in the same order."""
+    crop, resize, flip and normalisation inside DALI. The sampler feeds the file bytes and each
+    sample's crop box and mirror flag, drawn by `draw_augmentation` exactly as the torch loader draws
+    them: same order, same crops, and an epoch resumes exactly at any step."""
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
+        from PIL import Image
         self.samples, self.device, self.channels_last = samples, torch.device(device), channels_last
-        aug = set(aug) if train else set()
+        self.aug, self.scale = (set(aug) if train else set()), scale
         # DALI stops the whole pipeline on an undecodable file: catch them up front (cheap header check).
         self.bad = {i for i, s in enumerate(samples) if check_image_file(s[0])}
         if self.bad and not keep_broken:
@@ -666,70 +679,82 @@ class DaliImageLoader(SampledLoader):
         self.placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
         if any(s[2] is not None for s in samples):
             raise DataError("--crop-boxes is implemented in the torch loader only; add --loader torch")
+        self.sizes = None
+        if "rrc" in self.aug:  # crop boxes need each image's size: read from the header only
+            self.sizes = []
+            for i, s in enumerate(samples):
+                if i in self.bad:
+                    self.sizes.append((8, 8))  # the placeholder's
+                    continue
+                with Image.open(s[0]) as im:
+                    self.sizes.append(im.size)
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
-        gpu = self.device.type == "cuda"
         self.local_batch = batch_size // world
+        self.build_args, self.pipe = (img_size, crop_frac, mean, std, workers), None
 
-        self.settings = dict(img_size=img_size, aug=aug, scale=scale, crop_frac=crop_frac, mean=mean, std=std,
-                             gpu=gpu, workers=workers, seed=seed, rank=rank)
-        self.pipe, self.pipe_epoch = None, None
-
-    def _build(self, epoch):
-        """A pipeline per epoch, seeded from (seed, epoch, rank): augmentation follows the epoch, so a
-        resumed run draws what the uninterrupted one drew."""
+    def _build(self, img_size, crop_frac, mean, std, workers):
         from nvidia.dali import fn, pipeline_def, types
-        c = self.settings
-        img_size, aug, gpu = c["img_size"], c["aug"], c["gpu"]
+        gpu = self.device.type == "cuda"
+        rrc = "rrc" in self.aug
 
-        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, c["workers"]),
-                      device_id=(self.device.index or 0) if gpu else None,
-                      seed=(c["seed"] * 1_000_003 + epoch * 7919 + c["rank"]) % (2 ** 31),
-                      prefetch_queue_depth=2, exec_dynamic=True)
+        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
+                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=2, exec_dynamic=True)
         def pipe():
-            jpegs, labels = fn.external_source(source=self._feed, num_outputs=2, batch=True,
-                                               dtype=[types.UINT8, types.INT64])
-            decoder_device = "mixed" if gpu else "cpu"
-            if "rrc" in aug:
-                images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
-                                                       random_area=list(c["scale"]), random_aspect_ratio=[3 / 4, 4 / 3])
+            outputs = fn.external_source(source=self._feed, num_outputs=5 if rrc else 3, batch=True,
+                                         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32][:5 if rrc else 3])
+            jpegs, labels, mirror = outputs[:3]
+            # EXIF orientation is ignored, as PIL's decoder does, so both loaders see the same pixels
+            decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+            if rrc:  # integer anchor and shape: absolute pixels (x, y) and (w, h)
+                images = fn.decoders.image_slice(jpegs, outputs[3], outputs[4], **decode)
                 images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=False)
             else:
-                images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=round(img_size / c["crop_frac"]), antialias=False)
-            mirror = fn.random.coin_flip(probability=0.5) if "flip" in aug else 0
+                images = fn.decoders.image(jpegs, **decode)
+                images = fn.resize(images, resize_shorter=round(img_size / crop_frac), antialias=False)
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size),
-                mean=[m * 255 for m in c["mean"]], std=[s * 255 for s in c["std"]], mirror=mirror)
+                mean=[m * 255 for m in mean], std=[s * 255 for s in std], mirror=mirror)
             return images, labels.gpu() if gpu else labels
 
-        self.pipe = pipe()
-        self.pipe.build()
-        self.pipe_epoch = epoch
+        built = pipe()
+        built.build()
+        return built
 
     def _feed(self, info=None):
         batch = next(self._batches)  # StopIteration ends DALI's epoch
-        files = [self.placeholder if i in self.bad else np.fromfile(self.samples[i][0], dtype=np.uint8) for i in batch]
-        labels = [np.array(self.samples[i][1], dtype=np.int64) for i in batch]
-        return files, labels
+        files, labels, mirrors, anchors, shapes = [], [], [], [], []
+        for i, seed in batch:
+            files.append(self.placeholder if i in self.bad else np.fromfile(self.samples[i][0], dtype=np.uint8))
+            labels.append(np.array(self.samples[i][1], dtype=np.int64))
+            width, height = self.sizes[i] if self.sizes else (1, 1)
+            box, mirror = draw_augmentation(seed, width, height, self.aug, self.scale)
+            mirrors.append(np.array(int(mirror), dtype=np.int32))
+            if box is not None:
+                anchors.append(np.array(box[:2], dtype=np.int32))
+                shapes.append(np.array(box[2:], dtype=np.int32))
+        return (files, labels, mirrors, anchors, shapes) if self.sizes else (files, labels, mirrors)
 
     def __iter__(self):
-        idx_batches = [idx.tolist() for _, idx in self.sampler.batches(self.start_step)]
+        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos)))
+                   for pos, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
         # DALI needs full batches: the last short one is padded and the padding cut off afterwards.
-        sizes = [len(b) for b in idx_batches]
-        self._batches = iter([b + [b[-1]] * (self.local_batch - len(b)) for b in idx_batches])
-        if self.pipe is None or (self.settings["aug"] and self.pipe_epoch != self.sampler.epoch):
-            self._build(self.sampler.epoch)
+        sizes = [len(b) for b in batches]
+        self._batches = iter([b + [b[-1]] * (self.local_batch - len(b)) for b in batches])
+        if self.pipe is None:  # first epoch, or the last one was left part-way: a fresh pipeline
+            self.pipe = self._build(*self.build_args)
         else:
             self.pipe.reset()
+        pipe, self.pipe = self.pipe, None
         for size in sizes:
-            images, labels = self.pipe.run()
+            images, labels = pipe.run()
             xb = _dali_to_torch(images, self.device)[:size]
             yb = _dali_to_torch(labels, self.device)[:size].long().view(-1)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb
+        self.pipe = pipe  # ran to the end of the epoch: reusable after reset()
 
 
 def _dali_to_torch(tensor_list, device):
