@@ -701,8 +701,9 @@ class DaliImageLoader(SampledLoader):
         @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
                       device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=2, exec_dynamic=True)
         def pipe():
-            outputs = fn.external_source(source=self._feed, num_outputs=5 if rrc else 3, batch=True,
-                                         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32][:5 if rrc else 3])
+            n_inputs = 5 if rrc else 3  # file bytes, label, mirror flag (+ crop anchor and crop shape)
+            outputs = fn.external_source(source=self._feed, num_outputs=n_inputs, batch=True,
+                                         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32][:n_inputs])
             jpegs, labels, mirror = outputs[:3]
             # EXIF orientation is ignored, as PIL's decoder does, so both loaders see the same pixels
             decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
