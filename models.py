@@ -15,11 +15,11 @@ class BaseNet(nn.Module):
 
     def __init__(self, num_classes=100, dropout=0.0):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        self.features = nn.Sequential(  # in-place ReLUs: the same maths, one allocation less per layer
+            nn.Conv2d(3, 6, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Flatten())
-        head = [nn.Linear(400, 50), nn.ReLU(), nn.Linear(50, num_classes)]
+        head = [nn.Linear(400, 50), nn.ReLU(inplace=True), nn.Linear(50, num_classes)]
         if dropout > 0:
             head = [nn.Dropout(dropout), head[0], head[1], nn.Dropout(dropout), head[2]]
         self.classifier = nn.Sequential(*head)
