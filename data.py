@@ -309,7 +309,8 @@ class DeviceLoader(SampledLoader):
 
     All random choices of an epoch (order, crop shifts, flips, cutout centres) are drawn up front from
     (seed, epoch), so an epoch can be resumed at any step and DDP ranks agree with one process.
-    uint8 images are augmented and normalised by `augment_batch` (compiled with compile=True).
+    uint8 images, augmented or not, are gathered and normalised by `augment_batch` (compiled with
+    compile=True).
     """
 
     def __init__(self, x, y, batch_size, shuffle=False, aug=(), mean=None, std=None, seed=0,
@@ -348,12 +349,10 @@ class DeviceLoader(SampledLoader):
                 continue
             if self.aug:
                 pos = pos.to(self.x.device)
-                xb = self.augment(self.x, idx, shifts[pos] if self.pad else None,
-                                  flips[pos] if "flip" in self.aug else None,
-                                  centres[pos] if "cutout" in self.aug else None, self.pad,
-                                  self.cutout_size if "cutout" in self.aug else 0, self.scale, self.bias)
-            else:
-                xb = torch.addcmul(self.bias, self.x[0, idx].float(), self.scale)
+            xb = self.augment(self.x, idx, shifts[pos] if self.pad else None,
+                              flips[pos] if "flip" in self.aug else None,
+                              centres[pos] if "cutout" in self.aug else None, self.pad,
+                              self.cutout_size if "cutout" in self.aug else 0, self.scale, self.bias)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx]
