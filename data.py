@@ -685,8 +685,12 @@ class DaliImageLoader(SampledLoader):
                 if i in self.bad:
                     self.sizes.append((8, 8))  # the placeholder's
                     continue
-                with Image.open(s[0]) as im:
-                    self.sizes.append(im.size)
+                try:
+                    with Image.open(s[0]) as im:
+                        self.sizes.append(im.size)
+                except Exception as e:  # passed the byte check, yet its header is unreadable
+                    raise DataError(f"{s[0]}: cannot read the image header ({type(e).__name__}); remove the file, "
+                                    f"or use --loader torch, which skips such files") from None
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
         self.local_batch = batch_size // world

@@ -282,6 +282,17 @@ def test_bird_epoch_is_the_same_fresh_or_after_earlier_epochs(clean_cub_dir, kin
     assert len(rest) == len(after) - 2 and all(torch.equal(a, b) for a, b in zip(after[2:], rest))
 
 
+def test_dali_refuses_a_jpeg_whose_header_is_unreadable_in_one_sentence(tmp_path):
+    if not data.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    train, _, _ = data.load_cub(fixtures.write_cub(tmp_path, num_classes=2, per_class=4, broken=False))
+    with open(train[0][0], "wb") as f:  # passes the byte check
+        f.write(b"\xff\xd8\xff" + bytes(100) + b"\xff\xd9")
+    assert data.check_image_file(train[0][0]) is None
+    with pytest.raises(data.DataError, match="cannot read the image header"):
+        data.DaliImageLoader(train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"})
+
+
 def test_dali_and_torch_draw_the_same_training_augmentation(clean_cub_dir):
     if not data.dali_available():
         pytest.skip("nvidia-dali is not installed")
