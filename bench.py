@@ -30,7 +30,21 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0_in1k.pth"
-H100_BF16_DENSE_TFLOPS = 989.0  # SXM datasheet figure, dense (no sparsity)
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched against the GPU's name.
+BF16_DENSE_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "GH200": 989.0,
+                          "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+                          "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def bf16_peak(device):
+    """(TFLOP/s, name of the peak used) for this GPU, or (None, reason) where the name is not in the table."""
+    if device.type != "cuda":
+        return None, "CPU: no tensor-core peak"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_DENSE_PEAK_TFLOPS.items():  # longest, most specific names first where they share a prefix
+        if key in name:
+            return peak, f"{key} dense bf16 peak {peak:.0f} TFLOP/s"
+    return None, f"no bf16 peak known for {name}"
 
 
 def sync(device):
@@ -208,6 +222,7 @@ def forward_flops(model, size, device):
 
 def bench_gpu_models(device, repeats, steps):
     rows = []
+    peak, peak_name = bf16_peak(device)
     for name, make in (("final CIFAR network (ResNet-18, CIFAR variant, width 64)", lambda: models.CifarResNet18()),
                        ("convnet --depth 8 --width 64 --bn", lambda: models.build_cifar_model("convnet", depth=8, width=64, norm="bn"))):
         batch = 512 if device.type == "cuda" else 128
@@ -215,13 +230,13 @@ def bench_gpu_models(device, repeats, steps):
         rate = statistics.median(r[0] for r in results)
         flops = 3 * forward_flops(make(), 32, device)  # forward + backward ~ 3x forward
         achieved = flops * rate / 1e12
-        mfu = achieved / H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None
+        mfu = achieved / peak if peak else None
         is_resnet = "ResNet-18" in name
         rows.append(dict(id=6, figure=f"{name}: training img/s, bf16 + channels-last + compile", value=rate,
                          target=">= 40,000 img/s on an H100" if is_resnet else "-",
                          met=(rate >= 40_000) if (is_resnet and device.type == "cuda") else None,
                          notes=f"batch {batch}; {flops / 1e9:.2f} GFLOP per image (fwd+bwd); {achieved:.1f} TFLOP/s"
-                               + (f"; MFU {mfu:.1%} of {H100_BF16_DENSE_TFLOPS:.0f} dense bf16 TFLOP/s" if mfu else "")
+                               + (f"; MFU {mfu:.1%} of the {peak_name}" if mfu else f"; MFU n/a ({peak_name})")
                                + f"; first steps incl. compile {results[0][1]:.1f} s"))
     return rows
 
@@ -232,7 +247,7 @@ def bench_loader_vs_model(cifar_root, device, repeats, model_rate):
     y = torch.from_numpy(cifar["train_y"]).to(device)
     loader = data.DeviceLoader(x, y, 512, shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.5] * 3, std=[0.25] * 3,
                                channels_last=True, compile=device.type == "cuda")  # the default path per device
-
+    time_loader(loader, device)  # compiles (on CUDA) and warms up outside the timed repeats
     rate = median_rate(lambda: time_loader(loader, device, epochs=3), repeats)
     return [dict(id=7, figure="CIFAR device loader alone (crop+flip+cutout+normalise, channels-last), img/s", value=rate,
                  baseline=model_rate, ratio=rate / model_rate, target=">= 10x the model's training rate",
@@ -323,6 +338,7 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers):
     else:
         gpu_loader, gpu_name = TorchvisionGpuDecode(samples, 256, model.mean, model.std, device, workers), \
             "torchvision.io.decode_jpeg(device='cuda') (DALI not installed)"
+    epoch(gpu_loader)()  # warm-up epoch, as the torch loader had (DALI builds its pipeline here)
     gpu_rate = median_rate(epoch(gpu_loader), repeats)
     return [dict(id=8, figure="ResNet-50 fine-tuning at 224 px from JPEG, end to end, img/s", value=gpu_rate,
                  baseline=torch_rate, ratio=gpu_rate / torch_rate, target=">= 4,000 img/s on an H100",
@@ -379,7 +395,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="repeats per figure (the median is reported)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 on CPU, 50 on GPU)")
-    parser.add_argument("--bird-images", type=int, default=512, help="real CUB images for figures 4, 5 and 8")
+    parser.add_argument("--bird-images", type=int, default=512,
+                        help="real CUB images for figures 4 and 5 (figure 8 takes at least 2,560: 10 steps of 256)")
     parser.add_argument("--cub-dir", default=str(SHARED_CUB), help="real CUB images (official layout) for figures 4, 5, 8")
     parser.add_argument("--weights", default=str(SHARED_WEIGHTS), help="tf_efficientnet_lite0 ImageNet weights for figure 5")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
@@ -406,7 +423,7 @@ def main():
             (7, lambda: bench_loader_vs_model(cifar_root, device, args.repeats,
                                               next((r["value"] for r in rows if r["id"] == 6), None) or
                                               bench_gpu_models(device, 1, steps)[0]["value"])),
-            (8, lambda: bench_resnet50_jpeg(cub_dir, device, args.repeats, args.bird_images, os.cpu_count())
+            (8, lambda: bench_resnet50_jpeg(cub_dir, device, args.repeats, max(args.bird_images, 2560), os.cpu_count())
              if device.type == "cuda" and has_birds else f"needs a GPU and birds in {cub_dir}"),
         ]
         for number, fn in sections:

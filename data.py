@@ -268,14 +268,12 @@ def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cut
     `centres` (B, 2) place a cutout x cutout square (pixels set to 0 before normalising).
     Output: float (x * scale + bias), shape (B, C, H, W).
     """
-    m, n_all, c, hp, wp = images.shape
+    hp, wp = images.shape[-2:]
     n, h, w = idx.shape[0], hp - 2 * pad, wp - 2 * pad
     # Every possible crop as a view: windows[m, i, :, dy, dx] is image i cropped at (dy, dx). Indexing
     # it with B (mirror, image, dy, dx) tuples is one gather, where cropping and mirroring as separate
     # steps (or through a per-pixel index grid) costs several passes over the batch.
-    s = images.stride()
-    windows = images.as_strided((m, n_all, c, 2 * pad + 1, 2 * pad + 1, h, w),
-                                (s[0], s[1], s[2], s[3], s[4], s[3], s[4]), images.storage_offset())
+    windows = images.unfold(3, h, 1).unfold(4, w, 1)  # (M, N, C, 2*pad+1, 2*pad+1, H, W), a view
     dy = shifts[:, 0] if shifts is not None else torch.full_like(idx, pad)
     dx = shifts[:, 1] if shifts is not None else torch.full_like(idx, pad)
     mirror = torch.zeros_like(idx)
@@ -636,7 +634,7 @@ class TorchImageLoader(SampledLoader):
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
     def __iter__(self):
-        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos)))
+        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
                    for pos, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
         loader = torch.utils.data.DataLoader(
@@ -645,8 +643,9 @@ class TorchImageLoader(SampledLoader):
             prefetch_factor=4 if self.workers else None,
             generator=self.sampler.generator(salt=2))  # else DataLoader draws from the global RNG (dropout's)
         for xb, yb in loader:
+            xb = xb.to(self.device, non_blocking=True)  # every batch, the empty all-broken one too
             if xb.dtype == torch.uint8:
-                xb = (xb.to(self.device, non_blocking=True).float() - self.mean) / self.std
+                xb = (xb.float() - self.mean) / self.std
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb.to(self.device, non_blocking=True)
@@ -709,7 +708,9 @@ class DaliImageLoader(SampledLoader):
                                          dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32][:n_inputs])
             jpegs, labels, mirror = outputs[:3]
             # EXIF orientation is ignored, as PIL's decoder does, so both loaders see the same pixels
-            decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+            # and fancy (smooth) chroma upsampling on the GPU too: nvJPEG's default differs from libjpeg's
+            decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
+                          jpeg_fancy_upsampling=True)
             if rrc:  # integer anchor and shape: absolute pixels (x, y) and (w, h)
                 images = fn.decoders.image_slice(jpegs, outputs[3], outputs[4], **decode)
                 images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=False)
@@ -740,7 +741,7 @@ class DaliImageLoader(SampledLoader):
         return (files, labels, mirrors, anchors, shapes) if self.sizes else (files, labels, mirrors)
 
     def __iter__(self):
-        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos)))
+        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
                    for pos, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
         # DALI needs full batches: the last short one is padded and the padding cut off afterwards.
@@ -751,8 +752,11 @@ class DaliImageLoader(SampledLoader):
         else:
             self.pipe.reset()
         pipe, self.pipe = self.pipe, None
+        # On a GPU the outputs are bound to torch's stream (no host sync per batch, so DALI's prefetch overlaps
+        # the training step) and copied on that stream; on the CPU they are host tensors anyway.
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for size in sizes:
-            images, labels = pipe.run()
+            images, labels = pipe.run(stream) if stream is not None else pipe.run()
             xb = _dali_to_torch(images, self.device)[:size]
             yb = _dali_to_torch(labels, self.device)[:size].long().view(-1)
             if self.channels_last:
@@ -782,7 +786,7 @@ def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, *
         kind = default_loader(device)
     if kind == "dali":
         if not dali_available():
-            raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda120)")
+            raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda130, or -cuda120 with torch's CUDA 12 wheels)")
         return DaliImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
     return TorchImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
 

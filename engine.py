@@ -90,27 +90,11 @@ def check_training_args(args, train_size):
 
 # ----------------------------------------------------------------------------- device, DDP
 
-def setup_distributed():
-    """(rank, world, local_rank): torchrun sets WORLD_SIZE; NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return dist.get_rank(), world, local_rank
-
-
-def resolve_device(args, local_rank=0):
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but no CUDA GPU is visible")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def resolve_device(args):
+    """The device this process trains on: --device, else CUDA where visible; under torchrun, the process's
+    LOCAL_RANK GPU. Everything device-dependent below (process-group backend, amp/compile defaults, RNG
+    state) is decided from this device, never from whether CUDA merely exists."""
+    device = pick_device(args.device)
     # bf16 autocast and compile pay off on GPUs; on a CPU bf16 can be slower (no bf16 units, or tiny
     # models) and compiling costs more than it saves in short runs. Channels-last was faster for every
     # model here on CPU too (BENCHMARKS.md).
@@ -120,14 +104,53 @@ def resolve_device(args, local_rank=0):
             setattr(args, flag, fast)
     if args.channels_last is None:
         args.channels_last = True
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    set_determinism(args.deterministic)
     return device
+
+
+def pick_device(name=None):
+    """torch.device from --device (None: CUDA where visible, else CPU), checked, made current."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a device name (cuda, cuda:N or cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but no CUDA GPU is visible")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def set_determinism(deterministic):
+    """--deterministic: the same seed gives bit-identical runs on the same machine and software. On CUDA that
+    needs cuBLAS's fixed workspace (set before its first use), no TF32, deterministic cuDNN algorithms, and
+    no op without a deterministic kernel: such an op stops the run naming it instead of warning."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def process_group_backend(device):
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup_distributed(device):
+    """(rank, world) under torchrun (which sets LOCAL_RANK and WORLD_SIZE), else (0, 1). The backend follows the device this
+    process resolved: NCCL, bound to its GPU, for CUDA; gloo for CPU, also on a machine that has GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "LOCAL_RANK" not in os.environ:  # not launched by torchrun; one torchrun process still gets a group + DDP
+        return 0, 1
+    if not dist.is_initialized():
+        backend = process_group_backend(device)
+        dist.init_process_group(backend, **({"device_id": device} if backend == "nccl" else {}))
+    return dist.get_rank(), world
 
 
 def amp_dtype(device):
@@ -145,7 +168,7 @@ def is_main(rank):
 
 
 def barrier(world):
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -176,10 +199,11 @@ def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Checkpoints are only ever loaded with weights_only=True: tensors and plain types."""
+def load_checkpoint(path):
+    """Checkpoints are only ever loaded with weights_only=True (tensors and plain types), and always to the
+    CPU: load_state_dict copies weights onto the model's device, and RNG states must stay CPU tensors."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"checkpoint {path} does not exist") from None
     except Exception as e:
@@ -271,23 +295,26 @@ def run_config(args, extra=None):
 
 # ----------------------------------------------------------------------------- RNG state
 
-def rng_state():
+def rng_state(device):
+    """Every RNG the run draws from, as CPU tensors and plain types (the CUDA generator only on a CUDA run)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
+    """Inverse of rng_state. The states are CPU tensors (checkpoints are loaded to the CPU); `.cpu()` keeps a
+    state that was moved elsewhere usable all the same."""
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0].cpu(), device)
 
 
 def seed_everything(seed, rank=0):
@@ -357,8 +384,8 @@ class Progress:
 # ----------------------------------------------------------------------------- evaluation
 
 def reduce_sums(world, *tensors):
-    """Sum device tensors over all torchrun processes (no-op for one process)."""
-    if world > 1:
+    """Sum device tensors over all torchrun processes (no-op outside torchrun)."""
+    if dist.is_initialized():
         for t in tensors:
             dist.all_reduce(t)
     return tensors
@@ -410,8 +437,10 @@ def predict_to_csv(model, loader, device, amp, path, tta=False):
 # ----------------------------------------------------------------------------- the loop
 
 def unwrap(model):
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+    """The plain nn.Module under torch.compile and DDP wrappers, in either order."""
+    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 def fit(model, train_loader, val_loader, args, out, model_config, data_config, device, rank=0, world=1,
@@ -439,7 +468,7 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     train_seconds = 0.0
 
     if args.resume and (out / "last.pt").exists():
-        ckpt = load_checkpoint(out / "last.pt", map_location=device)
+        ckpt = load_checkpoint(out / "last.pt")  # to the CPU: load_state_dict places the weights
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -447,21 +476,21 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
         history, best_val_acc, best_epoch = ckpt["history"], ckpt["best_val_acc"], ckpt["best_epoch"]
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("partial")
         train_seconds = ckpt.get("train_seconds", 0.0)
-        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"], device)
         if main:
             where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch + 1}"
             print(f"resuming {out} at {where}")
 
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
+    if dist.is_initialized():  # around the compiled model: DDP's buffer broadcast would break the graph inside it
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_last(epoch, step_in_epoch, partial_sums=None):
-        rngs = [rng_state()]
+        rngs = [rng_state(device)]
         if world > 1:  # every rank's RNG (dropout differs per rank) goes into rank 0's file
             rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(device))
         if main:
             atomic_torch_save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -621,8 +650,8 @@ def run_config_plain(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def load_best(model, out, device):
-    ckpt = load_checkpoint(Path(out) / "best.pt", map_location=device)
+def load_best(model, out):
+    ckpt = load_checkpoint(Path(out) / "best.pt")  # to the CPU: load_state_dict copies onto the model's device
     unwrap(model).load_state_dict(ckpt["model"])
     return ckpt
 
@@ -649,6 +678,13 @@ def cli(run, argv=None):
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except RuntimeError as e:
+        if "does not have a deterministic implementation" not in str(e):
+            raise
+        op = str(e).split(" does not have")[0].strip()
+        print(f"error: --deterministic: {op} has no deterministic kernel on this device; run without "
+              f"--deterministic, or on the CPU", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

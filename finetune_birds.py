@@ -115,8 +115,8 @@ def check_args(args):
 def run(argv=None):
     args = parse_args(argv)
     check_args(args)
-    rank, world, local_rank = engine.setup_distributed()
-    device = engine.resolve_device(args, local_rank)
+    device = engine.resolve_device(args)
+    rank, world = engine.setup_distributed(device)
     train_all, test_samples, classes = load_samples(args)
     train_all, skipped = data.drop_bad_images(train_all, args.max_bad_frac, "training images")
     if not train_all:
@@ -181,7 +181,7 @@ def run(argv=None):
                          f"{'frozen' if args.freeze_backbone else 'fine-tuned'}")
 
     if engine.is_main(rank):
-        engine.load_best(model, args.out, device)
+        engine.load_best(model, args.out)
         test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv",
                                          tta=args.tta and not args.cache_features)
         final = engine.finish(args.out, summary, model, test_acc,

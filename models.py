@@ -36,6 +36,14 @@ def norm_layer(kind, channels):
     return nn.Identity()
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over height and width, (N, C, H, W) -> (N, C). The same as AdaptiveAvgPool2d(1) + Flatten, but its
+    CUDA backward is deterministic (AdaptiveAvgPool2d's is not), so --deterministic runs on a GPU too."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
 class ConvBlock(nn.Sequential):
     def __init__(self, c_in, c_out, norm):
         super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), norm_layer(norm, c_out),
@@ -77,7 +85,7 @@ class ConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
 
     def forward(self, x):
@@ -112,7 +120,7 @@ class CifarResNet18(nn.Module):
             blocks += [BasicBlock(c_in, c_out, 1 if stage == 0 else 2), BasicBlock(c_out, c_out, 1)]
             c_in = c_out
         self.features = nn.Sequential(*blocks)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
 
     def forward(self, x):
@@ -148,6 +156,7 @@ def make_backbone(arch, pretrained_imagenet=False):
         net = getattr(torchvision.models, arch)(weights=weights)
         width = net.fc.in_features
         net.fc = nn.Identity()
+        net.avgpool = GlobalAvgPool()  # same output after torchvision's flatten; deterministic on CUDA
         return net, width, IMAGENET_MEAN, IMAGENET_STD
     import timm
     name = arch.removeprefix("timm:")

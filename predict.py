@@ -53,9 +53,9 @@ def run(argv=None):
     args = parse_args(argv)
     if args.batch_size < 1:
         raise engine.UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = engine.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
-    ckpt = engine.load_checkpoint(args.checkpoint, map_location=device)
+    ckpt = engine.load_checkpoint(args.checkpoint)  # to the CPU; load_state_dict moves the weights
     loader, num_classes = test_loader(ckpt, args, device)
     if ckpt["model_config"].get("num_classes") != num_classes:
         raise engine.UsageError(f"{args.checkpoint} predicts {ckpt['model_config'].get('num_classes')} classes but "

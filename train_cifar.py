@@ -74,8 +74,8 @@ def model_config(args, num_classes):
 def run(argv=None):
     args = parse_args(argv)
     check_args(args)
-    rank, world, local_rank = engine.setup_distributed()
-    device = engine.resolve_device(args, local_rank)
+    device = engine.resolve_device(args)
+    rank, world = engine.setup_distributed(device)
     cifar = data.load_cifar100(args.data_dir, download_if_missing=args.download)
     split = data.stratified_split(cifar["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
     engine.check_training_args(args, len(split[0]))
@@ -99,7 +99,7 @@ def run(argv=None):
                          title=f"CIFAR-100 {args.model}")
 
     if engine.is_main(rank):
-        engine.load_best(model, args.out, device)
+        engine.load_best(model, args.out)
         test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv", args.tta)
         final = engine.finish(args.out, summary, model, test_acc, {"model": args.model})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "

@@ -140,7 +140,7 @@ def test_compiled_augmentation_matches_eager():
     kw = dict(shuffle=True, aug={"flip", "crop", "cutout"}, mean=[0.4] * 3, std=[0.2] * 3, seed=5, batch_size=24)
     eager = list(data.DeviceLoader(x, torch.arange(64), **kw))
     compiled = list(data.DeviceLoader(x, torch.arange(64), compile=True, **kw))
-    for (a, ya), (b, yb) in zip(eager, compiled):
+    for (a, ya), (b, yb) in zip(eager, compiled, strict=True):
         assert torch.equal(ya, yb)
         torch.testing.assert_close(a, b)
 
@@ -154,7 +154,7 @@ def test_device_loader_is_deterministic_per_epoch_and_normalises():
     first = [(a.clone(), b.clone()) for a, b in loader]
     second = list(loader)
     assert len(first) == len(loader) == 4
-    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(first, second))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(first, second, strict=True))
     assert first[0][0].dtype == torch.float32 and first[0][0].shape == (16, 3, 32, 32)
     assert sorted(torch.cat([b for _, b in first]).tolist()) == list(range(50))
     loader.set_epoch(3)
@@ -169,7 +169,7 @@ def test_ranks_together_see_the_single_process_batch():
     y = torch.arange(40)
     single = data.DeviceLoader(x, y, 8, shuffle=True, aug={"flip", "crop"}, seed=1)
     ranks = [data.DeviceLoader(x, y, 8, shuffle=True, aug={"flip", "crop"}, seed=1, rank=r, world=2) for r in (0, 1)]
-    for (xs, ys), (x0, y0), (x1, y1) in zip(single, *ranks):
+    for (xs, ys), (x0, y0), (x1, y1) in zip(single, *ranks, strict=True):
         assert torch.equal(ys[0::2], y0) and torch.equal(ys[1::2], y1)
         assert torch.equal(xs[0::2], x0) and torch.equal(xs[1::2], x1)
 
@@ -272,14 +272,14 @@ def test_bird_epoch_is_the_same_fresh_or_after_earlier_epochs(clean_cub_dir, kin
     after = [x for x, _ in continued]
     fresh = make()
     fresh.set_epoch(1)
-    assert all(torch.equal(a, b) for a, b in zip(after, [x for x, _ in fresh]))
-    assert not all(torch.equal(a, b) for a, b in zip(epoch0, after))
+    assert all(torch.equal(a, b) for a, b in zip(after, [x for x, _ in fresh], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, after, strict=True))
     # what resuming mid-epoch needs: starting at step 2 gives that epoch's batches from step 2 on
     resumed = make()
     resumed.set_epoch(1)
     resumed.start_step = 2
     rest = [x for x, _ in resumed]
-    assert len(rest) == len(after) - 2 and all(torch.equal(a, b) for a, b in zip(after[2:], rest))
+    assert len(rest) == len(after) - 2 and all(torch.equal(a, b) for a, b in zip(after[2:], rest, strict=True))
 
 
 def test_dali_refuses_a_jpeg_whose_header_is_unreadable_in_one_sentence(tmp_path):
@@ -358,3 +358,23 @@ def test_validation_cannot_swallow_a_class():
         data.stratified_split(labels, val_per_class=5)
     train, val = data.stratified_split(labels, val_per_class=4)
     assert len(train) == 3 and len(val) == 12
+
+
+def test_compiled_augmentation_is_one_graph():
+    """The point of compiling augment_batch is one fused kernel: no graph break (as_strided/storage_offset broke it)."""
+    import torch._dynamo
+    x = torch.randint(0, 255, (2, 20, 3, 40, 40), dtype=torch.uint8)
+    idx, shifts = torch.randint(0, 20, (8,)), torch.randint(0, 9, (8, 2))
+    flips, centres = torch.rand(8) < 0.5, torch.randint(0, 32, (8, 2))
+    explained = torch._dynamo.explain(data.augment_batch)(x, idx, shifts, flips, centres, 4, 8, 1 / 255, 0.0)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_an_all_broken_batch_still_lands_on_the_device(tmp_path):
+    """The empty batch of a step whose images are all broken goes to the loader's device like any other (on a GPU
+    it stayed on the CPU and evaluate fed a CPU tensor to a CUDA model). The 'meta' device stands in for CUDA."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    loader = data.TorchImageLoader([(str(bad), 0, None)] * 2, 16, 2, False, [0.5] * 3, [0.5] * 3, "meta", workers=0)
+    (xb, yb), = list(loader)  # both skipped with a warning on stderr
+    assert xb.device.type == "meta" and yb.device.type == "meta" and len(xb) == 0

@@ -38,9 +38,9 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    engine.atomic_torch_save({"rng": engine.rng_state()}, tmp_path / "s.pt")
+    engine.atomic_torch_save({"rng": engine.rng_state(torch.device("cpu"))}, tmp_path / "s.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    engine.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    engine.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], torch.device("cpu"))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
@@ -57,3 +57,63 @@ def test_fast_path_flags_run_on_cpu(cifar_dir, tmp_path):
     run_script("predict.py", out / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", "--device", "cpu",
                "--amp")
     assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
+
+
+# ----------------------------------------------------------------------------- the GPU path, pinned on a CPU
+
+def test_cpu_run_on_a_gpu_machine_uses_gloo_and_no_cuda_state(monkeypatch):
+    """torchrun ... --device cpu on a machine with GPUs: gloo (NCCL cannot carry CPU tensors), and no CUDA RNG
+    state is read; a CUDA device gets NCCL bound to its GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("CUDA RNG read on a CPU run"))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: pytest.fail("CUDA RNG read on a CPU run"))
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(engine.dist, "get_rank", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as torchrun sets it
+    assert engine.setup_distributed(torch.device("cpu")) == (1, 2)
+    assert calls == [("gloo", {})]
+    assert engine.rng_state(torch.device("cpu"))["cuda"] == []
+    gpu = torch.device("cuda", 0)
+    engine.setup_distributed(gpu)
+    assert calls[-1] == ("nccl", {"device_id": gpu})
+
+
+def test_checkpoints_load_to_the_cpu_whatever_the_device(cifar_dir, tmp_path, monkeypatch):
+    """Resume (last.pt), best.pt and predict.py load to the CPU: on a GPU, RNG states mapped to the device break
+    torch.set_rng_state, and load_state_dict places the weights anyway."""
+    import predict
+    import train_cifar
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kw):
+        seen.append(kw.get("map_location"))
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(engine.torch, "load", spy)
+    common = ["--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), "--device", "cpu", "--val-per-class", "10",
+              "--quiet", "--batch-size", "200"]
+    train_cifar.run(common + ["--epochs", "1"])
+    train_cifar.run(common + ["--epochs", "2", "--resume"])
+    predict.run([str(tmp_path / "run" / "best.pt"), "--data-dir", str(cifar_dir), "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu"])
+    assert len(seen) >= 4 and all(m == "cpu" for m in seen), seen
+
+
+def test_deterministic_flag_is_strict(monkeypatch):
+    """--deterministic: cuBLAS workspace fixed, TF32 off, deterministic cuDNN, and ops without a deterministic
+    kernel raise (not warn)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        engine.set_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert engine.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        engine.set_determinism(False)

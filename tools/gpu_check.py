@@ -1,0 +1,305 @@
+"""Check the whole GPU path in one command, and print one table of the results.
+
+Each row: the check, pass/FAIL/skip, its figure, or the first error line of a failure. The table (and the
+per-check logs, in --out) is what goes into BENCHMARKS.md's GPU section.
+
+    bash tools/gpu_check.sh                                   # everything, data generated where absent
+    bash tools/gpu_check.sh --cub-dir ../shared/data/CUB_200_2011_subset100 \
+        --weights ../shared/weights/tf_efficientnet_lite0_in1k.pth --out gpu_check
+    bash tools/gpu_check.sh --only cifar-fast,resume --skip suite
+
+Checks (names for --only/--skip):
+  cifar-fast     train_cifar.py, 2 epochs, the CUDA defaults: bf16 autocast, channels-last, torch.compile
+  cifar-plain    the same with --no-compile --no-amp
+  deterministic  two --deterministic CUDA runs give bit-identical weights
+  resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed equals the uninterrupted one
+  ddp-nccl       a 1-process torchrun run: NCCL process group, DDP wrapper, all-reduce on the GPU
+  birds-dali     finetune_birds.py with --loader dali (nvJPEG decoding); skipped, saying so, without DALI
+  birds-torch    finetune_birds.py with --loader torch (PIL workers, normalised on the GPU)
+  dali-pixels    DALI's GPU decode + eval preprocessing against the PIL loader's (mean |difference|)
+  gpu-decode     torchvision.io.decode_jpeg(device="cuda") on the bird JPEGs (the fallback where DALI is missing)
+  bench          python bench.py --sections 6,7,8 (training img/s, MFU, loader rate, ResNet-50 from JPEG)
+  suite          the test suite (python -m pytest -q), which must pass on a GPU machine too
+
+Needs, beyond requirements.txt: a CUDA GPU and its driver; torchrun (part of torch). Without DALI the DALI
+checks say so and the torch loader and torchvision GPU decoding are checked instead. Without --cub-dir the
+shared real subset (../shared) is used where present, else a generated CUB tree; without --weights the bird
+runs start from random weights (accuracy is then meaningless, speed is not). CIFAR data is always generated
+(CIFAR-format pickles), so no download is needed.
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
+CHECKS = ["cifar-fast", "cifar-plain", "deterministic", "resume", "ddp-nccl", "birds-dali", "birds-torch",
+          "dali-pixels", "gpu-decode", "bench", "suite"]
+
+
+class Skip(Exception):
+    """A check that cannot run here; the message says why."""
+
+
+def run(cmd, log, timeout=600, env=None):
+    """Run a command (list), appending its output to log; raise with the first error line on failure."""
+    cmd = [str(c) for c in cmd]
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {first_error(log)}")
+
+
+def first_error(log):
+    lines = Path(log).read_text(errors="replace").splitlines()
+    for key in ("error:", "Error", "FAILED", "Traceback"):
+        hit = next((line.strip() for line in reversed(lines) if key in line), None)
+        if hit:
+            return hit[:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def metrics(out):
+    import pandas as pd
+    return pd.read_csv(Path(out) / "metrics.csv")
+
+
+def final(out):
+    return json.loads((Path(out) / "final.json").read_text())
+
+
+def same_weights(a, b):
+    import torch
+    wa = torch.load(Path(a) / "last.pt", map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(Path(b) / "last.pt", map_location="cpu", weights_only=True)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------- the checks
+
+def cifar_common(ctx, out, epochs=2):
+    return ["train_cifar.py", "--data-dir", ctx.cifar, "--out", out, "--device", "cuda", "--quiet", "--epochs", epochs,
+            "--val-per-class", "20", "--normalize", "--aug", "flip,crop,cutout", "--batch-size", "256"]
+
+
+def check_cifar(ctx, name, extra):
+    out = ctx.tmp / name
+    run([sys.executable, *cifar_common(ctx, out), "--model", "resnet18", "--lr", "0.1", "--schedule", "onecycle",
+         "--wd", "5e-4", *extra], ctx.log(name))
+    m, f = metrics(out), final(out)
+    return (f"{m['images_per_second'].iloc[-1]:,.0f} img/s in epoch 2 (ResNet-18, batch 256); first step "
+            f"{f['first_step_seconds']:.1f} s; val acc {f['best_val_acc']:.3f}")
+
+
+def check_deterministic(ctx):
+    outs = [ctx.tmp / f"det{i}" for i in (1, 2)]
+    for out in outs:
+        run([sys.executable, *cifar_common(ctx, out), "--model", "convnet", "--bn", "--deterministic", "--no-compile"],
+            ctx.log("deterministic"))
+    if not same_weights(*outs):
+        raise RuntimeError("two --deterministic runs ended with different weights")
+    return "2 runs of convnet --bn (bf16): bit-identical weights"
+
+
+def check_resume(ctx):
+    args = [*cifar_common(ctx, None, epochs=3), "--model", "convnet", "--bn", "--deterministic", "--no-compile",
+            "--batch-size", "64"]
+    full, killed = ctx.tmp / "resume-full", ctx.tmp / "resume-killed"
+    args[args.index("--out") + 1] = str(full)
+    run([sys.executable, *args], ctx.log("resume"))
+    args[args.index("--out") + 1] = str(killed)
+    cmd = [sys.executable, *map(str, args)]
+    with open(ctx.log("resume"), "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (killed / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3 * metrics(full)["epoch_seconds"].iloc[1])  # into epoch 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"the run ended (exit {proc.returncode}) before it could be killed")
+    run([sys.executable, *args, "--resume"], ctx.log("resume"))
+    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+    if not metrics(full)[columns].equals(metrics(killed)[columns]):
+        raise RuntimeError("metrics.csv after kill + resume differs from the uninterrupted run's")
+    if not same_weights(full, killed):
+        raise RuntimeError("weights after kill + resume differ from the uninterrupted run's")
+    same_csv = (full / "submission.csv").read_bytes() == (killed / "submission.csv").read_bytes()
+    if not same_csv:
+        raise RuntimeError("submission.csv after kill + resume differs")
+    return "SIGKILL in epoch 2, --resume: metrics, weights and submission.csv identical to the uninterrupted run"
+
+
+def check_ddp(ctx):
+    out = ctx.tmp / "ddp"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         *cifar_common(ctx, out), "--model", "convnet", "--bn"], ctx.log("ddp-nccl"), env={"NCCL_DEBUG": "INFO"})
+    if "NCCL INFO" not in Path(ctx.log("ddp-nccl")).read_text(errors="replace"):
+        raise RuntimeError("the run finished but NCCL never initialised (no NCCL INFO lines)")
+    return f"torchrun, 1 process: NCCL group, DDP, all-reduce; val acc {final(out)['best_val_acc']:.3f}"
+
+
+def birds_args(ctx, out, loader):
+    arch, weights = ("tf_efficientnet_lite0", ctx.weights) if ctx.weights else ("resnet18", "none")
+    return [sys.executable, "finetune_birds.py", "--data-dir", ctx.cub, "--out", out, "--device", "cuda", "--quiet",
+            "--arch", arch, "--weights", weights, "--loader", loader, "--epochs", "2", "--batch-size", "64",
+            "--img-size", "224", "--workers", str(min(8, os.cpu_count() or 1)), "--lr", "0.01"]
+
+
+def check_birds(ctx, loader):
+    if loader == "dali" and not ctx.dali:
+        raise Skip("DALI is not installed (pip install nvidia-dali-cuda130); the torch loader and "
+                   "torchvision GPU decoding are checked instead")
+    out = ctx.tmp / f"birds-{loader}"
+    run(birds_args(ctx, out, loader), ctx.log(f"birds-{loader}"))
+    m, f = metrics(out), final(out)
+    acc = "n/a" if f["test_acc"] is None else f"{f['test_acc']:.3f}"
+    return (f"{m['images_per_second'].iloc[-1]:,.0f} img/s fine-tuning in epoch 2 "
+            f"({'Lite0 ImageNet' if ctx.weights else 'ResNet-18 random init'}), test acc {acc}")
+
+
+def check_dali_pixels(ctx):
+    if not ctx.dali:
+        raise Skip("DALI is not installed")
+    import torch
+
+    import data
+    samples = data.load_cub(ctx.cub)[0][:128]
+    kw = dict(mean=[0.5] * 3, std=[0.5] * 3, device=torch.device("cuda"), workers=4)
+    dali = data.DaliImageLoader(samples, 224, 64, False, **kw)
+    pil = data.TorchImageLoader(samples, 224, 64, False, **kw)
+    diffs = [(a - b).abs().mean().item() for (a, _), (b, _) in zip(dali, pil, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    if mean > 0.05:
+        raise RuntimeError(f"DALI (GPU) and PIL eval images differ by {mean:.4f} on average (normalised units)")
+    return f"mean |DALI nvJPEG - PIL| = {mean:.4f} (normalised units, 128 images, 224 px eval)"
+
+
+def check_gpu_decode(ctx):
+    import torch
+    import torchvision
+
+    import data
+    samples = data.load_cub(ctx.cub)[0][:256]
+    raw = [torchvision.io.read_file(s[0]) for s in samples]
+    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=torchvision.io.ImageReadMode.RGB)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=torchvision.io.ImageReadMode.RGB)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    from PIL import Image
+    ref = torch.from_numpy(__import__("numpy").asarray(Image.open(samples[0][0]).convert("RGB"))).permute(2, 0, 1)
+    diff = (images[0].cpu().float() - ref.float()).abs().mean().item()
+    return f"{len(raw) / seconds:,.0f} img/s batched decode; mean |GPU - PIL| {diff:.2f} of 255 on the first image"
+
+
+def check_bench(ctx):
+    out_json = ctx.tmp / "bench.json"
+    cmd = [sys.executable, "bench.py", "--sections", "6,7,8", "--repeats", "3", "--json", out_json]
+    if ctx.cub_is_real:
+        cmd += ["--cub-dir", ctx.cub]
+    run(cmd, ctx.log("bench"), timeout=900)
+    report = json.loads(out_json.read_text())
+    ctx.bench = report
+    parts = [f"[{r['id']}] {r['value']:,.0f}" + (f" ({r['ratio']:.1f}x)" if r.get("ratio") else "") for r in report["results"]]
+    return "; ".join(parts) + (f"; skipped: {', '.join(report['skipped'])}" if report["skipped"] else "")
+
+
+def check_suite(ctx):
+    log = ctx.log("suite")
+    try:
+        run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], log, timeout=1500)
+    finally:
+        tail = [line for line in Path(log).read_text(errors="replace").splitlines() if " in " in line and "passed" in line]
+    return tail[-1] if tail else "see log"
+
+
+# ----------------------------------------------------------------------------- main
+
+class Context:
+    def __init__(self, args, tmp):
+        import data
+        self.tmp, self.out = Path(tmp), Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dali = data.dali_available()
+        self.weights = args.weights if args.weights and Path(args.weights).is_file() else None
+        self.bench = None
+        import fixtures
+        self.cifar = fixtures.write_cifar100(self.tmp / "cifar", per_class_train=100, per_class_test=20)
+        cub = Path(args.cub_dir) if args.cub_dir else SHARED_CUB
+        self.cub_is_real = cub.is_dir()
+        self.cub = cub if self.cub_is_real else fixtures.write_cub(self.tmp / "cub", num_classes=10, per_class=40,
+                                                                   size=240, broken=False)
+
+    def log(self, name):
+        return self.out / f"{name}.log"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("Checks"):])
+    parser.add_argument("--cub-dir", default=None, help="CUB_200_2011-layout birds (default: ../shared's subset, else generated)")
+    parser.add_argument("--weights", default=None, help="tf_efficientnet_lite0 ImageNet state dict for the bird runs")
+    parser.add_argument("--out", default="gpu_check", help="folder for the per-check logs, the table and bench.json")
+    parser.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated checks to leave out")
+    args = parser.parse_args()
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("error: tools/gpu_check.sh checks the CUDA path and needs a CUDA GPU; none is visible here")
+    wanted = CHECKS if not args.only else args.only.split(",")
+    unknown = sorted(set(wanted + [s for s in args.skip.split(",") if s]) - set(CHECKS))
+    if unknown:
+        sys.exit(f"error: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
+    wanted = [c for c in wanted if c not in args.skip.split(",")]
+    functions = {
+        "cifar-fast": lambda ctx: check_cifar(ctx, "cifar-fast", []),
+        "cifar-plain": lambda ctx: check_cifar(ctx, "cifar-plain", ["--no-compile", "--no-amp"]),
+        "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
+        "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
+        "dali-pixels": check_dali_pixels, "gpu-decode": check_gpu_decode, "bench": check_bench, "suite": check_suite,
+    }
+    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+              f"{time.strftime('%Y-%m-%d %H:%M')} | ")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(args, tmp)
+        header += (f"DALI {'yes' if ctx.dali else 'not installed'} | birds: {ctx.cub if ctx.cub_is_real else 'generated'}"
+                   f" | weights: {ctx.weights or 'none (random init)'}")
+        print(header, flush=True)
+        for name in wanted:
+            t0 = time.perf_counter()
+            try:
+                status, figure = "pass", functions[name](ctx)
+            except Skip as e:
+                status, figure = "skip", str(e)
+            except Exception as e:  # any failure: keep going, report its first line
+                status, figure = "FAIL", str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            rows.append((name, status, figure, time.perf_counter() - t0))
+            print(f"{name:14s} {status:5s} {rows[-1][3]:6.1f}s  {figure}", flush=True)
+    table = ["| check | result | seconds | figure or first error line |", "|---|---|---:|---|"]
+    table += [f"| {n} | {s} | {sec:.0f} | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
+    text = f"{header}\n\n" + "\n".join(table) + "\n"
+    (ctx.out / "gpu_check.md").write_text(text)
+    if ctx.bench:
+        (ctx.out / "bench.json").write_text(json.dumps(ctx.bench, indent=2) + "\n")
+    print("\n" + text)
+    sys.exit(1 if any(s == "FAIL" for _, s, _, _ in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
