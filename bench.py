@@ -375,6 +375,66 @@ class TorchvisionGpuDecode:
             yield x, labels.to(self.device)
 
 
+# ----------------------------------------------------------------------------- run_all.sh's plan and time estimate
+
+def estimate_plan(plan_path, device_name=None):
+    """Print run_all.sh's plan (one row per run: epochs, images, measured img/s) and the total time it implies.
+
+    Each distinct network is timed for a few training steps on random data on the run's device (bf16 on CUDA,
+    no compile, so a compiled GPU run is likely faster); a run's time is its epochs x training images at that
+    rate, plus validation and test passes at 3x it (forward only). A frozen, cached run costs one forward
+    pass over its images."""
+    import shlex
+
+    import finetune_birds
+    import train_cifar
+    device = engine.pick_device(device_name)
+    rows, rates, sizes = [], {}, {}
+    for line in Path(plan_path).read_text().splitlines()[1:]:
+        study, name, change, seeds, command = line.split("\t")
+        argv = shlex.split(command)
+        script, argv = argv[0], argv[1:]
+        if script == "train_cifar.py":
+            args = train_cifar.parse_args(argv)
+            if args.data_dir not in sizes:
+                cifar = data.load_cifar100(args.data_dir)
+                sizes[args.data_dir] = (len(cifar["train_y"]), len(cifar["test_y"]), len(cifar["classes"]))
+            n_all, n_test, classes = sizes[args.data_dir]
+            n_val = args.val_per_class * classes
+            n_train, size, frozen = n_all - n_val, 32, False
+            key = ("cifar", args.model, args.depth, args.width, args.norm, args.batch_size)
+            make = lambda a=args, c=classes: models.build_model(train_cifar.model_config(a, c))  # noqa: E731
+        else:
+            args = finetune_birds.parse_args(argv)
+            if args.data_dir not in sizes:
+                train, test, classes = finetune_birds.load_samples(args)
+                sizes[args.data_dir] = (len(train), len(test), len(classes))
+            n_all, n_test, classes = sizes[args.data_dir]
+            n_val = round(n_all * args.val_frac)
+            n_train, size, frozen = n_all - n_val, args.img_size, args.freeze_backbone
+            key = ("birds", args.arch, args.img_size, frozen, args.batch_size)
+            make = lambda a=args, c=classes: models.TransferNet(a.arch, c, a.dropout, a.freeze_backbone)  # noqa: E731
+        if key not in rates:
+            batch = min(args.batch_size, 256 if device.type == "cuda" else 16)
+            rates[key] = train_rate(make(), device, batch, size, 2, device.type == "cuda", True, False, classes)[0]
+        rate = rates[key]
+        if frozen and getattr(args, "cache_features", False):
+            seconds = (n_all + n_test) / (3 * rate)  # the one feature pass; the head's epochs cost next to nothing
+        else:
+            seconds = args.epochs * (n_train / rate + n_val / (3 * rate)) + n_test / (3 * rate)
+        rows.append((f"{study}/{name}", args.epochs, n_train, rate, seconds * int(seeds), change))
+    total = sum(r[4] for r in rows)
+    print(f"plan on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}):")
+    print(f"  {'run':34s} {'epochs':>6s} {'train':>7s} {'img/s':>8s} {'minutes':>8s}  change")
+    for name, epochs, n, rate, seconds, change in rows:
+        print(f"  {name:34s} {epochs:6d} {n:7d} {rate:8.0f} {seconds / 60:8.1f}  {change}")
+    print(f"estimated total: {total / 3600:.1f} hours ({total / 60:.0f} minutes), from a short measured step per network")
+    if device.type == "cpu" and total > 3600:
+        print("this is GPU work: on this CPU it would take the hours above; `bash run_all.sh --smoke` runs the whole "
+              "chain on small generated data in minutes, and --epochs-scale F (e.g. 0.1) shortens every run")
+    return total
+
+
 # ----------------------------------------------------------------------------- main
 
 def machine(device):
@@ -400,7 +460,15 @@ def main():
     parser.add_argument("--cub-dir", default=str(SHARED_CUB), help="real CUB images (official layout) for figures 4, 5, 8")
     parser.add_argument("--weights", default=str(SHARED_WEIGHTS), help="tf_efficientnet_lite0 ImageNet weights for figure 5")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
+    parser.add_argument("--estimate", default=None, metavar="PLAN",
+                        help="instead of the figures: time run_all.sh's plan file (study, run, change, seeds, command)")
     args = parser.parse_args()
+    if args.estimate:
+        try:
+            estimate_plan(args.estimate, args.device)
+        except (engine.UsageError, data.DataError) as e:
+            sys.exit(f"error: {e}")
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

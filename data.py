@@ -130,8 +130,9 @@ def safe_unpickle(path):
             obj = RestrictedUnpickler(f, encoding="latin1").load()
     except RefusedGlobal as e:
         raise DataError(f"{path} is not a safe CIFAR pickle: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, OverflowError, RecursionError) as e:  # a corrupt length or shape can ask for any size
+        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} does not hold a dict as the CIFAR format does")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -424,6 +425,7 @@ def load_cub(data_dir, crop_boxes=False):
         classes = _read_table(root / "classes.txt", 2)
         is_train = _read_table(root / "train_test_split.txt", 2)
         boxes = _read_table(root / "bounding_boxes.txt", 5) if crop_boxes and (root / "bounding_boxes.txt").is_file() else {}
+        labels = {image_id: int(c) for image_id, c in labels.items()}
     except ValueError as e:
         raise DataError(f"{root} has a malformed text file ({e})") from None
     if crop_boxes and not boxes:
@@ -433,15 +435,26 @@ def load_cub(data_dir, crop_boxes=False):
             raise DataError(f"{root}/{name} lists {len(table)} images but images.txt lists {len(images)}")
     class_ids = sorted(classes)
     index_of = {cid: i for i, cid in enumerate(class_ids)}
-    bad = sorted({int(c) for c in labels.values()} - set(index_of))
+    bad = sorted(set(labels.values()) - set(index_of))
     if bad:
         raise DataError(f"{root}/image_class_labels.txt uses class ids {bad[:5]} that classes.txt does not define")
     split = {"train": [], "test": []}
     for image_id in sorted(images):
-        box = tuple(float(v) for v in boxes[image_id]) if image_id in boxes else None
-        sample = (str(root / "images" / images[image_id]), index_of[int(labels[image_id])], box)
+        box = _parse_box(root, image_id, boxes[image_id]) if image_id in boxes else None
+        sample = (str(root / "images" / images[image_id]), index_of[labels[image_id]], box)
         split["train" if is_train[image_id] == "1" else "test"].append(sample)
     return split["train"], split["test"], [classes[c] for c in class_ids]
+
+
+def _parse_box(root, image_id, fields):
+    """(x, y, w, h) of bounding_boxes.txt: finite numbers, a box of positive size, not left of or above the image."""
+    try:
+        box = tuple(float(v) for v in fields)
+    except ValueError:
+        box = None
+    if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0 or min(box[:2]) < 0:
+        raise DataError(f"{root}/bounding_boxes.txt has an invalid box for image {image_id}: {' '.join(fields)}")
+    return box
 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -755,8 +768,14 @@ class DaliImageLoader(SampledLoader):
         # On a GPU the outputs are bound to torch's stream (no host sync per batch, so DALI's prefetch overlaps
         # the training step) and copied on that stream; on the CPU they are host tensors anyway.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for size in sizes:
-            images, labels = pipe.run(stream) if stream is not None else pipe.run()
+        for step, size in enumerate(sizes):
+            try:
+                images, labels = pipe.run(stream) if stream is not None else pipe.run()
+            except RuntimeError as e:  # a file that passed the byte check but does not decode stops DALI
+                names = ", ".join(Path(self.samples[i][0]).name for i, _ in batches[step][:4])
+                first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+                raise DataError(f"DALI could not decode an image of the batch holding {names}... ({first}); remove "
+                                f"it, or use --loader torch, which skips undecodable files with a warning") from None
             xb = _dali_to_torch(images, self.device)[:size]
             yb = _dali_to_torch(labels, self.device)[:size].long().view(-1)
             if self.channels_last:
@@ -793,11 +812,61 @@ def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, *
 
 # ----------------------------------------------------------------------------- command line
 
+def prepare(cifar_dir=None, birds_dir=None, arch=None, weights=None):
+    """What run_all.sh needs before its first run: fetch each missing piece (CIFAR-100 into cifar_dir, CUB-200-2011
+    beside birds_dir, ImageNet weights into torchvision's/timm's cache); return one sentence per piece still missing."""
+    problems = []
+    if cifar_dir:
+        try:
+            find_cifar_dir(cifar_dir)
+        except DataError:
+            try:
+                Path(cifar_dir).mkdir(parents=True, exist_ok=True)
+                download_cifar100(cifar_dir)
+            except (DataError, OSError) as e:
+                problems.append(f"CIFAR-100 is not in {cifar_dir}: {e}")
+    if birds_dir:
+        try:
+            find_cub_root(birds_dir)
+        except DataError:
+            root = Path(birds_dir)
+            parent = root.parent if root.name == "CUB_200_2011" else root
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                download_cub2011(parent)
+            except (DataError, OSError) as e:
+                problems.append(f"CUB-200-2011 is not in {birds_dir}: {e}")
+    if arch and weights == "imagenet":
+        import models
+        try:
+            models.make_backbone(arch, pretrained_imagenet=True)
+        except ValueError as e:
+            problems.append(str(e))
+        except Exception as e:  # offline hub or download failure, whatever the library raises
+            problems.append(f"ImageNet weights for {arch} are not cached and could not be fetched "
+                            f"({type(e).__name__}); connect once so torchvision/timm cache them, or set "
+                            f"BIRDS_WEIGHTS to a local state-dict file")
+    elif weights not in (None, "none", "imagenet") and not Path(weights).is_file():
+        problems.append(f"the weights file {weights} does not exist")
+    return problems
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Download the data sets into a folder.")
-    parser.add_argument("what", choices=["cifar100", "cub2011"], help="which data set to fetch")
-    parser.add_argument("--data-dir", default="data", help="folder to download and unpack into")
+    parser = argparse.ArgumentParser(description="Download the data sets, or (prepare) check and fetch everything "
+                                                 "run_all.sh needs.")
+    parser.add_argument("what", choices=["cifar100", "cub2011", "prepare"],
+                        help="cifar100 / cub2011: fetch one data set; prepare: fetch whatever of the next flags is missing")
+    parser.add_argument("--data-dir", default="data", help="folder to download and unpack into (cifar100, cub2011)")
+    parser.add_argument("--cifar-dir", default=None, help="prepare: CIFAR-100 folder")
+    parser.add_argument("--birds-dir", default=None, help="prepare: CUB_200_2011 folder")
+    parser.add_argument("--arch", default=None, help="prepare: backbone whose ImageNet weights must be cached")
+    parser.add_argument("--weights", default=None, help="prepare: imagenet, none or a weights file")
     args = parser.parse_args()
+    if args.what == "prepare":
+        problems = prepare(args.cifar_dir, args.birds_dir, args.arch, args.weights)
+        for p in problems:
+            print(f"error: {' '.join(p.split())}", file=sys.stderr)
+        sys.exit(1 if problems else 0)
     try:
         Path(args.data_dir).mkdir(parents=True, exist_ok=True)
         path = download_cifar100(args.data_dir) if args.what == "cifar100" else download_cub2011(args.data_dir)

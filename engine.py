@@ -41,6 +41,10 @@ class NonFiniteLoss(Exception):
     pass
 
 
+class WriteError(Exception):
+    """A file of the run could not be written (disk full, read-only, not a folder): one sentence for the user."""
+
+
 # ----------------------------------------------------------------------------- flags
 
 def add_training_args(parser, defaults):
@@ -177,17 +181,21 @@ def barrier(world):
 def atomic_write(path, write):
     """Run write(file) on a temporary file beside path, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, read-only, a file where a folder should be: the old file stays
+            raise WriteError(f"cannot write {path} ({e.strerror or type(e).__name__}); the files already in "
+                             f"{path.parent} are unchanged") from None
         raise
 
 
@@ -263,8 +271,13 @@ def prepare_run_dir(out, config, resume, force, rank=0, world=1):
     rank 0 writes anything, so all of them agree on the verdict."""
     out = Path(out)
     old_path = out / "config.json"
+    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UsageError(f"--out {out} cannot be a run folder: {out if out.exists() else 'a folder above it'} is a file")
     if old_path.exists() and not force:
-        old = json.loads(old_path.read_text()).get("args", {})
+        try:
+            old = json.loads(old_path.read_text()).get("args", {})
+        except (ValueError, AttributeError):
+            raise UsageError(f"{old_path} is not a readable config; use another --out or --force") from None
         new = config["args"]
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if not resume:
@@ -277,7 +290,8 @@ def prepare_run_dir(out, config, resume, force, rank=0, world=1):
         if force:
             for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png"):
                 (out / name).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # half-written by a run killed (SIGKILL) in the middle of a write
+            stale.unlink()
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     barrier(world)
 
@@ -673,8 +687,8 @@ def cli(run, argv=None):
     from models import WeightsMismatch
     try:
         return run(argv)
-    except (UsageError, DataError, WeightsMismatch, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, DataError, WeightsMismatch, NonFiniteLoss, WriteError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's text held
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)

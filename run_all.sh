@@ -8,21 +8,25 @@
 #   bash run_all.sh --only cifar         # or --only birds
 #   bash run_all.sh --epochs-scale 0.5   # every run with half its epochs
 #   bash run_all.sh --seeds 3            # each run with seeds 0,1,2; the report gives mean ± std
+#   bash run_all.sh --plan-only          # fetch the inputs, print the plan and its time estimate, run nothing
 #
+# First it fetches whatever is missing (CIFAR-100, CUB-200-2011, ImageNet weights) or, offline, says in one
+# sentence per piece what to fetch and exits 1 before any run; then it prints the plan with a time estimate.
 # A run whose final.json exists is skipped; an unfinished one resumes from its last.pt. Settings from
 # the environment: PYTHON, RESULTS (results), CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011),
 # BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet), BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SMOKE=0; ONLY=all; SCALE=1; SEEDS=1
+SMOKE=0; ONLY=all; SCALE=1; SEEDS=1; PLAN_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --only) ONLY="$2"; shift ;;
     --epochs-scale) SCALE="$2"; shift ;;
     --seeds) SEEDS="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --plan-only) PLAN_ONLY=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -53,16 +57,25 @@ if [ "$SMOKE" = 1 ]; then
   CIFAR_SMOKE="--val-per-class 5"; BIRDS_SMOKE="--batch-size 8 --workers 0"
 fi
 
-mkdir -p "$RESULTS"
-PLAN="$RESULTS/plan.tsv"
-printf 'study\trun\tchange\tseeds\n' > "$PLAN"
+# 1. Inputs, before anything runs: fetch what is missing (CIFAR-100, CUB-200-2011, ImageNet weights into the
+# torchvision/timm cache); offline, one sentence per missing piece and exit 1, with results/ untouched.
+if [ "$SMOKE" = 0 ]; then
+  NEED=()
+  [ "$ONLY" != birds ] && NEED+=(--cifar-dir "$CIFAR_DATA")
+  [ "$ONLY" != cifar ] && NEED+=(--birds-dir "$BIRDS_DATA" --arch "$BIRDS_ARCH" --weights "$BIRDS_WEIGHTS")
+  $PYTHON data.py prepare "${NEED[@]}" || { echo "run_all.sh: nothing was run; fetch the above, then run again" >&2; exit 1; }
+fi
 
 epochs() { $PYTHON -c "print(max(1, round($1 * $SCALE)))"; }
 
-# run STUDY NAME "CHANGE" SCRIPT FLAGS...: one run folder per seed, skipped when finished, resumed when not.
+# run STUDY NAME "CHANGE" SCRIPT FLAGS...: in the planning pass, one plan row; in the running pass, one run
+# folder per seed, skipped when finished, resumed when not.
 run() {
   local study=$1 name=$2 change=$3; shift 3
-  printf '%s\t%s\t%s\t%s\n' "$study" "$name" "$change" "$SEEDS" >> "$PLAN"
+  if [ "$MODE" = plan ]; then
+    printf '%s\t%s\t%s\t%s\t%s\n' "$study" "$name" "$change" "$SEEDS" "$*" >> "$PLAN_TMP"
+    return
+  fi
   for ((seed = 0; seed < SEEDS; seed++)); do
     local out="$RESULTS/$study/$name/seed$seed"
     if [ -f "$out/final.json" ]; then echo "== $study/$name seed $seed: done, skipped"; continue; fi
@@ -77,6 +90,7 @@ run() {
 CIFAR_EXTRA="$EXTRA $CIFAR_SMOKE"
 BIRDS_EXTRA="$EXTRA $BIRDS_SMOKE"
 
+studies() {
 if [ "$ONLY" != birds ]; then
   E=$(epochs 30)
   C="train_cifar.py --data-dir $CIFAR_DATA --epochs $E $CIFAR_EXTRA"
@@ -104,6 +118,21 @@ if [ "$ONLY" != cifar ]; then
   run birds finetune_dropout "full fine-tuning, dropout 0.3, label smoothing 0.1" $B --lr 0.01 \
       --backbone-lr-mult 0.1 --dropout 0.3 --label-smoothing 0.1
 fi
+}
+
+# 2. The plan: every run, its epochs, the device and an estimate of the total time from a short measured
+# step per network (bench.py --estimate). --plan-only stops here.
+PLAN_TMP=$(mktemp); trap 'rm -f "$PLAN_TMP"' EXIT
+printf 'study\trun\tchange\tseeds\tcommand\n' > "$PLAN_TMP"
+MODE=plan; studies
+# shellcheck disable=SC2086
+$PYTHON bench.py --estimate "$PLAN_TMP" $DEVICE_FLAG
+[ "$PLAN_ONLY" = 1 ] && exit 0
+
+# 3. The runs.
+mkdir -p "$RESULTS"
+cut -f1-4 "$PLAN_TMP" > "$RESULTS/plan.tsv"
+MODE=run; studies
 
 # Final CSVs from the best checkpoints, each written by predict.py alone.
 if [ "$ONLY" != birds ] && [ -f "$RESULTS/cifar/08_final/seed0/best.pt" ]; then

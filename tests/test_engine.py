@@ -117,3 +117,8 @@ def test_deterministic_flag_is_strict(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
         engine.set_determinism(False)
+
+
+def test_gpu_check_needs_cuda_and_says_so():
+    proc = run_script("tools/gpu_check.py", check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -93,3 +93,31 @@ def test_notebook_only_loads_results(tmp_path, monkeypatch):
         exec(compile(cell, "lab2.ipynb", "exec"), scope)
     assert set(scope["table"].run) == {"frozen", "01_basenet"}
     assert (results / "cifar_curves.png").is_file()
+
+
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}  # every fetch refused at once
+
+
+def test_run_all_without_data_offline_stops_before_any_run(tmp_path):
+    """Data and weights absent, network unreachable: one sentence per missing piece, exit 1, no results/ at all."""
+    env = {**os.environ, **OFFLINE, "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable,
+           "CIFAR_DATA": str(tmp_path / "data"), "BIRDS_DATA": str(tmp_path / "data" / "CUB_200_2011"),
+           "BIRDS_ARCH": "resnet18", "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1, proc.stderr
+    assert len(errors) == 3 and "CIFAR-100" in errors[0] and "CUB-200-2011" in errors[1] and "resnet18" in errors[2]
+    assert "Traceback" not in proc.stderr and "== cifar" not in proc.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean_cub_dir, tmp_path):
+    env = {**os.environ, **OFFLINE, "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable,
+           "CIFAR_DATA": str(cifar_dir), "BIRDS_DATA": str(clean_cub_dir), "BIRDS_ARCH": "resnet18",
+           "BIRDS_WEIGHTS": "none", "BIRDS_IMG": "32", "DEVICE": "cpu", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", "run_all.sh", "--plan-only"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "cifar/08_final" in proc.stdout and "birds/finetune" in proc.stdout and "estimated total:" in proc.stdout
+    assert "download" not in proc.stderr and not (tmp_path / "results").exists()

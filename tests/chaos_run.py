@@ -1,0 +1,44 @@
+"""train_cifar.py with landmarks for the chaos test (not a test itself).
+
+While it evaluates it holds the file $CHAOS_MARK/eval, and half-way through writing a checkpoint (the bytes
+written, not yet renamed into place) it holds $CHAOS_MARK/save; it lingers at each so that a SIGKILL sent on
+seeing the file lands exactly there. Everything else is train_cifar.py, run as __main__.
+"""
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402
+
+MARK = Path(os.environ["CHAOS_MARK"])
+real_evaluate, real_write = engine.evaluate, engine.atomic_write
+
+
+def evaluate(*args, **kw):
+    (MARK / "eval").touch()
+    time.sleep(0.3)
+    result = real_evaluate(*args, **kw)
+    (MARK / "eval").unlink()
+    return result
+
+
+def atomic_write(path, write):
+    if Path(path).suffix != ".pt":
+        return real_write(path, write)
+
+    def lingering(f):
+        write(f)
+        f.flush()
+        (MARK / "save").touch()
+        time.sleep(0.3)
+    real_write(path, lingering)
+    (MARK / "save").unlink()
+
+
+engine.evaluate, engine.atomic_write = evaluate, atomic_write
+sys.argv = [str(ROOT / "train_cifar.py"), *sys.argv[1:]]
+runpy.run_path(str(ROOT / "train_cifar.py"), run_name="__main__")
