@@ -17,7 +17,6 @@ Files outside the fuzz's own temporary folder are never written; the run checks 
 import argparse
 import io
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -148,7 +147,7 @@ def fuzz_format(kind, cases, seed, timeout, log=print):
                     warnings.simplefilter("ignore")
                     stderr, sys.stderr = sys.stderr, sink  # readers warn on stderr: expected, not shown
                     try:
-                        with_time_limit(timeout, reader or (lambda: read_image(victim)))
+                        with_time_limit(timeout, reader or (lambda v=victim: read_image(v)))
                     finally:
                         sys.stderr = stderr
                 outcome = "ok"
@@ -181,7 +180,7 @@ def fuzz_dali(files, timeout, failures):
         try:
             loader = data.DaliImageLoader(samples, 32, 16, True, [0.5] * 3, [0.5] * 3, torch.device("cpu"),
                                           aug={"rrc", "flip"}, workers=1)
-            with_time_limit(timeout * 4, lambda: [None for _ in loader])
+            with_time_limit(timeout * 4, lambda ld=loader: [None for _ in ld])
             counts["dali-ok"] += 1
         except data.DataError:
             counts["dali-refused"] += 1
