@@ -292,6 +292,49 @@ def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cut
     return torch.addcmul(torch.as_tensor(bias, device=out.device), out.float(), torch.as_tensor(scale, device=out.device))
 
 
+def mix_batch(x, y, num_classes, seed, mixup=0.0, cutmix=0.0, prob=1.0, smoothing=0.0, switch_prob=0.5):
+    """MixUp / CutMix per sample, on the batch's device: (mixed images, soft targets of shape (B, classes)).
+
+    Sample i is mixed with sample B-1-i (the batch reversed, as timm does) with probability `prob`: by MixUp
+    (x = lam x_i + (1 - lam) x_j) or by CutMix (a box of area about (1 - lam) pasted from x_j, lam then set to
+    the kept area), each drawn per sample, lam ~ Beta(alpha, alpha); with both alphas, CutMix with probability
+    `switch_prob`. Targets: lam onehot(y_i) + (1 - lam) onehot(y_j), then label smoothing; every row sums to 1.
+
+    Written here rather than taken from timm's Mixup (its per-sample mode loops over the batch in Python, and it
+    draws from numpy's global RNG): every draw comes from `seed`, a function of (run seed, epoch, step), like the
+    loader's crops and flips, so a resumed run mixes exactly as the uninterrupted one, with no host sync.
+    """
+    b, _, h, w = x.shape
+    rng = np.random.default_rng(seed)
+    use = rng.random(b) < prob
+    cut = rng.random(b) < (switch_prob if (mixup and cutmix) else (1.0 if cutmix else 0.0))
+    alpha = np.where(cut, cutmix or 1.0, mixup or 1.0)
+    lam = np.where(use, rng.beta(alpha, alpha), 1.0)
+    # CutMix box: side ratio sqrt(1 - lam), centre uniform, clipped to the image; lam becomes the kept area
+    cy, cx = rng.integers(0, h, b), rng.integers(0, w, b)
+    rh, rw = (np.sqrt(1 - lam) * h).astype(int), (np.sqrt(1 - lam) * w).astype(int)
+    y0, y1 = np.clip(cy - rh // 2, 0, h), np.clip(cy + rh // 2, 0, h)
+    x0, x1 = np.clip(cx - rw // 2, 0, w), np.clip(cx + rw // 2, 0, w)
+    is_cut = use & cut
+    lam = np.where(is_cut, 1 - (y1 - y0) * (x1 - x0) / (h * w), lam)
+    dev = x.device
+    as_t = lambda a, dtype=torch.float32: torch.from_numpy(np.asarray(a)).to(dev, dtype, non_blocking=True)  # noqa: E731
+    lam_t, cut_t = as_t(lam), as_t(is_cut, torch.bool)
+    partner = x.flip(0)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    box = ((rows.view(1, h) >= as_t(y0, torch.long).view(b, 1)) & (rows.view(1, h) < as_t(y1, torch.long).view(b, 1))
+           ).view(b, 1, h, 1) & ((cols.view(1, w) >= as_t(x0, torch.long).view(b, 1))
+                                 & (cols.view(1, w) < as_t(x1, torch.long).view(b, 1))).view(b, 1, 1, w)
+    blended = torch.lerp(partner, x, lam_t.view(b, 1, 1, 1).to(x.dtype))  # lam x + (1 - lam) partner
+    mixed = torch.where(cut_t.view(b, 1, 1, 1), torch.where(box, partner, x), blended)
+    onehot = F.one_hot(y, num_classes).float()
+    target = lam_t.view(b, 1) * onehot + (1 - lam_t.view(b, 1)) * onehot.flip(0)
+    target = target * (1 - smoothing) + smoothing / num_classes
+    if x.is_contiguous(memory_format=torch.channels_last):  # keep the layout the model was given
+        mixed = mixed.contiguous(memory_format=torch.channels_last)
+    return mixed, target
+
+
 AUGMENTATIONS = ("flip", "crop", "cutout")
 
 

@@ -48,33 +48,47 @@ class WriteError(Exception):
 # ----------------------------------------------------------------------------- flags
 
 def add_training_args(parser, defaults):
-    """Flags both scripts share. `defaults` holds each script's own recipe."""
-    add = parser.add_argument
-    add("--epochs", type=int, default=defaults["epochs"], help="passes over the training split")
-    add("--batch-size", type=int, default=defaults["batch_size"], help="global batch size (split over torchrun processes)")
-    add("--optimizer", choices=["sgd", "adamw"], default=defaults["optimizer"], help="optimizer")
-    add("--lr", type=float, default=defaults["lr"], help="peak learning rate")
-    add("--momentum", type=float, default=0.9, help="SGD momentum (AdamW beta1)")
-    add("--nesterov", action="store_true", help="Nesterov momentum for SGD (the course baseline uses plain momentum)")
-    add("--wd", type=float, default=defaults["wd"], help="weight decay (not applied to biases and norm layers)")
-    add("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
+    """Flags both scripts share, in --help sections. `defaults` holds each script's own recipe."""
+    opt = parser.add_argument_group("optimisation").add_argument
+    opt("--epochs", type=int, default=defaults["epochs"], help="passes over the training split")
+    opt("--batch-size", type=int, default=defaults["batch_size"], help="global batch size (split over torchrun processes)")
+    opt("--optimizer", choices=["sgd", "adamw"], default=defaults["optimizer"], help="optimizer")
+    opt("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    opt("--momentum", type=float, default=0.9, help="SGD momentum (AdamW beta1)")
+    opt("--nesterov", action="store_true", help="Nesterov momentum for SGD (the course baseline uses plain momentum)")
+    opt("--wd", type=float, default=defaults["wd"], help="weight decay (not applied to biases and norm layers)")
+    opt("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
         help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
-    add("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
-    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
-    add("--amp", action=argparse.BooleanOptionalAction, default=None,
+    opt("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
+    reg = parser.add_argument_group("regularisation").add_argument
+    reg("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    reg("--ema", type=float, default=0.0, metavar="DECAY",
+        help="keep an exponential moving average of the weights and BatchNorm buffers (e.g. 0.999), updated every "
+             "step; it is what is validated, saved in best.pt and predicts the CSV (0: off)")
+    reg("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp per sample with lam ~ Beta(ALPHA, ALPHA) (0: off)")
+    reg("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix per sample with lam ~ Beta(ALPHA, ALPHA) (0: off); "
+        "with --mixup too, each mixed sample takes one of the two at random")
+    reg("--mix-prob", type=float, default=1.0,
+        help="probability that a sample is mixed at all; with mixing, train_acc counts a prediction correct when "
+             "it is the sample's dominant label")
+    dev = parser.add_argument_group("speed and device").add_argument
+    dev("--amp", action=argparse.BooleanOptionalAction, default=None,
         help="bf16 autocast (fp16 with loss scaling where bf16 is unsupported); default: on for CUDA, off on CPU")
-    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+    dev("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile the model (first-compile time is reported apart); default: on for CUDA, off on CPU")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    dev("--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory format (default: on; faster on GPUs and, measured, on CPUs too)")
-    add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    add("--out", default=defaults["out"], help="run folder for checkpoints, metrics, plots and the CSV")
-    add("--resume", action="store_true", help="continue the run in --out from last.pt (starts fresh if none)")
-    add("--force", action="store_true", help="overwrite a run already in --out")
-    add("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation and dropout")
-    add("--deterministic", action="store_true", help="deterministic kernels (slower; exact resume on CPU)")
-    add("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
-    add("--quiet", action="store_true", help="no progress bar")
+    dev("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    dev("--deterministic", action="store_true",
+        help="bit-identical reruns on the same machine and software (exact resume); on CUDA: fixed cuBLAS "
+             "workspace, no TF32, deterministic cuDNN, and an op with no deterministic kernel stops the run")
+    dev("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
+    run = parser.add_argument_group("run folder").add_argument
+    run("--out", default=defaults["out"], help="run folder for checkpoints, metrics, plots and the CSV")
+    run("--resume", action="store_true", help="continue the run in --out from last.pt (starts fresh if none)")
+    run("--force", action="store_true", help="overwrite a run already in --out")
+    run("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation, mixing and dropout")
+    run("--quiet", action="store_true", help="no progress bar")
 
 
 def check_training_args(args, train_size):
@@ -88,6 +102,8 @@ def check_training_args(args, train_size):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {train_size} training images")
     if args.wd < 0 or not 0 <= args.label_smoothing < 1 or args.warmup < 0 or not 0 <= args.momentum < 1:
         raise UsageError("--wd and --warmup must be >= 0, --label-smoothing and --momentum in [0, 1)")
+    if not 0 <= args.ema < 1 or args.mixup < 0 or args.cutmix < 0 or not 0 <= args.mix_prob <= 1:
+        raise UsageError("--ema must be in [0, 1), --mixup and --cutmix >= 0, --mix-prob in [0, 1]")
     if getattr(args, "dropout", 0) and not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
 
@@ -373,28 +389,6 @@ def lr_factor(step, total_steps, warmup_steps, schedule):
     return 1.0
 
 
-# ----------------------------------------------------------------------------- progress bar
-
-class Progress:
-    def __init__(self, total, desc, enabled):
-        self.total, self.desc, self.enabled, self.start = total, desc, enabled, time.perf_counter()
-
-    def update(self, done, text=""):
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * done / max(1, self.total))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
-        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                         f"{text} {elapsed:.0f}s<{eta:.0f}s ")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 def reduce_sums(world, *tensors):
@@ -424,26 +418,55 @@ def evaluate(model, loader, device, amp, world=1, criterion=None):
     return loss_sum.item() / n, correct.item() / n
 
 
+TTA_VIEWS = ("flip", "shift")
+
+
+def parse_tta(text):
+    """--tta: none, flip, or flip,shift (shift alone is allowed too). Returns a set."""
+    views = {v for v in (text or "none").replace(" ", "").split(",") if v and v != "none"}
+    unknown = sorted(views - set(TTA_VIEWS))
+    if unknown:
+        raise UsageError(f"unknown --tta view {', '.join(unknown)}; choose none, flip, shift or flip,shift")
+    return views
+
+
+def tta_views(x, tta):
+    """The test-time views of a batch: the image; with 'flip' its mirror; with 'shift' the four one-pixel
+    translations (edge pixels repeated), and their mirrors too when both are asked for."""
+    views = [x]
+    if "shift" in tta:
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+        h, w = x.shape[-2:]
+        views += [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    if "flip" in tta:
+        views += [v.flip(3) for v in views]
+    return views
+
+
 @torch.inference_mode()
-def predict(model, loader, device, amp, tta=False):
-    """Class predictions in loader order; --tta averages the softmax of the image and its mirror."""
+def predict_probs(model, loader, device, amp, tta=()):
+    """Softmax probabilities (float32, CPU) in loader order, averaged over the TTA views, and the labels."""
     model.eval()
-    preds, labels = [], []
+    probs, labels = [], []
     for x, y in loader:
+        views = tta_views(x, tta) if x.ndim == 4 else [x]  # cached features have no views
         with autocast(device, amp):
-            probs = model(x).float().softmax(1)
-            if tta:
-                probs = probs + model(x.flip(3)).float().softmax(1)
-        preds.append(probs.argmax(1).cpu())
+            p = sum(model(v).float().softmax(1) for v in views) / len(views)
+        probs.append(p.cpu())
         labels.append(y.cpu())
-    return torch.cat(preds), torch.cat(labels)
+    return torch.cat(probs), torch.cat(labels)
 
 
-def predict_to_csv(model, loader, device, amp, path, tta=False):
-    """Predict the test loader into the competition CSV at path; return the test accuracy, or None where
-    the test labels are placeholders (all zero) and must not be scored."""
+def predict_to_csv(model, loader, device, amp, path, tta=()):
+    """Predict the test loader into the competition CSV at path; return the test accuracy (or None)."""
+    return write_predictions(path, *predict_probs(model, loader, device, amp, tta))
+
+
+def write_predictions(path, probs, labels):
+    """The competition CSV from class probabilities; return the test accuracy, or None where the test labels
+    are placeholders (all zero) and must not be scored."""
     from data import labels_are_real
-    preds, labels = predict(model, loader, device, amp, tta)
+    preds = probs.argmax(1)
     write_submission(path, preds.tolist())
     return (preds == labels).float().mean().item() if labels_are_real(labels.numpy()) else None
 
@@ -461,8 +484,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
         param_groups=None, title=""):
     """Train `model` for args.epochs, resuming from OUT/last.pt with --resume. Returns a summary dict.
 
-    The best model (by validation accuracy) is in OUT/best.pt afterwards. `model_config` rebuilds the
-    network (models.build_model) and `data_config` the test-time preprocessing (predict.py).
+    The best model (by validation accuracy; the EMA weights with --ema) is in OUT/best.pt afterwards.
+    `model_config` rebuilds the network (models.build_model), `data_config` the test-time preprocessing.
     """
     out = Path(out)
     main = is_main(rank)
@@ -472,14 +495,11 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], args)
     use_scaler = args.amp and amp_dtype(device) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = int(round(args.warmup * steps_per_epoch))
+    ema = make_ema(raw_model, getattr(args, "ema", 0.0))
+    run = Run(steps_per_epoch=len(train_loader), warmup=args.warmup, args=args, device=device,
+              num_classes=model_config.get("num_classes"), rank=rank)
     history, best_val_acc, best_epoch, start_epoch, start_step = [], -1.0, 0, 0, 0
-    partial = None
-    train_seconds = 0.0
+    partial, train_seconds = None, 0.0
 
     if args.resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt")  # to the CPU: load_state_dict places the weights
@@ -487,6 +507,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         history, best_val_acc, best_epoch = ckpt["history"], ckpt["best_val_acc"], ckpt["best_epoch"]
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("partial")
         train_seconds = ckpt.get("train_seconds", 0.0)
@@ -499,6 +521,7 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
         model = torch.compile(model)
     if dist.is_initialized():  # around the compiled model: DDP's buffer broadcast would break the graph inside it
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model = ema.module if ema is not None else model
 
     def save_last(epoch, step_in_epoch, partial_sums=None):
         rngs = [rng_state(device)]
@@ -509,120 +532,57 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             atomic_torch_save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if use_scaler else None, "model_config": model_config,
-                "data_config": data_config,
+                "ema": ema.module.state_dict() if ema is not None else None, "data_config": data_config,
                 "config": run_config_plain(args), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "history": history, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                 "partial": partial_sums, "rng": rngs if world > 1 else rngs[0], "train_seconds": train_seconds,
             }, out / "last.pt")
 
     # Ctrl-C and SIGTERM only raise a flag; the loop stops at the next step boundary and saves there.
-    interrupted = {"flag": False}
-
     def on_signal(signum, frame):
-        interrupted["flag"] = True
+        run.interrupted = True
 
     old_handlers = {}
     if world == 1:
         old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     show_bar = main and not args.quiet and sys.stderr.isatty()
-    first_step_seconds = None
-    skipped_steps = 0
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.set_epoch(epoch)
             train_loader.start_step = start_step
-            model.train()
-            # Per-step loss and correct counts stay on the device; the host reads them every 50 steps only.
-            step_loss = torch.zeros(steps_per_epoch, device=device)
-            step_correct = torch.zeros(steps_per_epoch, device=device, dtype=torch.long)
-            step_count = [0] * steps_per_epoch
-            elapsed_before = 0.0
-            if partial:
-                step_loss.copy_(partial["step_loss"])
-                step_correct.copy_(partial["step_correct"])
-                step_count = list(partial["step_count"])
-                elapsed_before = partial["seconds"]
-                partial = None
-            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", show_bar)
+            sums = EpochSums(run.steps_per_epoch, device, partial)
+            partial = None
             t0 = time.perf_counter()
-            step = checked = start_step
-            current_factor = None
             try:
-                for x, y in train_loader:
-                    if interrupted["flag"]:
-                        raise KeyboardInterrupt
-                    if y.numel() == 0:
-                        step += 1
-                        continue
-                    factor = lr_factor(epoch * steps_per_epoch + step, total_steps, warmup_steps, args.schedule)
-                    if factor != current_factor:
-                        for group in optimizer.param_groups:
-                            group["lr"] = args.lr * group["lr_mult"] * factor
-                        current_factor = factor
-                    t_step = time.perf_counter() if first_step_seconds is None else None
-                    with autocast(device, args.amp):
-                        logits = model(x)
-                    loss = criterion(logits.float(), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    if use_scaler:
-                        scale = scaler.get_scale()
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        skipped_steps += scaler.get_scale() < scale
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    if t_step is not None:
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        first_step_seconds = time.perf_counter() - t_step
-                    step_loss[step] = loss.detach()
-                    step_correct[step] = (logits.detach().argmax(1) == y).sum()
-                    step_count[step] = y.shape[0]
-                    step += 1
-                    if step % 50 == 0 or step == steps_per_epoch:
-                        check_finite(step_loss, checked, step, epoch, use_scaler)
-                        checked = step
-                        if show_bar:
-                            bar.update(step, f"loss {epoch_mean(step_loss, step_count):.3f}")
+                train_one_epoch(model, raw_model, ema, optimizer, scaler, train_loader, run, epoch, start_step, sums,
+                                show_bar)
             except KeyboardInterrupt:
-                bar.close()
                 train_seconds += time.perf_counter() - t0
-                save_last(epoch, step, {"step_loss": step_loss.cpu(), "step_correct": step_correct.cpu(),
-                                        "step_count": step_count, "seconds": elapsed_before + time.perf_counter() - t0})
+                save_last(epoch, sums.step, sums.state(time.perf_counter() - t0))
                 if main:
-                    print(f"\ninterrupted at epoch {epoch + 1} step {step}; last.pt saved. Resume with the same "
+                    print(f"\ninterrupted at epoch {epoch + 1} step {sums.step}; last.pt saved. Resume with the same "
                           f"command plus --resume", file=sys.stderr)
                 raise
-            check_finite(step_loss, checked, step, epoch, use_scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            epoch_seconds = elapsed_before + time.perf_counter() - t0
+            epoch_seconds = sums.seconds_before + time.perf_counter() - t0
             train_seconds += time.perf_counter() - t0
-            bar.close()
             start_step = 0
-            counts = torch.tensor(step_count, device=device, dtype=torch.float64)
-            finite = torch.isfinite(step_loss)  # only fp16 loss scaling lets a non-finite step through
-            loss_sum = (torch.where(finite, step_loss, 0).double() * counts).sum()
-            correct, count = step_correct.sum(), (counts * finite).sum()
-            reduce_sums(world, loss_sum, correct, count)
-            n = max(1.0, count.item())
+            train_loss, train_acc, n = sums.totals(world)
             t_eval = time.perf_counter()
-            val_loss, val_acc = evaluate(model, val_loader, device, args.amp, world)
+            val_loss, val_acc = evaluate(eval_model, val_loader, device, args.amp, world)
             eval_seconds = time.perf_counter() - t_eval
             history.append({
-                "epoch": epoch + 1, "train_loss": round(loss_sum.item() / n, 6), "train_acc": round(correct.item() / n, 6),
+                "epoch": epoch + 1, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                 "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
-                "lr": round(args.lr * lr_factor(min((epoch + 1) * steps_per_epoch, total_steps) - 1, total_steps,
-                                                warmup_steps, args.schedule), 8),
+                "lr": round(args.lr * run.lr_factor(min((epoch + 1) * run.steps_per_epoch, run.total_steps) - 1), 8),
                 "epoch_seconds": round(epoch_seconds, 3), "images_per_second": round(n / max(epoch_seconds, 1e-9), 1),
                 "eval_seconds": round(eval_seconds, 3),
             })
             if val_acc > best_val_acc:
                 best_val_acc, best_epoch = val_acc, epoch + 1
-                if main:
-                    atomic_torch_save({"model": raw_model.state_dict(), "model_config": model_config,
+                if main:  # the weights that were validated: the EMA's with --ema
+                    atomic_torch_save({"model": unwrap(eval_model).state_dict(), "model_config": model_config,
                                        "data_config": data_config, "config": run_config_plain(args),
                                        "epoch": epoch + 1, "val_acc": val_acc}, out / "best.pt")
             save_last(epoch + 1, 0)
@@ -636,11 +596,141 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-    if skipped_steps and main:
-        print(f"fp16 loss scaling skipped {skipped_steps} steps with overflowing gradients")
+    if run.skipped_steps and main:
+        print(f"fp16 loss scaling skipped {run.skipped_steps} steps with overflowing gradients")
     barrier(world)
     return {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "train_seconds": round(train_seconds, 2),
-            "first_step_seconds": first_step_seconds, "skipped_steps": int(skipped_steps), "history": history}
+            "first_step_seconds": run.first_step_seconds, "skipped_steps": int(run.skipped_steps), "history": history}
+
+
+def make_ema(model, decay):
+    """--ema DECAY: timm's ModelEmaV3, a copy of the model (weights and BatchNorm buffers) updated after every
+    optimizer step as ema = decay * ema + (1 - decay) * weights, with foreach ops and no host sync."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=decay)
+
+
+class Run:
+    """What every step of a run needs besides the model: the schedule, the loss, mixing, and counters."""
+
+    def __init__(self, steps_per_epoch, warmup, args, device, num_classes, rank):
+        self.steps_per_epoch, self.args, self.device, self.rank = steps_per_epoch, args, device, rank
+        self.total_steps = steps_per_epoch * args.epochs
+        self.warmup_steps = int(round(warmup * steps_per_epoch))
+        self.num_classes = num_classes
+        self.mixing = bool(getattr(args, "mixup", 0) or getattr(args, "cutmix", 0))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.interrupted, self.first_step_seconds, self.skipped_steps = False, None, 0
+
+    def lr_factor(self, step):
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.args.schedule)
+
+    def loss_and_hits(self, model, x, y, epoch, step):
+        """(loss, correct count) of one training batch. With --mixup/--cutmix the batch is mixed per sample and
+        the loss is cross-entropy against the soft targets (label smoothing folded in); a sample counts as
+        correct when the prediction is its dominant label (the one with the larger share)."""
+        target = None
+        if self.mixing:
+            from data import mix_batch
+            a = self.args
+            seed = a.seed * 1_000_003 + epoch * 7919 + step + self.rank * 104_729
+            x, target = mix_batch(x, y, self.num_classes, seed, a.mixup, a.cutmix, a.mix_prob, a.label_smoothing)
+        with autocast(self.device, self.args.amp):
+            logits = model(x)
+        if target is None:
+            return self.criterion(logits.float(), y), (logits.detach().argmax(1) == y).sum()
+        loss = torch.sum(-target * logits.float().log_softmax(1), 1).mean()
+        return loss, (logits.detach().argmax(1) == target.argmax(1)).sum()
+
+
+class EpochSums:
+    """Per-step loss, correct and count of one epoch, kept on the device (the host reads them every 50 steps
+    only) and saved with an interrupted epoch so a resumed one reports the same totals."""
+
+    def __init__(self, steps, device, partial=None):
+        self.loss = torch.zeros(steps, device=device)
+        self.correct = torch.zeros(steps, device=device, dtype=torch.long)
+        self.count = [0] * steps
+        self.seconds_before, self.step = 0.0, 0
+        if partial:
+            self.loss.copy_(partial["step_loss"])
+            self.correct.copy_(partial["step_correct"])
+            self.count = list(partial["step_count"])
+            self.seconds_before = partial["seconds"]
+
+    def state(self, seconds):
+        return {"step_loss": self.loss.cpu(), "step_correct": self.correct.cpu(), "step_count": self.count,
+                "seconds": self.seconds_before + seconds}
+
+    def totals(self, world):
+        """(mean loss, accuracy, images) over the epoch, summed over processes; fp16-skipped steps left out."""
+        counts = torch.tensor(self.count, device=self.loss.device, dtype=torch.float64)
+        finite = torch.isfinite(self.loss)  # only fp16 loss scaling lets a non-finite step through
+        loss_sum = (torch.where(finite, self.loss, 0).double() * counts).sum()
+        correct, count = self.correct.sum(), (counts * finite).sum()
+        reduce_sums(world, loss_sum, correct, count)
+        n = max(1.0, count.item())
+        return loss_sum.item() / n, correct.item() / n, n
+
+
+def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch, start_step, sums, show_bar):
+    """One pass over the loader from start_step: schedule, forward, backward, step, EMA update. Raises
+    KeyboardInterrupt at a step boundary after Ctrl-C/SIGTERM (sums.step says where)."""
+    from tqdm import tqdm
+    model.train()
+    use_scaler = scaler.is_enabled()
+    bar = tqdm(total=run.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{run.args.epochs}",
+               disable=not show_bar, leave=False, unit="step")
+    t0 = time.perf_counter()
+    step = checked = sums.step = start_step
+    current_factor = None
+    try:
+        for x, y in loader:
+            if run.interrupted:
+                raise KeyboardInterrupt
+            if y.numel() == 0:  # every image of the batch was broken
+                step = sums.step = step + 1
+                continue
+            factor = run.lr_factor(epoch * run.steps_per_epoch + step)
+            if factor != current_factor:
+                for group in optimizer.param_groups:
+                    group["lr"] = run.args.lr * group["lr_mult"] * factor
+                current_factor = factor
+            t_step = time.perf_counter() if run.first_step_seconds is None else None
+            loss, hits = run.loss_and_hits(model, x, y, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            if use_scaler:
+                scale = scaler.get_scale()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                run.skipped_steps += scaler.get_scale() < scale
+            else:
+                loss.backward()
+                optimizer.step()
+            if ema is not None:
+                ema.update(raw_model)
+            if t_step is not None:
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize(run.device)
+                run.first_step_seconds = time.perf_counter() - t_step
+            sums.loss[step] = loss.detach()
+            sums.correct[step] = hits
+            sums.count[step] = y.shape[0]
+            step = sums.step = step + 1
+            if step % 50 == 0 or step == run.steps_per_epoch:
+                check_finite(sums.loss, checked, step, epoch, use_scaler)
+                checked = step
+                if show_bar:
+                    bar.set_postfix(loss=f"{epoch_mean(sums.loss, sums.count):.3f}",
+                                    acc=f"{sums.correct[:step].sum().item() / max(1, sum(sums.count[:step])):.3f}",
+                                    img_s=f"{sum(sums.count[start_step:step]) / max(time.perf_counter() - t0, 1e-9):.0f}")
+                    bar.update(step - bar.n)
+        check_finite(sums.loss, checked, step, epoch, use_scaler)
+    finally:
+        bar.close()
 
 
 def check_finite(step_loss, start, stop, epoch, use_scaler):

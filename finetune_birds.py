@@ -51,7 +51,8 @@ def parse_args(argv=None):
         help="dali: DALI pipeline (nvJPEG on a GPU, DALI CPU decoder otherwise); torch: PIL in DataLoader workers; auto: DALI when installed, else torch")
     add("--workers", type=int, default=2, help="decoding threads/processes")
     add("--max-bad-frac", type=float, default=0.05, help="refuse the data when more than this fraction of images is broken")
-    add("--tta", action="store_true", help="average predictions with the mirrored image for the test CSV")
+    add("--tta", nargs="?", const="flip", default="none",
+        help="test-time augmentation for the CSV: none, flip, or flip,shift (softmax averaged over the views)")
     engine.add_training_args(parser, RECIPE)
     return parser.parse_args(argv)
 
@@ -106,6 +107,7 @@ def check_args(args):
         raise engine.UsageError("--img-size must be >= 16, --backbone-lr-mult >= 0, --rrc-min-scale in (0, 1]")
     if args.cache_features and not args.freeze_backbone:
         raise engine.UsageError("--cache-features needs --freeze-backbone (a training backbone changes its features)")
+    engine.parse_tta(args.tta)
     try:
         args.aug_set = sorted(data.parse_bird_aug(args.aug))
     except data.DataError as e:
@@ -183,7 +185,7 @@ def run(argv=None):
     if engine.is_main(rank):
         engine.load_best(model, args.out)
         test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv",
-                                         tta=args.tta and not args.cache_features)
+                                         tta=() if args.cache_features else engine.parse_tta(args.tta))
         final = engine.finish(args.out, summary, model, test_acc,
                               {"arch": args.arch, "freeze_backbone": args.freeze_backbone, "loader": loader_kind,
                                "cache_seconds": cache_seconds, "skipped_images": skipped})

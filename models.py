@@ -127,14 +127,93 @@ class CifarResNet18(nn.Module):
         return self.classifier(self.pool(self.features(self.stem(x))))
 
 
-def build_cifar_model(name, num_classes=100, depth=8, width=32, norm="none", dropout=0.0, residual=False):
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, "Identity Mappings"): BN-ReLU-conv twice, identity shortcut
+    (a 1x1 conv on the pre-activated input where the shape changes), optional dropout between the convs (WRN)."""
+
+    def __init__(self, c_in, c_out, stride, dropout=0.0):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.drop(torch.relu(self.bn2(out))))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet on 32x32 inputs: 3x3 stem, stages of PreActBlocks, BN-ReLU, average pool, linear.
+
+    PreAct ResNet-18: blocks (2, 2, 2, 2), widths 64..512. Wide ResNet WRN-d-k (Zagoruyko & Komodakis 2016): three
+    stages of (d - 4) / 6 blocks, widths 16k, 32k, 64k, a 16-channel stem, dropout inside the blocks."""
+
+    def __init__(self, blocks, widths, stem=64, num_classes=100, dropout=0.0, block_dropout=0.0):
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        layers, c_in = [], stem
+        for i, (n, c_out) in enumerate(zip(blocks, widths, strict=True)):
+            for j in range(n):
+                layers.append(PreActBlock(c_in, c_out, 2 if (j == 0 and i > 0) else 1, block_dropout))
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU(inplace=True), GlobalAvgPool())
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(self.stem(x))))
+
+
+def wide_resnet(depth=28, widen=10, num_classes=100, dropout=0.0):
+    if (depth - 4) % 6:
+        raise ValueError(f"a Wide ResNet's depth is 6n + 4 (16, 22, 28, 40, ...), got {depth}")
+    n = (depth - 4) // 6
+    return PreActResNet((n, n, n), (16 * widen, 32 * widen, 64 * widen), stem=16, num_classes=num_classes,
+                        block_dropout=dropout)
+
+
+def init_weights(model):
+    """He/Kaiming initialisation (fan-out, ReLU gain) for convolutions, as torchvision does for its ResNets;
+    norm layers at weight 1 and bias 0; linear layers keep PyTorch's default. Without it a plain 8-conv stack
+    (no normalisation) starts with vanishing activations and never learns (BENCHMARKS.md)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+CIFAR_MODELS = ("basenet", "convnet", "resnet18", "preact18", "wrn")
+
+
+def build_cifar_model(name, num_classes=100, depth=8, width=32, norm="none", dropout=0.0, residual=False,
+                      init="kaiming", widen=None):
+    """A CIFAR network by name. `init` 'kaiming' (default for every network but BaseNet, whose course recipe
+    keeps PyTorch's default) or 'default'. For 'wrn', `depth` and `widen` give WRN-depth-widen."""
     if name == "basenet":
         return BaseNet(num_classes, dropout)
     if name == "convnet":
-        return ConvNet(depth, width, norm, dropout, residual, num_classes)
-    if name == "resnet18":
-        return CifarResNet18(num_classes, width=64 if width == 32 else width, dropout=dropout)
-    raise ValueError(f"unknown CIFAR model {name!r}")
+        model = ConvNet(depth, width, norm, dropout, residual, num_classes)
+    elif name == "resnet18":
+        model = CifarResNet18(num_classes, width=64 if width == 32 else width, dropout=dropout)
+    elif name == "preact18":
+        w = 64 if width == 32 else width
+        model = PreActResNet((2, 2, 2, 2), (w, 2 * w, 4 * w, 8 * w), stem=w, num_classes=num_classes, dropout=dropout)
+    elif name == "wrn":
+        model = wide_resnet(depth, widen or 10, num_classes, dropout)
+    else:
+        raise ValueError(f"unknown CIFAR model {name!r}")
+    return init_weights(model) if init == "kaiming" else model
 
 
 # ----------------------------------------------------------------------------- transfer learning
@@ -271,14 +350,15 @@ def architecture_table(model, input_shape=(1, 3, 32, 32)):
 
 def main():
     parser = argparse.ArgumentParser(description="Print a CIFAR model's architecture table.")
-    parser.add_argument("model", choices=["basenet", "convnet", "resnet18"], help="which network")
-    parser.add_argument("--depth", type=int, default=8, help="conv layers (convnet)")
+    parser.add_argument("model", choices=CIFAR_MODELS, help="which network")
+    parser.add_argument("--depth", type=int, default=8, help="conv layers (convnet), or the WRN depth (wrn)")
+    parser.add_argument("--widen", type=int, default=10, help="widen factor (wrn)")
     parser.add_argument("--width", type=int, default=32, help="base channels (convnet)")
     parser.add_argument("--bn", action="store_true", help="BatchNorm after every conv (convnet)")
     parser.add_argument("--residual", action="store_true", help="residual pairs (convnet)")
     args = parser.parse_args()
     model = build_cifar_model(args.model, depth=args.depth, width=args.width, norm="bn" if args.bn else "none",
-                              residual=args.residual)
+                              residual=args.residual, widen=args.widen)
     print(architecture_table(model))
 
 

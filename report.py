@@ -143,7 +143,7 @@ def make_report(results):
                              f"{r['test']} | {r['time']} | {r['epochs']} |")
         lines.append("")
         final_dir = best_run(results, study) if study == "birds" else \
-            (study_runs.get(("cifar", "08_final")) or study_runs[order[-1]])[0]
+            (next((study_runs[k] for k in order if k[1].endswith("_final")), None) or study_runs[order[-1]])[0]
         if final_dir and (final_dir / "architecture.md").is_file():
             table = (final_dir / "architecture.md").read_text().split("\n", 2)[-1].strip()
             if study == "birds":  # a ResNet-50 lists hundreds of layers: keep the head and the total

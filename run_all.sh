@@ -14,7 +14,8 @@
 # sentence per piece what to fetch and exits 1 before any run; then it prints the plan with a time estimate.
 # A run whose final.json exists is skipped; an unfinished one resumes from its last.pt. Settings from
 # the environment: PYTHON, RESULTS (results), CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011),
-# BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet), BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run).
+# BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet), BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run),
+# CIFAR_FINAL (1; 0 leaves out the final WRN-28-10 run, e.g. for the ladder alone on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,7 +44,7 @@ BIRDS_WEIGHTS=${BIRDS_WEIGHTS:-imagenet}
 BIRDS_IMG=${BIRDS_IMG:-224}
 EXTRA=${EXTRA:-}
 DEVICE_FLAG=""; [ -n "${DEVICE:-}" ] && DEVICE_FLAG="--device $DEVICE"
-WIDTH=32; WIDE=64; CIFAR_FINAL_WIDTH=64
+WIDTH=32; WIDE=64; CIFAR_FINAL_FLAGS=""
 CIFAR_SMOKE=""; BIRDS_SMOKE=""
 
 if [ "$SMOKE" = 1 ]; then
@@ -52,7 +53,8 @@ if [ "$SMOKE" = 1 ]; then
   [ -d "$SMOKE_DATA/cifar/cifar-100-python" ] || $PYTHON tests/fixtures.py cifar "$SMOKE_DATA/cifar" --per-class 20 >/dev/null
   [ -d "$SMOKE_DATA/cub/CUB_200_2011" ] || $PYTHON tests/fixtures.py cub "$SMOKE_DATA/cub" --classes 5 --per-class 12 >/dev/null
   CIFAR_DATA="$SMOKE_DATA/cifar"; BIRDS_DATA="$SMOKE_DATA/cub/CUB_200_2011"
-  BIRDS_ARCH=resnet18; BIRDS_WEIGHTS=none; BIRDS_IMG=64; WIDTH=8; WIDE=16; CIFAR_FINAL_WIDTH=16
+  BIRDS_ARCH=resnet18; BIRDS_WEIGHTS=none; BIRDS_IMG=64; WIDTH=8; WIDE=16
+  CIFAR_FINAL_FLAGS="--depth 10 --widen 1 --batch-size 64"   # a WRN-10-1 stands in for WRN-28-10
   EXTRA="$EXTRA --quiet"
   CIFAR_SMOKE="--val-per-class 5"; BIRDS_SMOKE="--batch-size 8 --workers 0"
 fi
@@ -94,18 +96,24 @@ studies() {
 if [ "$ONLY" != birds ]; then
   E=$(epochs 30)
   C="train_cifar.py --data-dir $CIFAR_DATA --epochs $E $CIFAR_EXTRA"
+  AUG="--normalize --aug flip,crop"
   SGD="--optimizer sgd --nesterov --lr 0.05 --wd 5e-4 --batch-size 128"
+  SCHED="--lr 0.1 --schedule onecycle --label-smoothing 0.1 --dropout 0.2"
   run cifar 01_basenet "BaseNet, course recipe" $C
   run cifar 02_normalize "+ per-channel normalisation" $C --normalize
-  run cifar 03_augment "+ random crop and flip" $C --normalize --aug flip,crop
-  run cifar 04_depth "+ 8 conv layers (no normalisation)" $C --normalize --aug flip,crop --depth 8 --width $WIDTH
-  run cifar 05_bn "+ BatchNorm, larger lr" $C --normalize --aug flip,crop --depth 8 --width $WIDTH --bn $SGD
-  run cifar 06_width "+ twice the width" $C --normalize --aug flip,crop --depth 8 --width $WIDE --bn $SGD
-  run cifar 07_schedule "+ one-cycle schedule, label smoothing, dropout" $C --normalize --aug flip,crop --depth 8 \
-      --width $WIDE --bn $SGD --lr 0.1 --schedule onecycle --label-smoothing 0.1 --dropout 0.2
-  run cifar 08_final "ResNet-18, cutout, 2x epochs (final model)" train_cifar.py --data-dir "$CIFAR_DATA" \
-      --epochs "$(epochs 60)" $CIFAR_EXTRA --model resnet18 --width "$CIFAR_FINAL_WIDTH" --normalize \
-      --aug flip,crop,cutout $SGD --lr 0.1 --schedule onecycle --label-smoothing 0.1
+  run cifar 03_augment "+ random crop and flip" $C $AUG
+  run cifar 04_depth "+ 8 conv layers, PyTorch's default init, no normalisation" $C $AUG --depth 8 --width $WIDTH --init default
+  run cifar 05_kaiming "+ He (Kaiming) initialisation" $C $AUG --depth 8 --width $WIDTH
+  run cifar 06_bn "+ BatchNorm, SGD lr 0.05 Nesterov, weight decay" $C $AUG --depth 8 --width $WIDTH --bn $SGD
+  run cifar 07_schedule "+ one-cycle schedule, label smoothing, dropout" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED
+  run cifar 08_ema "+ EMA of the weights (0.99)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99
+  run cifar 09_cutmix "+ CutMix (alpha 1, half the samples)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99 \
+      --cutmix 1.0 --mix-prob 0.5
+  run cifar 10_width "+ twice the width" $C $AUG --depth 8 --width $WIDE --bn $SGD $SCHED --ema 0.99 --cutmix 1.0 --mix-prob 0.5
+  if [ "${CIFAR_FINAL:-1}" = 1 ]; then
+    run cifar 11_final "final preset: WRN-28-10, CutMix, EMA, flip+shift TTA (final model)" train_cifar.py \
+        --data-dir "$CIFAR_DATA" --preset final --epochs "$(epochs 100)" $CIFAR_EXTRA $CIFAR_FINAL_FLAGS
+  fi
 fi
 
 if [ "$ONLY" != cifar ]; then
@@ -134,10 +142,13 @@ mkdir -p "$RESULTS"
 cut -f1-4 "$PLAN_TMP" > "$RESULTS/plan.tsv"
 MODE=run; studies
 
-# Final CSVs from the best checkpoints, each written by predict.py alone.
-if [ "$ONLY" != birds ] && [ -f "$RESULTS/cifar/08_final/seed0/best.pt" ]; then
-  $PYTHON predict.py "$RESULTS/cifar/08_final/seed0/best.pt" --data-dir "$CIFAR_DATA" --out "$RESULTS/cifar_submission.csv" \
-      --tta $DEVICE_FLAG
+# Final CSVs from the best checkpoints, each written by predict.py alone; with --seeds > 1 the CIFAR CSV is the
+# ensemble of the final recipe's seeds (softmax averaged, with the preset's flip+shift TTA).
+FINAL_CKPTS=("$RESULTS"/cifar/11_final/seed*/best.pt)
+if [ "$ONLY" != birds ] && [ -f "${FINAL_CKPTS[0]}" ]; then
+  # shellcheck disable=SC2086
+  $PYTHON predict.py "${FINAL_CKPTS[@]}" --data-dir "$CIFAR_DATA" --out "$RESULTS/cifar_submission.csv" \
+      --tta flip,shift $DEVICE_FLAG
 fi
 if [ "$ONLY" != cifar ]; then
   BEST_BIRDS=$($PYTHON report.py --results "$RESULTS" --best-run birds)

@@ -71,3 +71,86 @@ def test_architecture_table_lists_every_layer():
     assert "| features.0 | Conv2d | 6x28x28 | 456 |" in table
     assert "| features.6 | Flatten | 400 | 0 |" in table
     assert "**28,022**" in table
+
+
+@pytest.mark.parametrize("depth,widen,params", [(28, 10, 36_536_884), (16, 8, 11_007_540)])
+def test_wide_resnets_match_the_paper(depth, widen, params):
+    """WRN-28-10 has 36.5M parameters and WRN-16-8 11.0M (Zagoruyko & Komodakis 2016, table 1 / 36.5M)."""
+    net = models.build_cifar_model("wrn", depth=depth, widen=widen)
+    assert models.count_parameters(net) == params
+    assert round(models.count_parameters(net) / 1e6, 1) == {28: 36.5, 16: 11.0}[depth]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == depth - 3  # stem + 2 per block; the classifier is the depth's last layer, shortcuts 1x1
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_preact_resnet18_shape_and_size():
+    net = models.build_cifar_model("preact18")
+    blocks = [m for m in net.modules() if isinstance(m, models.PreActBlock)]
+    assert len(blocks) == 8 and models.count_parameters(net) == 11_218_340  # 11.2M, as ResNet-18 on CIFAR
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    table = models.architecture_table(net)
+    assert "PreActBlock" not in table and "| **total** | | | **11,218,340**" in table
+
+
+def test_kaiming_init_is_the_default_and_default_is_kept_on_request():
+    torch.manual_seed(0)
+    he = models.build_cifar_model("convnet", depth=3, width=16, norm="none")
+    torch.manual_seed(0)
+    plain = models.build_cifar_model("convnet", depth=3, width=16, norm="none", init="default")
+    w_he, w_plain = he.features[2][0].weight, plain.features[2][0].weight  # the 16 -> 32 3x3 conv
+    fan_out = 32 * 9
+    assert abs(w_he.std().item() - (2 / fan_out) ** 0.5) < 0.01  # He: std sqrt(2 / fan_out)
+    assert w_plain.std().item() < 0.6 * w_he.std().item()  # PyTorch's default is much smaller
+    assert models.count_parameters(models.BaseNet()) == models.count_parameters(models.build_cifar_model("basenet"))
+
+
+def test_mixing_keeps_label_mass_and_cutmix_stays_in_its_box():
+    import data
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    mixed, target = data.mix_batch(x, y, 10, seed=3, cutmix=1.0, prob=1.0, smoothing=0.1)
+    assert torch.allclose(target.sum(1), torch.ones(16)) and (target >= 0).all()
+    partner = x.flip(0)
+    for i in range(16):
+        from_partner = (mixed[i] == partner[i]) & (mixed[i] != x[i])
+        changed = mixed[i] != x[i]
+        assert torch.equal(changed, from_partner)  # pixels only ever come from the partner
+        rows, cols = changed.any(0).any(1).nonzero(), changed.any(0).any(0).nonzero()
+        if len(rows):  # changed pixels fill exactly one rectangle
+            box = changed.any(0)[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.all() and changed.any(0).sum() == box.numel()
+            kept = 1 - box.numel() / (32 * 32)  # lam is the kept area
+            expected = 0.9 * (kept * torch.nn.functional.one_hot(y[i], 10) + (1 - kept) *
+                              torch.nn.functional.one_hot(y.flip(0)[i], 10)) + 0.01
+            assert torch.allclose(target[i], expected, atol=1e-5)
+    mixed_up, target_up = data.mix_batch(x, y, 10, seed=3, mixup=0.4, prob=1.0)
+    lam = target_up[torch.arange(16), y]
+    same = y == y.flip(0)
+    lam = torch.where(same, torch.ones(16), lam)
+    for i in range(16):  # mixup: x = lam x_i + (1 - lam) x_j, with lam read back from the targets
+        if not same[i]:
+            assert torch.allclose(mixed_up[i], lam[i] * x[i] + (1 - lam[i]) * partner[i], atol=1e-5)
+    assert torch.allclose(target_up.sum(1), torch.ones(16))
+
+
+def test_ema_follows_its_formula_on_a_tiny_model():
+    import engine
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ema = engine.make_ema(net, 0.9)
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(5):
+        loss = net(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(net)
+        for k, v in net.state_dict().items():
+            expected[k] = 0.9 * expected[k] + 0.1 * v if v.is_floating_point() else v.clone()
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+    assert not torch.equal(ema.module[0].weight, net[0].weight)  # the average lags the weights
+    assert engine.make_ema(net, 0.0) is None  # --ema 0: off

@@ -119,5 +119,5 @@ def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean
     proc = subprocess.run(["bash", "run_all.sh", "--plan-only"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "cifar/08_final" in proc.stdout and "birds/finetune" in proc.stdout and "estimated total:" in proc.stdout
+    assert "cifar/11_final" in proc.stdout and "birds/finetune" in proc.stdout and "estimated total:" in proc.stdout
     assert "download" not in proc.stderr and not (tmp_path / "results").exists()

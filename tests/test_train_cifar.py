@@ -96,9 +96,10 @@ def _deterministic_columns(path):
     return pd.read_csv(path).drop(columns=["epoch_seconds", "images_per_second", "eval_seconds"])
 
 
+# Every resume test also covers the EMA (saved in last.pt) and per-sample MixUp/CutMix (drawn from the step's seed).
 RESUME = ["--epochs", "4", "--deterministic", "--model", "convnet", "--depth", "2", "--width", "8", "--bn",
           "--dropout", "0.2", "--aug", "flip,crop,cutout", "--normalize", "--schedule", "cosine", "--batch-size", "50",
-          *QUICK]
+          "--ema", "0.9", "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.8", *QUICK]
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +279,43 @@ def test_disk_full_during_a_checkpoint_write_keeps_everything(cifar_dir, tmp_pat
     assert exit_info.value.code == 1 and "No space left on device" in err and len(err.splitlines()) == 1
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items() if k != "config.json"}
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("train_cifar").PRESETS))
+def test_every_preset_parses_and_runs_a_step(preset, cifar_dir, tmp_path):
+    """--preset fills the recipe, later flags override it, config.json records the resolved flags."""
+    import train_cifar
+    args = train_cifar.parse_args(["--preset", preset, "--lr", "0.123"])
+    assert args.lr == 0.123 and all(getattr(args, k) == v for k, v in train_cifar.PRESETS[preset].items() if k != "lr")
+    small = {"final": ["--depth", "10", "--widen", "1"], "cpu5": ["--width", "8"], "baseline": []}[preset]
+    out = tmp_path / preset
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--preset", preset, "--epochs", "1",
+               "--batch-size", "100", *small, *QUICK)
+    config = json.loads((out / "config.json").read_text())["args"]
+    assert config["preset"] == preset and config["epochs"] == 1 and config["model"] == train_cifar.PRESETS[preset]["model"]
+    assert (out / "submission.csv").is_file()
+
+
+def test_predict_averages_an_ensemble(trained, cifar_dir, tmp_path):
+    """predict.py with two checkpoints writes the argmax of their averaged softmax (computed here by hand)."""
+    import engine
+    import models
+    import predict
+    out, _ = trained
+    other = tmp_path / "other"
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", other, "--epochs", "1", "--seed", "7", *QUICK, *LEARN)
+    run_script("predict.py", out / "best.pt", other / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "e.csv",
+               "--device", "cpu", "--tta", "flip")
+    args = predict.parse_args([str(out / "best.pt"), "--data-dir", str(cifar_dir), "--out", "-", "--device", "cpu"])
+    loader, _ = predict.test_loader(engine.load_checkpoint(out / "best.pt"), args, torch.device("cpu"))
+    nets = []
+    for ckpt_path in (out / "best.pt", other / "best.pt"):
+        ckpt = engine.load_checkpoint(ckpt_path)
+        nets.append(models.build_model(ckpt["model_config"]))
+        nets[-1].load_state_dict(ckpt["model"])
+        nets[-1].eval()
+    with torch.no_grad():  # the mean over 2 checkpoints x 2 views (image, mirror) of the softmax
+        probs = torch.cat([sum(net(v).softmax(1) for net in nets for v in (x, x.flip(3))) / 4 for x, _ in loader])
+    expected = probs.argmax(1).tolist()
+    got = [int(line.split(",")[1].strip('"')) for line in (tmp_path / "e.csv").read_text().splitlines()[1:]]
+    assert got == expected

@@ -9,7 +9,8 @@ per-check logs, in --out) is what goes into BENCHMARKS.md's GPU section.
     bash tools/gpu_check.sh --only cifar-fast,resume --skip suite
 
 Checks (names for --only/--skip):
-  cifar-fast     train_cifar.py, 2 epochs, the CUDA defaults: bf16 autocast, channels-last, torch.compile
+  cifar-fast     train_cifar.py, 2 epochs, the CUDA defaults: bf16 autocast, channels-last, torch.compile; with
+                 EMA, CutMix and flip+shift TTA on
   cifar-plain    the same with --no-compile --no-amp
   deterministic  two --deterministic CUDA runs give bit-identical weights
   resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed equals the uninterrupted one
@@ -267,7 +268,8 @@ def main():
         sys.exit(f"error: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
     wanted = [c for c in wanted if c not in args.skip.split(",")]
     functions = {
-        "cifar-fast": lambda ctx: check_cifar(ctx, "cifar-fast", []),
+        "cifar-fast": lambda ctx: check_cifar(ctx, "cifar-fast", ["--ema", "0.99", "--cutmix", "1.0", "--mix-prob", "0.5",
+                                                                 "--tta", "flip,shift"]),
         "cifar-plain": lambda ctx: check_cifar(ctx, "cifar-plain", ["--no-compile", "--no-amp"]),
         "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
         "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
