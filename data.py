@@ -720,6 +720,7 @@ class DaliImageLoader(SampledLoader):
     crop, resize, flip and normalisation inside DALI. The sampler feeds the file bytes and each
     sample's crop box and mirror flag, drawn by `draw_augmentation` exactly as the torch loader draws
     them: same order, same crops, and an epoch resumes exactly at any step."""
+    on_torch_stream = True  # False: host-synchronous outputs, as before (tools/gpu_check.sh times both)
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
@@ -810,7 +811,7 @@ class DaliImageLoader(SampledLoader):
         pipe, self.pipe = self.pipe, None
         # On a GPU the outputs are bound to torch's stream (no host sync per batch, so DALI's prefetch overlaps
         # the training step) and copied on that stream; on the CPU they are host tensors anyway.
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" and self.on_torch_stream else None
         for step, size in enumerate(sizes):
             try:
                 images, labels = pipe.run(stream) if stream is not None else pipe.run()

@@ -18,6 +18,7 @@ Checks (names for --only/--skip):
   birds-dali     finetune_birds.py with --loader dali (nvJPEG decoding); skipped, saying so, without DALI
   birds-torch    finetune_birds.py with --loader torch (PIL workers, normalised on the GPU)
   dali-pixels    DALI's GPU decode + eval preprocessing against the PIL loader's (mean |difference|)
+  dali-stream    DALI outputs bound to torch's CUDA stream vs host-synchronous outputs (img/s of both)
   gpu-decode     torchvision.io.decode_jpeg(device="cuda") on the bird JPEGs (the fallback where DALI is missing)
   bench          python bench.py --sections 6,7,8 (training img/s, MFU, loader rate, ResNet-50 from JPEG)
   suite          the test suite (python -m pytest -q), which must pass on a GPU machine too
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
 CHECKS = ["cifar-fast", "cifar-plain", "deterministic", "resume", "ddp-nccl", "birds-dali", "birds-torch",
-          "dali-pixels", "gpu-decode", "bench", "suite"]
+          "dali-pixels", "dali-stream", "gpu-decode", "bench", "suite"]
 
 
 class Skip(Exception):
@@ -189,6 +190,33 @@ def check_dali_pixels(ctx):
     return f"mean |DALI nvJPEG - PIL| = {mean:.4f} (normalised units, 128 images, 224 px eval)"
 
 
+def check_dali_stream(ctx):
+    """An epoch of DALI batches feeding a small GPU workload, outputs bound to torch's stream vs host-synchronous."""
+    if not ctx.dali:
+        raise Skip("DALI is not installed")
+    import torch
+
+    import data
+    import models
+    samples = data.load_cub(ctx.cub)[0][:1024]
+    net = models.TransferNet("resnet18", 10).cuda().to(memory_format=torch.channels_last)
+    rates = {}
+    for on_stream in (False, True, False, True):  # interleaved; the second of each pair counts
+        loader = data.DaliImageLoader(samples, 224, 128, True, [0.5] * 3, [0.5] * 3, torch.device("cuda"),
+                                      aug={"rrc", "flip"}, workers=8, channels_last=True)
+        loader.on_torch_stream = on_stream
+        torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        with torch.autocast("cuda", torch.bfloat16), torch.no_grad():
+            for x, _ in loader:
+                net(x)
+                n += len(x)
+        torch.cuda.synchronize()
+        rates[on_stream] = n / (time.perf_counter() - t0)
+    return (f"{rates[True]:,.0f} img/s with outputs on torch's stream vs {rates[False]:,.0f} host-synchronous "
+            f"({rates[True] / rates[False]:.2f}x; ResNet-18 forward at 224 px, 1,024 images)")
+
+
 def check_gpu_decode(ctx):
     import torch
     import torchvision
@@ -273,7 +301,8 @@ def main():
         "cifar-plain": lambda ctx: check_cifar(ctx, "cifar-plain", ["--no-compile", "--no-amp"]),
         "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
         "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
-        "dali-pixels": check_dali_pixels, "gpu-decode": check_gpu_decode, "bench": check_bench, "suite": check_suite,
+        "dali-pixels": check_dali_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
+        "bench": check_bench, "suite": check_suite,
     }
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
               f"{time.strftime('%Y-%m-%d %H:%M')} | ")
