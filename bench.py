@@ -180,7 +180,7 @@ def train_pass(model, opt, batches, device, amp=False):
     return n, time.perf_counter() - t0
 
 
-def train_rate(model, device, batch, size, steps, amp, channels_last, compile_model, classes=100):
+def train_rate(model, device, batch, size, steps, amp, channels_last, compile_model, classes=100, warmup_steps=3):
     """Training images/second of model on random data, and the seconds the first (compiling) steps took."""
     model = model.to(device)
     if channels_last:
@@ -191,7 +191,7 @@ def train_rate(model, device, batch, size, steps, amp, channels_last, compile_mo
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=device)
-    _, warmup = train_pass(step_model, opt, [(x, y)] * 3, device, amp)
+    _, warmup = train_pass(step_model, opt, [(x, y)] * warmup_steps, device, amp)
     images, seconds = train_pass(step_model, opt, [(x, y)] * steps, device, amp)
     return images / seconds, warmup
 
@@ -418,8 +418,9 @@ def estimate_plan(plan_path, device_name=None):
             key = ("birds", args.arch, args.img_size, frozen, args.batch_size)
             make = lambda a=args, c=classes: models.TransferNet(a.arch, c, a.dropout, a.freeze_backbone)  # noqa: E731
         if key not in rates:
-            batch = min(args.batch_size, 256 if device.type == "cuda" else 16)
-            rates[key] = train_rate(make(), device, batch, size, 2, device.type == "cuda", True, False, classes)[0]
+            gpu = device.type == "cuda"  # a CPU times a small batch, once warmed up: an estimate, quickly
+            rates[key] = train_rate(make(), device, min(args.batch_size, 256 if gpu else 8), size, 2 if gpu else 1,
+                                    gpu, True, False, classes, warmup_steps=2 if gpu else 1)[0]
         rate = rates[key]
         if frozen and getattr(args, "cache_features", False):
             seconds = (n_all + n_test) / (3 * rate)  # the one feature pass; the head's epochs cost next to nothing
