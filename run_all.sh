@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --epochs-scale) SCALE="$2"; shift ;;
     --seeds) SEEDS="$2"; shift ;;
     --plan-only) PLAN_ONLY=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
