@@ -270,7 +270,7 @@ def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cut
     Output: float (x * scale + bias), shape (B, C, H, W).
     """
     hp, wp = images.shape[-2:]
-    n, h, w = idx.shape[0], hp - 2 * pad, wp - 2 * pad
+    h, w = hp - 2 * pad, wp - 2 * pad
     # Every possible crop as a view: windows[m, i, :, dy, dx] is image i cropped at (dy, dx). Indexing
     # it with B (mirror, image, dy, dx) tuples is one gather, where cropping and mirroring as separate
     # steps (or through a per-pixel index grid) costs several passes over the batch.
@@ -283,13 +283,18 @@ def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cut
         mirror = flips.long()
     out = windows[mirror, idx, :, dy, dx]  # (B, C, H, W)
     if centres is not None and cutout:
-        ys = torch.arange(h, device=images.device)
-        xs = torch.arange(w, device=images.device)
-        top, left = centres[:, :1] - cutout // 2, centres[:, 1:] - cutout // 2
-        inside_rows = (ys.view(1, h) >= top) & (ys.view(1, h) < top + cutout)
-        inside_cols = (xs.view(1, w) >= left) & (xs.view(1, w) < left + cutout)
-        out = out.masked_fill((inside_rows.view(n, 1, h, 1) & inside_cols.view(n, 1, 1, w)), 0)
+        top, left = centres[:, 0] - cutout // 2, centres[:, 1] - cutout // 2
+        out = out.masked_fill(box_mask(top, top + cutout, left, left + cutout, h, w), 0)
     return torch.addcmul(torch.as_tensor(bias, device=out.device), out.float(), torch.as_tensor(scale, device=out.device))
+
+
+def box_mask(y0, y1, x0, x1, h, w):
+    """(B, 1, H, W) bool: True inside each sample's box, rows y0..y1-1 and columns x0..x1-1 (B-long tensors)."""
+    rows = torch.arange(h, device=y0.device).view(1, h)
+    cols = torch.arange(w, device=x0.device).view(1, w)
+    inside_rows = (rows >= y0.view(-1, 1)) & (rows < y1.view(-1, 1))
+    inside_cols = (cols >= x0.view(-1, 1)) & (cols < x1.view(-1, 1))
+    return inside_rows.view(-1, 1, h, 1) & inside_cols.view(-1, 1, 1, w)
 
 
 def mix_batch(x, y, num_classes, seed, mixup=0.0, cutmix=0.0, prob=1.0, smoothing=0.0, switch_prob=0.5):
@@ -321,10 +326,7 @@ def mix_batch(x, y, num_classes, seed, mixup=0.0, cutmix=0.0, prob=1.0, smoothin
     as_t = lambda a, dtype=torch.float32: torch.from_numpy(np.asarray(a)).to(dev, dtype, non_blocking=True)  # noqa: E731
     lam_t, cut_t = as_t(lam), as_t(is_cut, torch.bool)
     partner = x.flip(0)
-    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    box = ((rows.view(1, h) >= as_t(y0, torch.long).view(b, 1)) & (rows.view(1, h) < as_t(y1, torch.long).view(b, 1))
-           ).view(b, 1, h, 1) & ((cols.view(1, w) >= as_t(x0, torch.long).view(b, 1))
-                                 & (cols.view(1, w) < as_t(x1, torch.long).view(b, 1))).view(b, 1, 1, w)
+    box = box_mask(*(as_t(v, torch.long) for v in (y0, y1, x0, x1)), h, w)
     blended = torch.lerp(partner, x, lam_t.view(b, 1, 1, 1).to(x.dtype))  # lam x + (1 - lam) partner
     mixed = torch.where(cut_t.view(b, 1, 1, 1), torch.where(box, partner, x), blended)
     onehot = F.one_hot(y, num_classes).float()

@@ -79,8 +79,8 @@ def run(argv=None):
     first = engine.load_checkpoint(args.checkpoints[0])
     loader, num_classes = test_loader(first, args, device)
     probs, labels = None, None
-    for path in args.checkpoints:
-        ckpt = engine.load_checkpoint(path)
+    for i, path in enumerate(args.checkpoints):
+        ckpt = first if i == 0 else engine.load_checkpoint(path)
         if ckpt.get("data_config") != first.get("data_config"):
             raise engine.UsageError(f"{path} was trained with other preprocessing than {args.checkpoints[0]}; "
                                     f"an ensemble needs the same data set and normalisation")

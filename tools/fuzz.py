@@ -101,8 +101,9 @@ def read_cub(root):
 
 def read_image(path, size=32):
     """The torch loader's path for one training image: byte check, then PIL decode + random crop + mirror."""
-    if data.check_image_file(path):
-        raise data.DataError(f"{path}: {data.check_image_file(path)}")
+    reason = data.check_image_file(path)
+    if reason:
+        raise data.DataError(f"{path}: {reason}")
     item = data.BirdImages([(str(path), 0, None)], size, aug={"rrc", "flip"})[(0, 7)]
     if item is None:  # decode failed: the loader skips it with a warning naming the file
         raise data.DataError(f"{path}: cannot decode")

@@ -230,8 +230,9 @@ def check_gpu_decode(ctx):
     images = torchvision.io.decode_jpeg(raw, device="cuda", mode=torchvision.io.ImageReadMode.RGB)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    import numpy as np
     from PIL import Image
-    ref = torch.from_numpy(__import__("numpy").asarray(Image.open(samples[0][0]).convert("RGB"))).permute(2, 0, 1)
+    ref = torch.from_numpy(np.array(Image.open(samples[0][0]).convert("RGB"))).permute(2, 0, 1)
     diff = (images[0].cpu().float() - ref.float()).abs().mean().item()
     return f"{len(raw) / seconds:,.0f} img/s batched decode; mean |GPU - PIL| {diff:.2f} of 255 on the first image"
 
