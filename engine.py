@@ -246,7 +246,7 @@ def write_submission(path, predictions):
     atomic_write_text(path, buf.getvalue())
 
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
+METRIC_COLUMNS = ["epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
                   "eval_seconds"]
 
 
@@ -259,17 +259,22 @@ def write_metrics(path, history):
 
 
 def plot_curves(path, history, title=""):
+    """Training loss and validation accuracy per epoch; a run with a linear-probe phase before fine-tuning is
+    drawn as one axis of epochs with a line where fine-tuning starts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
+    x = list(range(1, len(history) + 1))
+    phases = [h.get("phase", "train") for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax1.plot(x, [h["train_loss"] for h in history], marker="o")
     ax1.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax2.plot(epochs, [h["val_acc"] for h in history], marker="o", color="tab:orange")
+    ax2.plot(x, [h["val_acc"] for h in history], marker="o", color="tab:orange")
     ax2.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        if "lp" in phases and "ft" in phases:
+            ax.axvline(phases.index("ft") + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
@@ -481,11 +486,13 @@ def unwrap(model):
 
 
 def fit(model, train_loader, val_loader, args, out, model_config, data_config, device, rank=0, world=1,
-        param_groups=None, title=""):
+        param_groups=None, title="", phase="train", prior_history=()):
     """Train `model` for args.epochs, resuming from OUT/last.pt with --resume. Returns a summary dict.
 
     The best model (by validation accuracy; the EMA weights with --ema) is in OUT/best.pt afterwards.
     `model_config` rebuilds the network (models.build_model), `data_config` the test-time preprocessing.
+    Each metrics row is labelled with `phase` (train; for birds lp = linear probe, ft = fine-tuning), and
+    `prior_history` (an earlier phase's rows) is written above this phase's rows in metrics.csv and the curves.
     """
     out = Path(out)
     main = is_main(rank)
@@ -573,7 +580,7 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             val_loss, val_acc = evaluate(eval_model, val_loader, device, args.amp, world)
             eval_seconds = time.perf_counter() - t_eval
             history.append({
-                "epoch": epoch + 1, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
+                "epoch": epoch + 1, "phase": phase, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                 "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
                 "lr": round(args.lr * run.lr_factor(min((epoch + 1) * run.steps_per_epoch, run.total_steps) - 1), 8),
                 "epoch_seconds": round(epoch_seconds, 3), "images_per_second": round(n / max(epoch_seconds, 1e-9), 1),
@@ -587,8 +594,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                                        "epoch": epoch + 1, "val_acc": val_acc}, out / "best.pt")
             save_last(epoch + 1, 0)
             if main:
-                write_metrics(out / "metrics.csv", history)
-                plot_curves(out / "curves.png", history, title)
+                write_metrics(out / "metrics.csv", [*prior_history, *history])
+                plot_curves(out / "curves.png", [*prior_history, *history], title)
                 h = history[-1]
                 print(f"epoch {epoch + 1}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
                       f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "

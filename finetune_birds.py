@@ -1,9 +1,11 @@
-"""Transfer learning on Caltech-UCSD Birds: an ImageNet backbone as a frozen feature extractor,
-or fine-tuned whole, with a new dropout + linear head.
+"""Transfer learning on Caltech-UCSD Birds: an ImageNet backbone with a new dropout + linear head, as a
+frozen feature extractor, frozen up to some depth, or fine-tuned whole, optionally after a linear probe.
 
     python finetune_birds.py --freeze-backbone                   # ResNet-50, ImageNet weights, head only
     python finetune_birds.py --freeze-backbone --cache-features  # same, backbone run once over the data
-    python finetune_birds.py --backbone-lr-mult 0.1              # fine-tune everything, backbone at lr/10
+    python finetune_birds.py --freeze-stages 2                   # stem + first 2 stages frozen, rest fine-tuned
+    python finetune_birds.py --lp-epochs 5                       # LP-FT: probe the head on cached features, then fine-tune
+    python finetune_birds.py --bn-mode frozen --layer-decay 0.7  # BatchNorm statistics fixed; lr x0.7 per stage down
     python finetune_birds.py --arch tf_efficientnet_lite0 --weights ../shared/weights/tf_efficientnet_lite0_in1k.pth \
         --data-dir ../shared/data/CUB_200_2011_subset100 --device cpu --img-size 224
     torchrun --nproc_per_node=4 finetune_birds.py ...            # DistributedDataParallel
@@ -12,6 +14,8 @@ Validation is carved from the official training split (--val-frac, stratified, s
 test split is scored where labels exist and predicted into OUT/submission.csv in images.txt order.
 """
 import argparse
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +46,21 @@ def parse_args(argv=None):
     add("--freeze-backbone", action="store_true", help="train the head only; backbone frozen, BatchNorm in eval mode")
     add("--cache-features", action="store_true",
         help="with --freeze-backbone: run the backbone once over every image (no augmentation) and train the head on the stored features")
+    add("--freeze-stages", type=int, default=0, metavar="K",
+        help="freeze the stem and the first K stages of the backbone (timm's stage grouping; torchvision ResNets: "
+             "conv1/bn1, layer1..layer4) and fine-tune the rest; 0 fine-tunes everything")
+    add("--bn-mode", choices=models.BN_MODES, default="train",
+        help="BatchNorm layers that train: train (batch statistics), frozen (ImageNet running statistics kept, "
+             "affine weights train), frozen-affine (statistics and affine weights fixed)")
     add("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = --lr times this, when fine-tuning")
+    add("--layer-decay", type=float, default=1.0, metavar="D",
+        help="layer-wise lr decay: each backbone stage's lr is D times the one above it (the last stage gets "
+             "D x --backbone-lr-mult x --lr); 1 = off")
+    add("--lp-epochs", type=int, default=0, metavar="N",
+        help="LP-FT: first train the new head for N epochs on cached frozen features (one feature pass), then "
+             "fine-tune from that head for --epochs; both phases in one run folder")
+    add("--lp-optimizer", choices=["sgd", "adamw"], default="adamw", help="optimizer of the linear-probe phase")
+    add("--lp-lr", type=float, default=1e-3, help="peak lr of the linear-probe phase (cosine schedule)")
     add("--dropout", type=float, default=0.0, help="dropout before the new head")
     add("--img-size", type=int, default=224, help="training and evaluation crop size in pixels")
     add("--aug", default="rrc,flip", help="training augmentation: rrc (random-resized crop), flip, or none")
@@ -74,7 +92,8 @@ def load_samples(args):
 def build_model(args, num_classes):
     pretrained = args.weights == "imagenet"
     try:
-        model = models.TransferNet(args.arch, num_classes, args.dropout, args.freeze_backbone, pretrained)
+        model = models.TransferNet(args.arch, num_classes, args.dropout, args.freeze_backbone, pretrained,
+                                   args.freeze_stages, args.bn_mode)
     except ValueError as e:
         raise engine.UsageError(str(e)) from None
     except (OSError, RuntimeError) as e:  # hub/download failures when offline
@@ -107,6 +126,11 @@ def check_args(args):
         raise engine.UsageError("--img-size must be >= 16, --backbone-lr-mult >= 0, --rrc-min-scale in (0, 1]")
     if args.cache_features and not args.freeze_backbone:
         raise engine.UsageError("--cache-features needs --freeze-backbone (a training backbone changes its features)")
+    if args.freeze_stages < 0 or args.lp_epochs < 0 or not 0 < args.layer_decay <= 1 or not args.lp_lr > 0:
+        raise engine.UsageError("--freeze-stages and --lp-epochs must be >= 0, --layer-decay in (0, 1], --lp-lr > 0")
+    if args.freeze_backbone and (args.freeze_stages or args.lp_epochs):
+        raise engine.UsageError("--freeze-backbone already freezes every stage and trains only the head; drop "
+                                "--freeze-stages/--lp-epochs, or drop --freeze-backbone to fine-tune")
     engine.parse_tta(args.tta)
     try:
         args.aug_set = sorted(data.parse_bird_aug(args.aug))
@@ -114,7 +138,19 @@ def check_args(args):
         raise engine.UsageError(str(e)) from None
 
 
+def describe(args):
+    """How much of the backbone trains, in words (titles, the architecture file)."""
+    if args.freeze_backbone:
+        return "frozen backbone"
+    what = f"stem + {args.freeze_stages} stages frozen" if args.freeze_stages else "fine-tuned whole"
+    extras = [f"BatchNorm {args.bn_mode}" if args.bn_mode != "train" else "",
+              f"layer decay {args.layer_decay}" if args.layer_decay != 1 else "",
+              f"after a {args.lp_epochs}-epoch linear probe" if args.lp_epochs else ""]
+    return ", ".join([what, *filter(None, extras)])
+
+
 def run(argv=None):
+    t_start = time.perf_counter()
     args = parse_args(argv)
     check_args(args)
     device = engine.resolve_device(args)
@@ -127,8 +163,12 @@ def run(argv=None):
     train_samples, val_samples = [train_all[i] for i in train_idx], [train_all[i] for i in val_idx]
     engine.check_training_args(args, len(train_samples))
     data.drop_bad_images(test_samples, 1.0, "test images")  # only warns: broken test images become black
-    engine.prepare_run_dir(args.out, engine.run_config(args, {"data": args.dataset, "classes": len(classes)}),
+    out, lp_dir = Path(args.out), Path(args.out) / "lp"
+    engine.prepare_run_dir(out, engine.run_config(args, {"data": args.dataset, "classes": len(classes)}),
                            args.resume, args.force, rank, world)
+    if args.force and engine.is_main(rank) and lp_dir.exists():
+        shutil.rmtree(lp_dir)
+    engine.barrier(world)
 
     engine.seed_everything(args.seed, rank=0)
     model = build_model(args, len(classes)).to(device)
@@ -147,50 +187,95 @@ def run(argv=None):
     val = data.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False, **common)
     test = data.bird_loader(loader_kind, test_samples, args.img_size, eval_batch, False, keep_broken=True,
                             **{**common, "rank": 0, "world": 1})
+    trainable, total = models.count_parameters(model, trainable_only=True), models.count_parameters(model)
     if engine.is_main(rank):
-        engine.atomic_write_text(f"{args.out}/architecture.md", f"# {args.arch} ({'frozen' if args.freeze_backbone else 'fine-tuned'})\n\n"
+        engine.atomic_write_text(out / "architecture.md", f"# {args.arch} ({describe(args)})\n\n"
                                  + models.architecture_table(model, (1, 3, args.img_size, args.img_size)) + "\n")
-        print(f"{args.arch}: {models.count_parameters(model):,} parameters "
-              f"({models.count_parameters(model, trainable_only=True):,} trainable) on {device}; loader {loader_kind}; "
+        print(f"{args.arch}, {describe(args)}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.1f}%) on {device}; loader {loader_kind}; "
               f"{len(classes)} classes, train {len(train_samples)}, val {len(val_samples)}, test {len(test_samples)}"
               f"{f', skipped {len(skipped)} broken' if skipped else ''}; amp={args.amp} compile={args.compile}")
 
-    cache_seconds = None
-    if args.cache_features:
+    def cache(splits):
+        """The frozen backbone's features of each split (centre crops, no augmentation), as device loaders."""
         t0 = time.perf_counter()
-        unshuffled = data.bird_loader(loader_kind, train_samples, args.img_size, eval_batch, False,
-                                      **{**common, "rank": 0, "world": 1})
-        feats = {name: extract_features(model, loader, device, args.amp)
-                 for name, loader in (("train", unshuffled), ("val", val), ("test", test))}
-        cache_seconds = time.perf_counter() - t0
+        sources = {"train": data.bird_loader(loader_kind, train_samples, args.img_size, eval_batch, False,
+                                             **{**common, "rank": 0, "world": 1}), "val": val, "test": test}
+        feats = {name: extract_features(model, sources[name], device, args.amp) for name in splits}
+        seconds = time.perf_counter() - t0
         if engine.is_main(rank):
-            print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {cache_seconds:.1f}s")
-        train = data.DeviceLoader(*feats["train"], args.batch_size, shuffle=True, seed=args.seed,
-                                  drop_last=len(train_samples) > args.batch_size, rank=rank, world=world)
-        val = data.DeviceLoader(*feats["val"], eval_batch)
-        test = data.DeviceLoader(*feats["test"], eval_batch)
+            print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {seconds:.1f}s")
+        loaders = {name: data.DeviceLoader(*feats[name], eval_batch) for name in splits if name != "train"}
+        loaders["train"] = data.DeviceLoader(*feats["train"], args.batch_size, shuffle=True, seed=args.seed,
+                                             drop_last=len(train_samples) > args.batch_size, rank=rank, world=world)
+        return loaders, seconds
 
     model_config = {"kind": "transfer", "arch": args.arch, "num_classes": len(classes), "dropout": args.dropout,
-                    "freeze_backbone": args.freeze_backbone}
+                    "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
+                    "bn_mode": args.bn_mode}
     data_config = {"dataset": args.dataset, "img_size": args.img_size, "mean": list(mean), "std": list(std),
                    "crop_boxes": args.crop_boxes}
-    param_groups = [{"params": list(model.head.parameters()), "lr_mult": 1.0}]
-    if not args.freeze_backbone:
-        param_groups.append({"params": list(model.backbone.parameters()), "lr_mult": args.backbone_lr_mult})
+    head_only = [{"params": list(model.head.parameters()), "lr_mult": 1.0}]
+    cache_seconds, prior, lp_info = None, [], {}
+
+    # ----------------------------------------------------------------------------- phase 1: linear probe (LP-FT)
+    # The head alone on cached features of the frozen network, in OUT/lp/ (its own last.pt, so a run killed here
+    # resumes here); then the fine-tuning below starts from its best head.
+    if args.lp_epochs:
+        if not (lp_dir / "final.json").is_file():
+            loaders, cache_seconds = cache(("train", "val"))
+            lp_args = argparse.Namespace(**{**vars(args), "epochs": args.lp_epochs, "optimizer": args.lp_optimizer,
+                                            "lr": args.lp_lr, "schedule": "cosine", "warmup": 0.0, "ema": 0.0,
+                                            "mixup": 0.0, "cutmix": 0.0, "compile": False})
+            grads = {p: p.requires_grad for p in model.backbone.parameters()}
+            model.backbone.requires_grad_(False)  # unused by cached features; DDP requires every trainable one used
+            engine.seed_everything(args.seed, rank)
+            summary = engine.fit(model, loaders["train"], loaders["val"], lp_args, lp_dir, model_config, data_config,
+                                 device, rank, world, param_groups=head_only, title=f"birds {args.arch} linear probe",
+                                 phase="lp")
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+            if engine.is_main(rank):
+                engine.atomic_write_text(lp_dir / "final.json", json.dumps(
+                    {"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
+                     "train_seconds": summary["train_seconds"], "cache_seconds": cache_seconds}, indent=2) + "\n")
+            engine.barrier(world)
+        lp_info = json.loads((lp_dir / "final.json").read_text())
+        prior = engine.load_checkpoint(lp_dir / "last.pt")["history"]
+        if not (args.resume and (out / "last.pt").exists()):  # fine-tuning starts here: from the probe's best head
+            model.load_state_dict(engine.load_checkpoint(lp_dir / "best.pt")["model"])
+            start_loss, start_acc = engine.evaluate(model, val, device, args.amp, world)
+            if engine.is_main(rank):
+                print(f"linear probe: best val acc {lp_info['best_val_acc']:.4f}; the whole network with that head: "
+                      f"val acc {start_acc:.4f}; fine-tuning starts")
+                engine.atomic_write_text(lp_dir / "handover.json", json.dumps(
+                    {"val_loss": start_loss, "val_acc": start_acc}, indent=2) + "\n")
+            engine.barrier(world)
+        lp_info["ft_start_val_acc"] = json.loads((lp_dir / "handover.json").read_text())["val_acc"]
+
+    # ----------------------------------------------------------------------------- phase 2: train (head, or fine-tune)
+    if args.cache_features:
+        loaders, cache_seconds = cache(("train", "val", "test"))
+        train, val, test = loaders["train"], loaders["val"], loaders["test"]
+    param_groups = head_only if args.freeze_backbone else model.param_groups(args.backbone_lr_mult, args.layer_decay)
     engine.seed_everything(args.seed, rank)
-    summary = engine.fit(model, train, val, args, args.out, model_config, data_config, device, rank, world,
-                         param_groups=param_groups, title=f"birds {args.arch} "
-                         f"{'frozen' if args.freeze_backbone else 'fine-tuned'}")
+    summary = engine.fit(model, train, val, args, out, model_config, data_config, device, rank, world,
+                         param_groups=param_groups, title=f"birds {args.arch}: {describe(args)}",
+                         phase="lp" if args.freeze_backbone else "ft", prior_history=prior)
 
     if engine.is_main(rank):
-        engine.load_best(model, args.out)
-        test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv",
+        engine.load_best(model, out)
+        test_acc = engine.predict_to_csv(model, test, device, args.amp, out / "submission.csv",
                                          tta=() if args.cache_features else engine.parse_tta(args.tta))
-        final = engine.finish(args.out, summary, model, test_acc,
-                              {"arch": args.arch, "freeze_backbone": args.freeze_backbone, "loader": loader_kind,
-                               "cache_seconds": cache_seconds, "skipped_images": skipped})
+        final = engine.finish(out, summary, model, test_acc, {
+            "arch": args.arch, "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
+            "bn_mode": args.bn_mode, "layer_decay": args.layer_decay, "lp_epochs": args.lp_epochs,
+            "lp_val_acc": lp_info.get("best_val_acc"), "ft_start_val_acc": lp_info.get("ft_start_val_acc"),
+            "lp_seconds": lp_info.get("train_seconds"), "loader": loader_kind,
+            "cache_seconds": cache_seconds if cache_seconds is not None else lp_info.get("cache_seconds"),
+            "wall_seconds": round(time.perf_counter() - t_start, 2), "skipped_images": skipped})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
-              f"{'n/a' if test_acc is None else f'{test_acc:.4f}'}; wrote {args.out}/submission.csv")
+              f"{'n/a' if test_acc is None else f'{test_acc:.4f}'}; wrote {out}/submission.csv")
 
 
 if __name__ == "__main__":

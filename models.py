@@ -273,27 +273,78 @@ def load_backbone_weights(backbone, path):
     backbone.load_state_dict(state)
 
 
+# torchvision's ResNets use the module names of timm's ResNet, so timm's own ResNet matcher groups them:
+# the stem (conv1, bn1, maxpool) and one stage per layerN.
+TORCHVISION_RESNET_MATCHER = {"stem": r"^conv1|^bn1|^maxpool", "blocks": r"^layer(\d+)"}
+BN_MODES = ("train", "frozen", "frozen-affine")
+
+
+def backbone_stages(backbone):
+    """The backbone's parameter names grouped stem first, then one group per stage, from timm's own grouping:
+    `group_matcher(coarse=True)` (one group per stage, plus any final 1x1 conv as the last one) read by
+    timm's `group_parameters`. [[stem names], [stage 1 names], ..., [last stage names]]."""
+    from timm.models import group_parameters
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is not None:
+        matcher = matcher(coarse=True)
+    elif {"conv1", "layer1"} <= {name for name, _ in backbone.named_children()}:
+        matcher = TORCHVISION_RESNET_MATCHER
+    else:
+        raise ValueError(f"{type(backbone).__name__} exposes no stage grouping (timm's group_matcher)")
+    groups = group_parameters(backbone, matcher)
+    return [groups[k] for k in sorted(groups)]
+
+
 class TransferNet(nn.Module):
     """An ImageNet backbone with a new dropout + linear head for the target classes.
 
-    With `freeze_backbone` the backbone gets no gradients and stays in eval mode (BatchNorm statistics
-    frozen) even when the network is put in train mode. `forward` also accepts features the backbone
-    already computed (a 2-D tensor), which is how the feature cache trains the head alone.
+    How much of the backbone trains:
+    - `freeze_backbone`: none of it (a fixed feature extractor);
+    - `freeze_stages=K`: the stem and the first K stages are frozen, the rest trains (0: everything trains);
+    - `bn_mode` for the BatchNorm layers that do train: `train` (batch statistics, running averages updated),
+      `frozen` (ImageNet running statistics kept and used, affine weights train), `frozen-affine` (both fixed).
+    Frozen parameters get no gradients, and frozen modules stay in eval mode (BatchNorm statistics fixed) even
+    when the network is put in train mode. `forward` also accepts features the backbone already computed (a
+    2-D tensor), which is how the feature cache trains the head alone.
     """
 
-    def __init__(self, arch, num_classes, dropout=0.0, freeze_backbone=False, pretrained_imagenet=False):
+    def __init__(self, arch, num_classes, dropout=0.0, freeze_backbone=False, pretrained_imagenet=False,
+                 freeze_stages=0, bn_mode="train"):
         super().__init__()
         self.backbone, self.num_features, self.mean, self.std = make_backbone(arch, pretrained_imagenet)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
-        self.freeze_backbone = freeze_backbone
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; choose {', '.join(BN_MODES)}")
+        self.freeze_backbone, self.freeze_stages, self.bn_mode = freeze_backbone, freeze_stages, bn_mode
+        self.stages = backbone_stages(self.backbone) if freeze_stages or freeze_backbone else None
+        if freeze_stages and not 0 <= freeze_stages <= len(self.stages) - 1:
+            raise ValueError(f"--freeze-stages {freeze_stages}: {arch} has {len(self.stages) - 1} stages after its "
+                             f"stem, so K can be 0 to {len(self.stages) - 1}")
+        frozen = set()
         if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            frozen = {name for name, _ in self.backbone.named_parameters()}
+        elif freeze_stages:
+            frozen = {name for group in self.stages[:freeze_stages + 1] for name in group}
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(name not in frozen)
+        # A module is frozen when all its own parameters are; such modules (and, with --bn-mode frozen, every
+        # BatchNorm) always run in eval mode.
+        self._eval_modules = []
+        for name, module in self.backbone.named_modules():
+            own = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
+            is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            if (own and all(n in frozen for n in own)) or (is_bn and bn_mode != "train"):
+                self._eval_modules.append(module)
+            if is_bn and bn_mode == "frozen-affine":
+                module.requires_grad_(False)
+        self.train()
 
     def train(self, mode=True):
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()
+        for module in self._eval_modules:
+            module.eval()
         return self
 
     def features(self, x):
@@ -301,6 +352,21 @@ class TransferNet(nn.Module):
 
     def forward(self, x):
         return self.head(x if x.ndim == 2 else self.features(x))
+
+    def param_groups(self, backbone_lr_mult=1.0, layer_decay=1.0):
+        """Optimizer groups: the head at the full learning rate; each backbone stage at backbone_lr_mult times
+        layer_decay ** (its distance from the head): the last stage gets one factor D, the stem the most."""
+        groups = [{"params": list(self.head.parameters()), "lr_mult": 1.0}]
+        trainable = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
+        if layer_decay == 1.0:
+            groups.append({"params": list(trainable.values()), "lr_mult": backbone_lr_mult})
+            return groups
+        stages = backbone_stages(self.backbone)
+        for depth, names in enumerate(reversed(stages), start=1):
+            params = [trainable[n] for n in names if n in trainable]
+            if params:
+                groups.append({"params": params, "lr_mult": backbone_lr_mult * layer_decay ** depth})
+        return groups
 
 
 # ----------------------------------------------------------------------------- model building from config
@@ -313,7 +379,8 @@ def build_model(config):
         return build_cifar_model(**config)
     if kind == "transfer":
         return TransferNet(config["arch"], config["num_classes"], config.get("dropout", 0.0),
-                           config.get("freeze_backbone", False))
+                           config.get("freeze_backbone", False), freeze_stages=config.get("freeze_stages", 0),
+                           bn_mode=config.get("bn_mode", "train"))
     raise ValueError(f"unknown model kind {kind!r}")
 
 

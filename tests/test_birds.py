@@ -139,6 +139,9 @@ def test_malicious_weights_file_is_refused(cub_dir, tmp_path):
     (["--cache-features"], "--cache-features needs --freeze-backbone"),
     (["--aug", "rrc,rotate"], "unknown augmentation rotate"),
     (["--weights", "/no/such/file.pth"], "neither imagenet, none, nor an existing file"),
+    (["--freeze-stages", "5"], "resnet18 has 4 stages after its stem"),
+    (["--freeze-backbone", "--lp-epochs", "2"], "--freeze-backbone already freezes every stage"),
+    (["--layer-decay", "1.5"], "--layer-decay in (0, 1]"),
 ])
 def test_bad_bird_flags(cub_dir, tmp_path, flags, message):
     proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--out", tmp_path / "r", *QUICK,
@@ -184,3 +187,132 @@ def test_crop_boxes_use_the_torch_loader(cub_dir, tmp_path):
     assert "loader torch" in proc.stdout
     train, _, _ = data.load_cub(cub_dir, crop_boxes=True)
     assert train[0][2] == (2.0, 2.0, 44.0, 44.0)
+
+
+# ----------------------------------------------------------------------------- freezing depth, BatchNorm, LP-FT
+
+def _frozen_prefixes(arch, k):
+    """What --freeze-stages K must freeze, written out by hand from each architecture's module names."""
+    if arch == "resnet18":  # torchvision: conv1/bn1 stem, then layer1..layer4
+        return ("conv1.", "bn1.", *[f"layer{i}." for i in range(1, k + 1)])
+    stages = [f"blocks.{i}." for i in range(k)]  # timm EfficientNet: conv_stem/bn1, blocks.0..6 (+ conv_head)
+    return ("conv_stem.", "bn1.", *stages, *(("conv_head.", "bn2.") if k == 7 else ()))
+
+
+@pytest.mark.parametrize("arch, stages", [("resnet18", 4), ("tf_efficientnet_lite0", 7)])
+def test_freeze_stages_freezes_exactly_the_named_stages(arch, stages):
+    for k in range(stages + 1):
+        model = models.TransferNet(arch, 5, freeze_stages=k).train()
+        frozen = _frozen_prefixes(arch, k) if k else ()
+        for name, p in model.backbone.named_parameters():
+            assert p.requires_grad == (not name.startswith(frozen)), (k, name)
+        for name, m in model.backbone.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                assert m.training == (not name.startswith(tuple(f.rstrip(".") for f in frozen))), (k, name)
+        assert all(p.requires_grad for p in model.head.parameters())
+    with pytest.raises(ValueError, match=f"has {stages} stages"):
+        models.TransferNet(arch, 5, freeze_stages=stages + 1)
+
+
+def test_bn_mode_frozen_keeps_running_statistics_and_trains_affine():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    for mode, stats_move, affine_trains in (("train", True, True), ("frozen", False, True), ("frozen-affine", False, False)):
+        model = models.TransferNet("resnet18", 5, bn_mode=mode).train()
+        before = model.backbone.layer4[1].bn2.running_mean.clone()
+        model(x).sum().backward()
+        assert (not torch.equal(before, model.backbone.layer4[1].bn2.running_mean)) == stats_move, mode
+        assert model.backbone.layer4[1].bn2.weight.requires_grad == affine_trains, mode
+        assert model.backbone.layer4[1].conv2.weight.grad is not None  # the convolutions train in every mode
+
+
+def test_layer_decay_groups_follow_the_stages():
+    model = models.TransferNet("resnet18", 5, freeze_stages=1)
+    groups = model.param_groups(backbone_lr_mult=0.5, layer_decay=0.7)
+    assert groups[0]["lr_mult"] == 1.0 and groups[0]["params"] == list(model.head.parameters())
+    mult = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(mult) == len(trainable) == sum(len(g["params"]) for g in groups)  # each trainable param once
+    bb = model.backbone
+    assert mult[id(bb.layer4[0].conv1.weight)] == pytest.approx(0.5 * 0.7)
+    assert mult[id(bb.layer3[1].bn1.bias)] == pytest.approx(0.5 * 0.7 ** 2)
+    assert mult[id(bb.layer2[0].conv1.weight)] == pytest.approx(0.5 * 0.7 ** 3)
+    assert id(bb.layer1[0].conv1.weight) not in mult and id(bb.conv1.weight) not in mult  # frozen
+
+
+def test_freeze_stages_run_keeps_frozen_stages_bit_identical(clean_cub_dir, tmp_path, resnet18_weights):
+    out = tmp_path / "fs"
+    proc = run_script("finetune_birds.py", "--data-dir", clean_cub_dir, "--weights", resnet18_weights, "--out", out,
+                      "--freeze-stages", "2", "--bn-mode", "frozen", "--layer-decay", "0.7", "--lr", "0.1", *QUICK)
+    original, after = torch.load(resnet18_weights, weights_only=True), backbone_state(out)
+    frozen = _frozen_prefixes("resnet18", 2)
+    for k in original:
+        if k.startswith(frozen) or "running_" in k or "num_batches" in k:  # frozen stages, and every BN statistic
+            assert torch.equal(after[k], original[k]), k
+    for k in ("layer3.0.conv1.weight", "layer4.1.conv2.weight", "layer4.1.bn2.weight"):
+        assert not torch.equal(after[k], original[k]), k
+    final = json.loads((out / "final.json").read_text())
+    expected = sum(v.numel() for k, v in original.items() if not k.startswith(frozen) and "running_" not in k
+                   and "num_batches" not in k) + 512 * 3 + 3
+    assert final["trainable_parameters"] == expected and f"{expected:,} of" in proc.stdout
+
+
+class Crash(Exception):
+    pass
+
+
+LPFT = ["--data-dir", None, "--lp-epochs", "2", "--epochs", "2", "--freeze-stages", "1", "--deterministic",
+        "--loader", "torch", "--dropout", "0.2", *QUICK]
+
+
+def _lpft(cub, weights, out, crash_at=None, monkeypatch=None):
+    """One LP-FT run in this process; with crash_at, the n-th metrics.csv write (after that epoch's last.pt) raises."""
+    import engine
+    import finetune_birds
+    argv = [str(a) for a in LPFT]
+    argv[1] = str(cub)
+    argv += ["--weights", str(weights), "--out", str(out)]
+    if crash_at:
+        calls, real = [0], engine.write_metrics
+
+        def write_then_crash(*a, **kw):
+            real(*a, **kw)
+            calls[0] += 1
+            if calls[0] == crash_at:
+                raise Crash
+        monkeypatch.setattr(engine, "write_metrics", write_then_crash)
+        with pytest.raises(Crash):
+            engine.cli(finetune_birds.run, argv)
+        monkeypatch.setattr(engine, "write_metrics", real)
+        argv.append("--resume")
+    engine.cli(finetune_birds.run, argv)
+
+
+@pytest.fixture(scope="module")
+def lpft_run(clean_cub_dir, resnet18_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lpft") / "r"
+    _lpft(clean_cub_dir, resnet18_weights, out)
+    return out
+
+
+def test_lpft_fine_tunes_from_the_probed_head(lpft_run):
+    final = json.loads((lpft_run / "final.json").read_text())
+    assert final["ft_start_val_acc"] == final["lp_val_acc"]  # the whole network with the probe's head = the probe
+    m = pd.read_csv(lpft_run / "metrics.csv")
+    assert list(m.phase) == ["lp", "lp", "ft", "ft"] and list(m.epoch) == [1, 2, 1, 2]
+    probe = torch.load(lpft_run / "lp" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(probe["backbone.layer4.1.conv2.weight"],
+                       torch.load(lpft_run / "lp" / "last.pt", weights_only=True)["model"]["backbone.layer4.1.conv2.weight"])
+
+
+@pytest.mark.parametrize("crash_at, phase", [(1, "lp"), (3, "ft")])
+def test_lpft_resume_in_each_phase_equals_uninterrupted(crash_at, phase, clean_cub_dir, resnet18_weights, lpft_run,
+                                                        tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    _lpft(clean_cub_dir, resnet18_weights, out, crash_at, monkeypatch)
+    cols = ["epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv")[cols], pd.read_csv(lpft_run / "metrics.csv")[cols])
+    a = torch.load(out / "last.pt", weights_only=True)["model"]
+    b = torch.load(lpft_run / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b), phase
+    assert (out / "submission.csv").read_bytes() == (lpft_run / "submission.csv").read_bytes()
