@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce every result: the CIFAR-100 baseline and ablation ladder, the final CIFAR model, the birds
-# runs (frozen feature extractor vs full fine-tuning, plus a small learning-rate sweep), the final
-# prediction CSVs, and results/REPORT.md with plots and tables.
+# transfer study (frozen feature extractor, frozen up to each depth, LP-FT, BatchNorm policy, learning rates,
+# layer decay, dropout + label smoothing), the final prediction CSVs, and results/REPORT.md.
 #
 #   bash run_all.sh                      # everything, on real data (CIFAR_DATA, BIRDS_DATA below)
 #   bash run_all.sh --smoke              # the whole chain in minutes on CPU with small generated data
@@ -15,7 +15,7 @@
 # A run whose final.json exists is skipped; an unfinished one resumes from its last.pt. Settings from
 # the environment: PYTHON, RESULTS (results), CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011),
 # BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet), BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run),
-# CIFAR_FINAL (1; 0 leaves out the final WRN-28-10 run, e.g. for the ladder alone on a CPU).
+# CIFAR_FINAL (1; 0 leaves out the final WRN-28-10 run, e.g. for the ladder alone on a CPU), BIRDS_LP_EPOCHS (10).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -90,6 +90,15 @@ run() {
 }
 
 CIFAR_EXTRA="$EXTRA $CIFAR_SMOKE"
+# Birds: the linear probe's epochs (cheap: cached features, so not scaled), and which --freeze-stages depths to
+# run: every depth below the backbone's stage count for up to 4 stages (a ResNet: 3 2 1), else three spread out.
+LPE=${BIRDS_LP_EPOCHS:-10}
+[ "$SMOKE" = 1 ] && LPE=2
+FREEZE_DEPTHS=""
+if [ "$ONLY" != cifar ]; then
+  FREEZE_DEPTHS=$($PYTHON -c "import models; n = len(models.backbone_stages(models.make_backbone('$BIRDS_ARCH')[0])) - 1
+print(*sorted({round(i * (n - 1) / 3) for i in (3, 2, 1)} - {0} if n > 4 else range(n - 1, 0, -1), reverse=True))")
+fi
 BIRDS_EXTRA="$EXTRA $BIRDS_SMOKE"
 
 studies() {
@@ -117,14 +126,25 @@ if [ "$ONLY" != birds ]; then
 fi
 
 if [ "$ONLY" != cifar ]; then
-  E=$(epochs 30)
-  B="finetune_birds.py --data-dir $BIRDS_DATA --arch $BIRDS_ARCH --weights $BIRDS_WEIGHTS --img-size $BIRDS_IMG --epochs $E $BIRDS_EXTRA"
-  run birds frozen "frozen backbone, head on cached features" $B --freeze-backbone --cache-features --lr 0.03
-  run birds finetune "full fine-tuning, backbone lr x0.1" $B --lr 0.01 --backbone-lr-mult 0.1
-  run birds finetune_lr0.003 "full fine-tuning, lr 0.003" $B --lr 0.003 --backbone-lr-mult 0.1
-  run birds finetune_lr0.03 "full fine-tuning, lr 0.03" $B --lr 0.03 --backbone-lr-mult 0.1
-  run birds finetune_dropout "full fine-tuning, dropout 0.3, label smoothing 0.1" $B --lr 0.01 \
-      --backbone-lr-mult 0.1 --dropout 0.3 --label-smoothing 0.1
+  # Every fine-tuning row is the default recipe (LP-FT: a linear probe on cached features, then the whole network
+  # with BatchNorm statistics frozen, SGD lr 1e-3) with one thing changed.
+  E=$(epochs 15)
+  B="finetune_birds.py --data-dir $BIRDS_DATA --arch $BIRDS_ARCH --weights $BIRDS_WEIGHTS --img-size $BIRDS_IMG $BIRDS_EXTRA"
+  FT="$B --epochs $E --lp-epochs $LPE"
+  run birds frozen "frozen backbone: linear probe on cached features" $B --freeze-backbone --cache-features \
+      --epochs "$LPE" --optimizer adamw --lr 1e-3
+  for K in $FREEZE_DEPTHS; do
+    run birds "stages$K" "LP-FT, stem + $K stages frozen" $FT --freeze-stages "$K"
+  done
+  run birds lpft "LP-FT, whole network (default recipe)" $FT
+  run birds no_lp "fine-tune from a random head (no linear probe)" $FT --lp-epochs 0
+  run birds bn_train "LP-FT, BatchNorm in train mode" $FT --bn-mode train
+  run birds lr3e-3 "LP-FT, lr 3e-3" $FT --lr 3e-3
+  run birds lr1e-2 "LP-FT, lr 1e-2" $FT --lr 1e-2
+  run birds layer_decay "LP-FT, layer-wise lr decay 0.7" $FT --layer-decay 0.7
+  run birds dropout_ls "LP-FT, dropout 0.3 + label smoothing 0.1" $FT --dropout 0.3 --label-smoothing 0.1
+  run birds old_default "the previous default: random head, BatchNorm train, lr 0.01, backbone x0.1" $FT \
+      --lp-epochs 0 --bn-mode train --lr 0.01 --backbone-lr-mult 0.1
 fi
 }
 
