@@ -427,7 +427,10 @@ def cifar_loaders(data, args, device, rank=0, world=1, split=None):
     val = DeviceLoader(*on_device(data["train_x"][val_idx], data["train_y"][val_idx]), eval_batch, **common)
     test = DeviceLoader(*on_device(data["test_x"], data["test_y"]), eval_batch,  # rank 0 predicts all of it
                         **{**common, "rank": 0, "world": 1})
-    return train, val, test, dict(mean=mean, std=std, train_size=len(train_idx), val_size=len(val_idx))
+    # rank 0's error analysis after training reads all of validation, not its shard
+    val_all = val if world == 1 else DeviceLoader(*on_device(data["train_x"][val_idx], data["train_y"][val_idx]),
+                                                  eval_batch, **{**common, "rank": 0, "world": 1})
+    return train, val, test, dict(mean=mean, std=std, train_size=len(train_idx), val_size=len(val_idx), val_all=val_all)
 
 
 # ----------------------------------------------------------------------------- birds: reading

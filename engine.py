@@ -309,7 +309,8 @@ def prepare_run_dir(out, config, resume, force, rank=0, world=1):
     barrier(world)
     if is_main(rank):
         if force:
-            for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png"):
+            for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png",
+                         "per_class.csv", "confusion_val.csv", "confusion_test.csv", "predictions.csv"):
                 (out / name).unlink(missing_ok=True)
         for stale in out.glob(".*.tmp"):  # half-written by a run killed (SIGKILL) in the middle of a write
             stale.unlink()
@@ -449,11 +450,12 @@ def tta_views(x, tta):
 
 
 @torch.inference_mode()
-def predict_probs(model, loader, device, amp, tta=()):
+def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="predict"):
     """Softmax probabilities (float32, CPU) in loader order, averaged over the TTA views, and the labels."""
+    from tqdm import tqdm
     model.eval()
     probs, labels = [], []
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, unit="batch"):
         views = tta_views(x, tta) if x.ndim == 4 else [x]  # cached features have no views
         with autocast(device, amp):
             p = sum(model(v).float().softmax(1) for v in views) / len(views)
@@ -474,6 +476,51 @@ def write_predictions(path, probs, labels):
     preds = probs.argmax(1)
     write_submission(path, preds.tolist())
     return (preds == labels).float().mean().item() if labels_are_real(labels.numpy()) else None
+
+
+# ----------------------------------------------------------------------------- error analysis files
+
+def write_error_analysis(out, classes, val, test):
+    """What the report's error analysis reads, so it never re-runs a model. `val` and `test` are (probs, labels)
+    of the final model (validation as validated: no TTA; test as submitted). Writes into OUT:
+
+    per_class.csv       class, name, val_n, val_acc, test_n, test_acc (test columns empty without test labels)
+    confusion_val.csv   counts, row = true class, column = predicted class (confusion_test.csv with test labels)
+    predictions.csv     every test image: Id, label (empty without labels), top-5 classes and probabilities
+    """
+    from data import labels_are_real
+    out, k = Path(out), len(classes)
+    per_class = {"class": list(range(k)), "name": [str(c) for c in classes]}
+    for split, (probs, labels) in (("val", val), ("test", test)):
+        real = labels_are_real(labels.numpy())
+        preds = probs.argmax(1)
+        if real:
+            confusion = torch.bincount(labels * k + preds, minlength=k * k).view(k, k)
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["true\\pred", *range(k)])
+            writer.writerows([c, *row] for c, row in enumerate(confusion.tolist()))
+            atomic_write_text(out / f"confusion_{split}.csv", buf.getvalue())
+            n = confusion.sum(1)
+            per_class[f"{split}_n"] = n.tolist()
+            per_class[f"{split}_acc"] = [round(d / m, 6) if m else "" for d, m in zip(confusion.diag().tolist(),
+                                                                                       n.tolist(), strict=True)]
+        else:
+            per_class[f"{split}_n"] = per_class[f"{split}_acc"] = [""] * k
+        if split == "test":
+            top_p, top_c = probs.topk(min(5, k), dim=1)
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["Id", "label", *[f"top{i + 1}" for i in range(top_c.shape[1])],
+                             *[f"p{i + 1}" for i in range(top_c.shape[1])]])
+            for i, (c, pr) in enumerate(zip(top_c.tolist(), top_p.tolist(), strict=True)):
+                writer.writerow([i, int(labels[i]) if real else "", *c, *(f"{v:.5f}" for v in pr)])
+            atomic_write_text(out / "predictions.csv", buf.getvalue())
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(per_class))
+    writer.writerows(zip(*per_class.values(), strict=True))
+    atomic_write_text(out / "per_class.csv", buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- the loop

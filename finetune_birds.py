@@ -16,6 +16,7 @@ test split is scored where labels exist and predicted into OUT/submission.csv in
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -115,10 +116,11 @@ def build_model(args, num_classes):
 
 
 @torch.inference_mode()
-def extract_features(model, loader, device, amp):
+def extract_features(model, loader, device, amp, progress=False, desc="features"):
+    from tqdm import tqdm
     model.eval()
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, unit="batch"):
         with engine.autocast(device, amp):
             feats.append(model.features(x).float())
         labels.append(y)
@@ -197,8 +199,8 @@ def run(argv=None):
                             **{**common, "rank": 0, "world": 1})
     trainable, total = models.count_parameters(model, trainable_only=True), models.count_parameters(model)
     if engine.is_main(rank):
-        engine.atomic_write_text(out / "architecture.md", f"# {args.arch} ({describe(args)})\n\n"
-                                 + models.architecture_table(model, (1, 3, args.img_size, args.img_size)) + "\n")
+        engine.atomic_write_text(out / "architecture.md", models.architecture_markdown(
+            model, f"{args.arch} ({describe(args)})", (1, 3, args.img_size, args.img_size)))
         print(f"{args.arch}, {describe(args)}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.1f}%) on {device}; loader {loader_kind}; "
               f"{len(classes)} classes, train {len(train_samples)}, val {len(val_samples)}, test {len(test_samples)}"
@@ -209,7 +211,8 @@ def run(argv=None):
         t0 = time.perf_counter()
         sources = {"train": data.bird_loader(loader_kind, train_samples, args.img_size, eval_batch, False,
                                              **{**common, "rank": 0, "world": 1}), "val": val, "test": test}
-        feats = {name: extract_features(model, sources[name], device, args.amp) for name in splits}
+        feats = {name: extract_features(model, sources[name], device, args.amp, not args.quiet, f"caching {name}")
+                 for name in splits}
         seconds = time.perf_counter() - t0
         if engine.is_main(rank):
             print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {seconds:.1f}s")
@@ -273,8 +276,14 @@ def run(argv=None):
 
     if engine.is_main(rank):
         engine.load_best(model, out)
-        test_acc = engine.predict_to_csv(model, test, device, args.amp, out / "submission.csv",
-                                         tta=() if args.cache_features else engine.parse_tta(args.tta))
+        test_probs = engine.predict_probs(model, test, device, args.amp, () if args.cache_features else
+                                          engine.parse_tta(args.tta), not args.quiet, "test")
+        test_acc = engine.write_predictions(out / "submission.csv", *test_probs)
+        if world > 1 and not args.cache_features:  # rank 0 analyses all of validation, not its shard
+            val = data.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False,
+                                   **{**common, "rank": 0, "world": 1})
+        engine.write_error_analysis(out, classes, engine.predict_probs(model, val, device, args.amp,
+                                                                       progress=not args.quiet, desc="val"), test_probs)
         final = engine.finish(out, summary, model, test_acc, {
             "arch": args.arch, "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
             "bn_mode": args.bn_mode, "layer_decay": args.layer_decay, "lp_epochs": args.lp_epochs,

@@ -1,7 +1,8 @@
 """Models only: the course's BaseNet, a configurable CNN for the CIFAR ablations, a CIFAR
-ResNet-18, the transfer-learning network for birds, and an architecture table for any model.
+ResNet-18, the transfer-learning network for birds, and architecture tables for any model (stage-level:
+stem, each stage, head; and every leaf layer).
 
-    python models.py basenet          # prints BaseNet's layer table
+    python models.py basenet          # prints BaseNet's stage and layer tables
     python models.py convnet --depth 8 --bn
 """
 import argparse
@@ -415,8 +416,97 @@ def architecture_table(model, input_shape=(1, 3, 32, 32)):
     return "\n".join(lines)
 
 
+def _stage_parts(model):
+    """[(part name, [(module name, module)])] covering every parameter once: stem, stages, head.
+
+    A transfer network uses its backbone's own stages (the grouping --freeze-stages uses); a CIFAR network's
+    `features` are split where a layer with parameters changes the spatial size (a new stage), layers without
+    parameters (ReLU, pooling) staying with the stage before them; `stem` before, everything after is the head."""
+    named = dict(model.named_modules())
+    if isinstance(model, TransferNet):
+        parts, seen = [], set()
+        for i, names in enumerate(backbone_stages(model.backbone)):
+            mods = list(dict.fromkeys("backbone." + n.rsplit(".", 1)[0] for n in names))
+            seen.update(mods)
+            parts.append(("stem" if i == 0 else f"stage {i}", [(m, named[m]) for m in mods]))
+        owned = {p for _, mods in parts for _, m in mods for p in m.parameters(recurse=False)}
+        rest = [(n, m) for n, m in model.backbone.named_modules()
+                if any(p not in owned for p in m.parameters(recurse=False))]  # none for timm/torchvision
+        return parts + [("head", [(f"backbone.{n}", m) for n, m in rest] + [("head", model.head)])]
+    children = dict(model.named_children())
+    if "features" not in children:
+        return [(n, [(n, m)]) for n, m in children.items()]
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[2:])))
+             for n, m in children["features"].named_children()]
+    _dry_run(model, (1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    stages, current = [], None
+    for n, m in children["features"].named_children():
+        has_params = any(True for _ in m.parameters())
+        if current is None or (has_params and shapes[n] != current[1]):
+            current = ([], shapes[n])
+            stages.append(current)
+        current[0].append((f"features.{n}", m))
+    before = list(children).index("features")
+    parts = [("stem", [(n, children[n]) for n in list(children)[:before]])] if before else []
+    parts += [(f"stage {i + 1}", mods) for i, (mods, _) in enumerate(stages)]
+    return parts + [("head", [(n, children[n]) for n in list(children)[before + 1:]])]
+
+
+def _dry_run(model, input_shape):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+
+
+def stage_rows(model, input_shape=(1, 3, 32, 32)):
+    """The compact, stage-level architecture: [(part, modules, output shape, parameters)] for the stem, each
+    stage and the head (see _stage_parts). The parameters sum to the model's total."""
+    parts = _stage_parts(model)
+    shapes, hooks = {}, []
+    for part, members in parts:
+        for _, m in members:  # the part's output: whatever its last module to run returned
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, part=part: shapes.__setitem__(part, tuple(o.shape)) if torch.is_tensor(o) else None))
+    try:
+        output = _dry_run(model, input_shape)
+    finally:
+        for h in hooks:
+            h.remove()
+    shapes[parts[-1][0]] = tuple(output.shape)
+    def short(name):  # backbone.layer1.0.conv1 -> backbone.layer1; backbone.blocks.0.0.conv_dw -> backbone.blocks.0
+        bits = name.split(".")
+        return ".".join(bits[:3] if len(bits) > 2 and bits[1] == "blocks" else bits[:2])
+
+    return [(part, ", ".join(dict.fromkeys(short(n) for n, _ in members)), shapes.get(part, ()),
+             sum(p.numel() for _, m in members for p in m.parameters())) for part, members in parts]
+
+
+def stage_table(model, input_shape=(1, 3, 32, 32)):
+    """stage_rows as a markdown table with a total row."""
+    lines = ["| part | modules | output shape | parameters |", "|---|---|---|---:|"]
+    for part, names, shape, n in stage_rows(model, input_shape):
+        lines.append(f"| {part} | {names if len(names) < 50 else names[:47] + '...'} | "
+                     f"{'x'.join(map(str, shape[1:])) or '-'} | {n:,} |")
+    total, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
+    lines.append(f"| **total** | | | **{total:,}**{f' ({trainable:,} trainable)' if trainable != total else ''} |")
+    return "\n".join(lines)
+
+
+def architecture_markdown(model, title, input_shape=(1, 3, 32, 32)):
+    """A run's architecture.md: the stage-level table (what the report shows), then every leaf layer."""
+    return (f"# {title}\n\n## Stages\n\n{stage_table(model, input_shape)}\n\n## Every layer\n\n"
+            f"{architecture_table(model, input_shape)}\n")
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Print a CIFAR model's architecture table.")
+    parser = argparse.ArgumentParser(description="Print a CIFAR model's architecture tables (stages, then layers).")
     parser.add_argument("model", choices=CIFAR_MODELS, help="which network")
     parser.add_argument("--depth", type=int, default=8, help="conv layers (convnet), or the WRN depth (wrn)")
     parser.add_argument("--widen", type=int, default=10, help="widen factor (wrn)")
@@ -426,7 +516,7 @@ def main():
     args = parser.parse_args()
     model = build_cifar_model(args.model, depth=args.depth, width=args.width, norm="bn" if args.bn else "none",
                               residual=args.residual, widen=args.widen)
-    print(architecture_table(model))
+    print(architecture_markdown(model, args.model))
 
 
 if __name__ == "__main__":

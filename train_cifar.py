@@ -126,8 +126,7 @@ def run(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if engine.is_main(rank):
-        engine.atomic_write_text(f"{args.out}/architecture.md", f"# {args.model}\n\n"
-                                 + models.architecture_table(model, (1, 3, 32, 32)) + "\n")
+        engine.atomic_write_text(f"{args.out}/architecture.md", models.architecture_markdown(model, args.model))
         print(f"{args.model}: {models.count_parameters(model):,} parameters on {device}; "
               f"train {info['train_size']}, val {info['val_size']}, test {len(cifar['test_y'])}; "
               f"amp={args.amp} compile={args.compile} channels_last={args.channels_last}")
@@ -138,7 +137,10 @@ def run(argv=None):
 
     if engine.is_main(rank):
         engine.load_best(model, args.out)
-        test_acc = engine.predict_to_csv(model, test, device, args.amp, f"{args.out}/submission.csv", args.tta_views)
+        test_probs = engine.predict_probs(model, test, device, args.amp, args.tta_views, not args.quiet, "test")
+        test_acc = engine.write_predictions(f"{args.out}/submission.csv", *test_probs)
+        engine.write_error_analysis(args.out, cifar["classes"], engine.predict_probs(
+            model, info["val_all"], device, args.amp, progress=not args.quiet, desc="val"), test_probs)
         final = engine.finish(args.out, summary, model, test_acc, {"model": args.model})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
               f"{'n/a (no test labels)' if test_acc is None else f'{test_acc:.4f}'}; wrote {args.out}/submission.csv")
