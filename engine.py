@@ -173,6 +173,13 @@ def setup_distributed(device):
     return dist.get_rank(), world
 
 
+def device_name(device):
+    """The machine a run used, for the report: the GPU's name, or the CPU's with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def amp_dtype(device):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16

@@ -290,7 +290,9 @@ def run(argv=None):
             "lp_val_acc": lp_info.get("best_val_acc"), "ft_start_val_acc": lp_info.get("ft_start_val_acc"),
             "lp_seconds": lp_info.get("train_seconds"), "loader": loader_kind,
             "cache_seconds": cache_seconds if cache_seconds is not None else lp_info.get("cache_seconds"),
-            "wall_seconds": round(time.perf_counter() - t_start, 2), "skipped_images": skipped})
+            "wall_seconds": round(time.perf_counter() - t_start, 2), "skipped_images": skipped,
+            "device": engine.device_name(device), "world": world, "train_size": len(train_samples),
+            "val_size": len(val_samples), "test_size": len(test_samples), "num_classes": len(classes)})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
               f"{'n/a' if test_acc is None else f'{test_acc:.4f}'}; wrote {out}/submission.csv")
 

@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SMOKE=0; ONLY=all; SCALE=1; SEEDS=1; PLAN_ONLY=0
+SMOKE=0; ONLY=all; SCALE=1; SEEDS=1; PLAN_ONLY=0; INVOCATION="bash run_all.sh $*"
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -53,8 +53,8 @@ if [ "$SMOKE" = 1 ]; then
   [ -d "$SMOKE_DATA/cifar/cifar-100-python" ] || $PYTHON tests/fixtures.py cifar "$SMOKE_DATA/cifar" --per-class 20 >/dev/null
   [ -d "$SMOKE_DATA/cub/CUB_200_2011" ] || $PYTHON tests/fixtures.py cub "$SMOKE_DATA/cub" --classes 5 --per-class 12 >/dev/null
   CIFAR_DATA="$SMOKE_DATA/cifar"; BIRDS_DATA="$SMOKE_DATA/cub/CUB_200_2011"
-  BIRDS_ARCH=resnet18; BIRDS_WEIGHTS=none; BIRDS_IMG=64; WIDTH=8; WIDE=16
-  CIFAR_FINAL_FLAGS="--depth 10 --widen 1 --batch-size 64"   # a WRN-10-1 stands in for WRN-28-10
+  BIRDS_ARCH=test_resnet; BIRDS_WEIGHTS=none; BIRDS_IMG=64; WIDTH=8; WIDE=16   # timm's tiny 4-stage test ResNet
+  CIFAR_FINAL_FLAGS="--depth 10 --widen 1 --batch-size 64 --epochs 3"   # a WRN-10-1 stands in for WRN-28-10
   EXTRA="$EXTRA --quiet"
   CIFAR_SMOKE="--val-per-class 5"; BIRDS_SMOKE="--batch-size 8 --workers 0"
 fi
@@ -95,7 +95,9 @@ CIFAR_EXTRA="$EXTRA $CIFAR_SMOKE"
 LPE=${BIRDS_LP_EPOCHS:-10}
 [ "$SMOKE" = 1 ] && LPE=2
 FREEZE_DEPTHS=""
-if [ "$ONLY" != cifar ]; then
+if [ "$SMOKE" = 1 ]; then
+  FREEZE_DEPTHS=2   # one depth keeps the smoke chain short
+elif [ "$ONLY" != cifar ]; then
   FREEZE_DEPTHS=$($PYTHON -c "import models; n = len(models.backbone_stages(models.make_backbone('$BIRDS_ARCH')[0])) - 1
 print(*sorted({round(i * (n - 1) / 3) for i in (3, 2, 1)} - {0} if n > 4 else range(n - 1, 0, -1), reverse=True))")
 fi
@@ -160,6 +162,8 @@ $PYTHON bench.py --estimate "$PLAN_TMP" $DEVICE_FLAG
 # 3. The runs.
 mkdir -p "$RESULTS"
 cut -f1-4 "$PLAN_TMP" > "$RESULTS/plan.tsv"
+{ echo "$INVOCATION"; for v in CIFAR_DATA BIRDS_DATA BIRDS_ARCH BIRDS_WEIGHTS BIRDS_IMG DEVICE EXTRA; do
+    [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done; } > "$RESULTS/invocation.txt"
 MODE=run; studies
 
 # Final CSVs from the best checkpoints, each written by predict.py alone; with --seeds > 1 the CIFAR CSV is the
@@ -177,5 +181,5 @@ if [ "$ONLY" != cifar ]; then
   fi
 fi
 
-$PYTHON report.py --results "$RESULTS"
-echo "report: $RESULTS/REPORT.md"
+$PYTHON report.py --results "$RESULTS" --html --notebook
+echo "report: $RESULTS/REPORT.md (and REPORT.html); notebook run on these results: $RESULTS/lab2.ipynb"

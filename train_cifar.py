@@ -141,7 +141,9 @@ def run(argv=None):
         test_acc = engine.write_predictions(f"{args.out}/submission.csv", *test_probs)
         engine.write_error_analysis(args.out, cifar["classes"], engine.predict_probs(
             model, info["val_all"], device, args.amp, progress=not args.quiet, desc="val"), test_probs)
-        final = engine.finish(args.out, summary, model, test_acc, {"model": args.model})
+        final = engine.finish(args.out, summary, model, test_acc, {
+            "model": args.model, "device": engine.device_name(device), "world": world, "train_size": info["train_size"],
+            "val_size": info["val_size"], "test_size": len(cifar["test_y"]), "num_classes": len(cifar["classes"])})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
               f"{'n/a (no test labels)' if test_acc is None else f'{test_acc:.4f}'}; wrote {args.out}/submission.csv")
 

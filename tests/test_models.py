@@ -154,3 +154,16 @@ def test_ema_follows_its_formula_on_a_tiny_model():
         torch.testing.assert_close(v, expected[k])
     assert not torch.equal(ema.module[0].weight, net[0].weight)  # the average lags the weights
     assert engine.make_ema(net, 0.0) is None  # --ema 0: off
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: models.build_cifar_model("resnet18"), (1, 3, 32, 32)),
+                                         (lambda: models.TransferNet("resnet18", 10), (1, 3, 64, 64))])
+def test_stage_table_of_resnet18_has_stem_four_stages_and_head(make, shape):
+    model = make()
+    rows = models.stage_rows(model, shape)
+    assert [r[0] for r in rows] == ["stem", "stage 1", "stage 2", "stage 3", "stage 4", "head"]
+    assert sum(r[3] for r in rows) == models.count_parameters(model)
+    assert [r[2][1] for r in rows[1:5]] == [64, 128, 256, 512]  # channels double stage by stage
+    assert rows[-1][2] == (1, 100 if shape[-1] == 32 else 10)
+    table = models.stage_table(model, shape)
+    assert f"**{models.count_parameters(model):,}**" in table

@@ -1,8 +1,13 @@
 """report.py on a fixture results tree, and the whole run_all.sh --smoke chain."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+
+import pandas as pd
+import pytest
 
 
 import engine
@@ -25,7 +30,7 @@ def fake_run(results, study, name, seed, val, test, frozen=None, epochs=3):
     (d / "submission.csv").write_text('"Id","Prediction1"\n"0","1"\n')
 
 
-def test_report_has_every_section(tmp_path):
+def test_report_tables_from_fixture_runs(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "plan.tsv").write_text("study\trun\tchange\tseeds\ncifar\t01_basenet\tBaseNet\t2\n"
@@ -35,64 +40,134 @@ def test_report_has_every_section(tmp_path):
     fake_run(results, "cifar", "01_basenet", 1, 0.24, 0.25)
     fake_run(results, "cifar", "08_final", 0, 0.70, 0.69)
     fake_run(results, "birds", "frozen", 0, 0.60, 0.58, frozen=True)
-    path = report.make_report(results)
-    text = path.read_text()
-    for needle in ("## CIFAR-100 from scratch", "### Ablation ladder", "### Frozen feature extractor vs full fine-tuning",
-                   "### Architecture of the final network", "## Prediction CSVs", "cifar_curves.png", "birds_curves.png",
-                   "**Missing runs**", "birds/finetune"):
+    text = report.make_report(results).read_text()
+    for needle in ("## Method", "## Ablations", "## Transfer learning", "## Error analysis", "## Conclusions",
+                   "## Reproduce", "**Missing runs**", "birds/finetune", "cifar_curves.png", "birds_tradeoff.png"):
         assert needle in text, needle
-    assert "| 01_basenet (2/2 seeds) | BaseNet | 1,000 | 0.2200 ± 0.0283 | 0.2300 ± 0.0283 |" in text
-    assert "| frozen | frozen backbone | yes | 10 / 1,000 | 0.6000 | 0.5800 |" in text
-    for png in ("cifar_curves.png", "birds_curves.png"):
-        assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 01_basenet (2/2 seeds) | BaseNet | 1,000 | 0.2200 ± 0.0283 |  | 0.2300 ± 0.0283 |" in text
+    assert "| 08_final | ResNet-18 | 1,000 | 0.7000 | +0.4800 | 0.6900 |" in text
+    assert "| frozen | frozen backbone | 10 / 1,000 | 0.6000 |  | 0.5800 |" in text
     assert report.best_run(results, "cifar").name == "seed0"
 
 
 def test_report_on_an_empty_tree_says_so(tmp_path):
     text = report.make_report(tmp_path).read_text()
-    assert "No cifar runs yet." in text and "No birds runs yet." in text
+    assert "No CIFAR runs" in text and "No birds runs" in text
 
 
-def test_run_all_smoke_end_to_end(tmp_path):
-    env = {**os.environ, "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+def test_never_learned_is_called_out_with_its_reason():
+    flat = {"val": (0.01, None), "history": [{"train_loss": 4.61}, {"train_loss": 4.60}]}
+    assert "never moved" in report.never_learned(flat, 100)
+    overfit = {"val": (0.011, None), "history": [{"train_loss": 4.6}, {"train_loss": 1.0}]}
+    assert "without generalising" in report.never_learned(overfit, 100)
+    assert report.never_learned({"val": (0.3, None), "history": []}, 100) is None
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One `bash run_all.sh --smoke` shared by the tests below (the whole chain, report and notebook included)."""
+    results = tmp_path_factory.mktemp("smoke") / "results"
+    env = {**os.environ, "RESULTS": str(results), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(["bash", "run_all.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = tmp_path / "results"
+    return results, env
+
+
+def _table(text, heading):
+    """The first markdown table after `heading`, as lists of cells."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_smoke_chain_writes_a_complete_report(smoke):
+    results, env = smoke
     text = (results / "REPORT.md").read_text()
     assert "Missing runs" not in text
-    assert text.count("| 0") >= 10  # every ladder and birds row carries real numbers
-    for name in ("cifar_submission.csv", "birds_submission.csv", "cifar_curves.png", "birds_curves.png"):
-        assert (results / name).stat().st_size > 0
-    assert (results / "cifar_submission.csv").read_text().startswith('"Id","Prediction1"\n"0",')
+    for section in ("## Method", "## Ablations: CIFAR-100", "## Transfer learning: birds", "## Error analysis",
+                    "## Conclusions", "## Reproduce"):
+        assert section in text, section
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    for name in ("cifar_augmentations.png", "birds_augmentations.png", "cifar_curves.png", "birds_curves.png",
+                 "birds_tradeoff.png", "cifar_misclassified.png", "birds_misclassified.png"):
+        assert name in images, name
+    for name in images:  # every picture the report links exists and is a PNG
+        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "| stem |" in text and "| stage 1 |" in text and "| head |" in text  # stage-level architecture tables
+    for name in ("cifar_submission.csv", "birds_submission.csv"):
+        assert (results / name).read_text().startswith('"Id","Prediction1"\n"0",')
+    page = (results / "REPORT.html").read_text()
+    assert page.count("data:image/png;base64,") == len(images) and "<img alt" in page and 'src="' not in \
+        page.replace('src="data:', "")  # self-contained
     # a second invocation skips every finished run and redoes nothing
     again = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "birds"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done, skipped") == 5 and "epoch 1/" not in again.stdout
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 10 and "epoch 1/" not in again.stdout
 
 
-def test_run_all_rejects_unknown_options():
-    proc = subprocess.run(["bash", "run_all.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
+def test_report_deltas_are_the_differences_of_its_own_numbers(smoke):
+    text = (smoke[0] / "REPORT.md").read_text()
+    ladder = _table(text, "## Ablations: CIFAR-100")
+    vals = [float(r[3].split()[0]) for r in ladder]
+    deltas = [r[4].split()[0] if r[4] else "" for r in ladder]
+    assert deltas[0] == "" and len(ladder) == 11
+    for i in range(1, len(ladder)):  # both shown to 4 decimals: they agree to the last digit's rounding
+        assert abs(float(deltas[i]) - (vals[i] - vals[i - 1])) <= 1.01e-4, ladder[i]
+    birds = _table(text, "## Transfer learning: birds")
+    ref = next(float(r[3].split()[0]) for r in birds if r[0] == "frozen")
+    for r in birds:
+        if r[0] != "frozen":
+            assert abs(float(r[4].split()[0]) - (float(r[3].split()[0]) - ref)) <= 1.01e-4, r
 
 
-def test_notebook_only_loads_results(tmp_path, monkeypatch):
-    """lab2.ipynb's code cells run against a results tree and hold no training code."""
-    import matplotlib
-    matplotlib.use("Agg")
-    results = tmp_path / "results"
-    results.mkdir()
-    fake_run(results, "cifar", "01_basenet", 0, 0.2, 0.21)
-    fake_run(results, "birds", "frozen", 0, 0.6, 0.58, frozen=True)
+def test_per_class_accuracy_averages_to_the_run_accuracy(smoke):
+    for run in (smoke[0] / "cifar" / "11_final" / "seed0", smoke[0] / "birds" / "lpft" / "seed0"):
+        final = json.loads((run / "final.json").read_text())
+        per_class = pd.read_csv(run / "per_class.csv")
+        for split, key in (("val", "best_val_acc"), ("test", "test_acc")):
+            weighted = (per_class[f"{split}_acc"] * per_class[f"{split}_n"]).sum() / per_class[f"{split}_n"].sum()
+            assert weighted == pytest.approx(final[key], abs=1e-5), (run, split)
+        confusion = pd.read_csv(run / "confusion_test.csv", index_col=0)
+        assert confusion.values.sum() == final["test_size"]
+        preds = pd.read_csv(run / "predictions.csv")
+        assert len(preds) == final["test_size"] and (preds.p1 >= preds.p2).all()
+        assert (preds.top1 == preds.label).mean() == pytest.approx(final["test_acc"], abs=1e-6)
+
+
+def test_misclassified_grid_shows_only_wrong_predictions(smoke):
+    run = smoke[0] / "cifar" / "11_final" / "seed0"
+    preds = pd.read_csv(run / "predictions.csv")
+    shown = report.misclassified(run / "predictions.csv")
+    assert shown and all(r["label"] != r["top1"] for r in shown)
+    assert len(shown) == min(16, int((preds.label != preds.top1).sum()))
+
+
+def _execute(results):
+    import nbformat
+    report.execute_notebook(results)
+    nb = nbformat.read(results / "lab2.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    return nb, sum("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_notebook_runs_top_to_bottom_on_smoke_and_partial_results(smoke, tmp_path):
     notebook = json.loads((ROOT / "lab2.ipynb").read_text())
-    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
-    assert not any(word in "\n".join(code) for word in ("fit(", "backward", "optimizer", "train_cifar"))
-    monkeypatch.setenv("RESULTS", str(results))
-    scope = {}
-    for cell in code:
-        exec(compile(cell, "lab2.ipynb", "exec"), scope)
-    assert set(scope["table"].run) == {"frozen", "01_basenet"}
-    assert (results / "cifar_curves.png").is_file()
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert not any(word in code for word in ("fit(", "backward", "optimizer.step", "train_cifar"))  # reads only
+    nb, figures = _execute(smoke[0])  # run_all.sh already ran it once; a fresh kernel again here
+    assert figures >= 8
+    partial = tmp_path / "partial"
+    shutil.copytree(smoke[0] / "cifar", partial / "cifar")
+    nb, figures = _execute(partial)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert figures >= 3 and "birds: no run yet" in text
 
 
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -119,5 +194,11 @@ def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean
     proc = subprocess.run(["bash", "run_all.sh", "--plan-only"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "cifar/11_final" in proc.stdout and "birds/finetune" in proc.stdout and "estimated total:" in proc.stdout
+    assert "cifar/11_final" in proc.stdout and "birds/lpft" in proc.stdout and "birds/stages3" in proc.stdout
+    assert "estimated total:" in proc.stdout
     assert "download" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_run_all_rejects_unknown_options():
+    proc = subprocess.run(["bash", "run_all.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
