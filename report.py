@@ -129,21 +129,35 @@ def delta(row, ref):
 
 
 def never_learned(row, num_classes):
-    """A reason in words when a run's validation accuracy stayed at chance level (at most 1.5 / classes), read
-    from its metrics, else None."""
+    """A reason in words when a run's validation accuracy stayed at chance level, read from its metrics, else
+    None. Chance level: at most 1.5 / classes, or within two binomial standard errors of 1 / classes on a small
+    validation split."""
     val = row["val"][0]
-    if val is None or not num_classes or val > 1.5 / num_classes:
+    if val is None or not num_classes:
         return None
-    losses = [h["train_loss"] for h in row["history"] if "train_loss" in h]
+    chance, n = 1 / num_classes, row["final"].get("val_size") or 10 ** 6
+    if val > max(1.5 * chance, chance + 2 * math.sqrt(chance * (1 - chance) / n)):
+        return None
+    history = row["history"]
+    phase = history[-1].get("phase") if history else None
+    losses = [h["train_loss"] for h in history if "train_loss" in h and h.get("phase") == phase]
+    before = [h["train_loss"] for h in history if "train_loss" in h and h.get("phase") != phase]
+    uniform = math.log(num_classes)
     if not losses:
         return "it stayed at chance level"
     if any(math.isnan(x) or math.isinf(x) for x in losses):
         return "its training loss became non-finite: the learning rate is too high for it"
-    start, end = losses[0], losses[-1]
+    start, end = (before[-1] if before else losses[0]), losses[-1]
+    if before and end > start and end > 0.9 * uniform:
+        return (f"fine-tuning destroyed what the probe had learned: the training loss rose from the probe's "
+                f"{start:.3f} to {end:.3f} (ln {num_classes} = {uniform:.3f} is a uniform guess), so the learning "
+                f"rate is too high for the pretrained weights")
     if abs(start - end) < 0.02 * start:
-        return (f"its training loss never moved ({start:.3f} → {end:.3f}; ln {num_classes} = "
-                f"{math.log(num_classes):.3f} is a uniform guess): the signal does not get through the network, "
-                f"typically the initialisation (a deep plain network) or a learning rate far off")
+        return (f"its training loss never moved ({start:.3f} → {end:.3f}; ln {num_classes} = {uniform:.3f} is a "
+                f"uniform guess): the signal does not get through the network, typically the initialisation (a "
+                f"deep plain network) or a learning rate far off")
+    if end > start:
+        return f"its training loss rose from {start:.3f} to {end:.3f}: the learning rate is too high"
     if end < 0.7 * start:
         return (f"its training loss fell from {start:.3f} to {end:.3f}, so it fits the training images without "
                 f"generalising: too few images or epochs for this model")

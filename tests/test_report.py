@@ -56,11 +56,15 @@ def test_report_on_an_empty_tree_says_so(tmp_path):
 
 
 def test_never_learned_is_called_out_with_its_reason():
-    flat = {"val": (0.01, None), "history": [{"train_loss": 4.61}, {"train_loss": 4.60}]}
+    flat = {"val": (0.01, None), "final": {}, "history": [{"train_loss": 4.61}, {"train_loss": 4.60}]}
     assert "never moved" in report.never_learned(flat, 100)
-    overfit = {"val": (0.011, None), "history": [{"train_loss": 4.6}, {"train_loss": 1.0}]}
+    overfit = {"val": (0.011, None), "final": {}, "history": [{"train_loss": 4.6}, {"train_loss": 1.0}]}
     assert "without generalising" in report.never_learned(overfit, 100)
-    assert report.never_learned({"val": (0.3, None), "history": []}, 100) is None
+    assert report.never_learned({"val": (0.3, None), "history": [], "final": {}}, 100) is None
+    collapsed = {"val": (0.0167, None), "final": {"val_size": 300},  # 5 of 300: chance on a small split
+                 "history": [{"phase": "lp", "train_loss": 0.25}, {"phase": "ft", "train_loss": 4.2},
+                             {"phase": "ft", "train_loss": 4.5}]}
+    assert "destroyed what the probe had learned" in report.never_learned(collapsed, 100)
 
 
 @pytest.fixture(scope="module")
