@@ -41,9 +41,9 @@ def test_run_writes_every_file(trained):
 def test_training_learns(trained):
     out, _ = trained
     m = pd.read_csv(out / "metrics.csv")
-    assert list(m.columns[:8]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
-                                   "images_per_second"]
-    assert list(m.epoch) == [1, 2, 3, 4]
+    assert list(m.columns[:9]) == ["epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                                   "epoch_seconds", "images_per_second"]
+    assert list(m.epoch) == [1, 2, 3, 4] and set(m.phase) == {"train"}
     assert m.train_loss.iloc[-1] < 0.6 * m.train_loss.iloc[0]
     final = json.loads((out / "final.json").read_text())
     assert final["best_val_acc"] > 0.3  # chance is 0.01
