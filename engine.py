@@ -471,11 +471,6 @@ def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="pred
     return torch.cat(probs), torch.cat(labels)
 
 
-def predict_to_csv(model, loader, device, amp, path, tta=()):
-    """Predict the test loader into the competition CSV at path; return the test accuracy (or None)."""
-    return write_predictions(path, *predict_probs(model, loader, device, amp, tta))
-
-
 def write_predictions(path, probs, labels):
     """The competition CSV from class probabilities; return the test accuracy, or None where the test labels
     are placeholders (all zero) and must not be scored."""
