@@ -232,6 +232,7 @@ def plot_tradeoff(path, rows):
             ax.annotate(name, (x, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     metric = "test" if any(r["test"][0] is not None for _, r in rows) else "validation"
     ax1.set(xscale="log", xlabel="trainable parameters", ylabel=f"{metric} accuracy", title="accuracy vs trainable parameters")
+    ax1.xaxis.set_minor_formatter(_plt().NullFormatter())  # log-axis minor labels (2x10^5, 3x10^5, ...) overlap
     ax2.set(xlabel="seconds (with feature cache and probe)", ylabel=f"{metric} accuracy", title="accuracy vs time")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
