@@ -88,6 +88,7 @@ def summarise(seed_dirs):
     return {
         "val": mean_std([f.get("best_val_acc") for f in finals]),
         "test": mean_std([f.get("test_acc") for f in finals]),
+        "val_tta": mean_std([f.get("val_acc_tta") for f in finals]),
         "seconds": mean_std(seconds),
         "params": first.get("parameters"), "trainable": first.get("trainable_parameters"),
         "epochs": config.get("args", {}).get("epochs"), "finished": len(finals), "seeds": len(seed_dirs),
@@ -452,6 +453,10 @@ def section_ablations(results, plan, runs, changes):
                                                     rows[i - 1][0], num_classes))
         elif never_learned(r, num_classes):
             sentences.append("- " + effect_sentence(name, changes.get(("cifar", name), ""), r, r, name, num_classes))
+        if r["val_tta"][0] is not None:
+            sentences.append(f"- {name}: its test-time augmentation (--tta {r['final'].get('tta')}) scores "
+                             f"{fmt(*r['val_tta'])} on validation against {fmt(*r['val'])} without "
+                             f"({r['val_tta'][0] - r['val'][0]:+.4f}); the table's val column is without TTA.")
     lines += ["", "\\* exceeds the seed spread; (noise) within it; blank: one seed, spread unknown.", "", *sentences, ""]
     return lines
 

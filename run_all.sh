@@ -117,7 +117,7 @@ if [ "$ONLY" != birds ]; then
   run cifar 05_kaiming "+ He (Kaiming) initialisation" $C $AUG --depth 8 --width $WIDTH
   run cifar 06_bn "+ BatchNorm, SGD lr 0.05 Nesterov, weight decay" $C $AUG --depth 8 --width $WIDTH --bn $SGD
   run cifar 07_schedule "+ one-cycle schedule, label smoothing, dropout" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED
-  run cifar 08_ema "+ EMA of the weights (0.99)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99
+  run cifar 08_ema "+ EMA of the weights (0.99, decay warmed up)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99
   run cifar 09_cutmix "+ CutMix (alpha 1, half the samples)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99 \
       --cutmix 1.0 --mix-prob 0.5
   run cifar 10_width "+ twice the width" $C $AUG --depth 8 --width $WIDE --bn $SGD $SCHED --ema 0.99 --cutmix 1.0 --mix-prob 0.5

@@ -139,12 +139,19 @@ def run(argv=None):
         engine.load_best(model, args.out)
         test_probs = engine.predict_probs(model, test, device, args.amp, args.tta_views, not args.quiet, "test")
         test_acc = engine.write_predictions(f"{args.out}/submission.csv", *test_probs)
-        engine.write_error_analysis(args.out, cifar["classes"], engine.predict_probs(
-            model, info["val_all"], device, args.amp, progress=not args.quiet, desc="val"), test_probs)
+        val_probs = engine.predict_probs(model, info["val_all"], device, args.amp, progress=not args.quiet, desc="val")
+        engine.write_error_analysis(args.out, cifar["classes"], val_probs, test_probs)
+        # the TTA's effect, measured where the labels are real: the best model on validation with the CSV's views
+        val_acc_tta = None
+        if args.tta_views:
+            probs, labels = engine.predict_probs(model, info["val_all"], device, args.amp, args.tta_views,
+                                                 not args.quiet, "val+tta")
+            val_acc_tta = round((probs.argmax(1) == labels).float().mean().item(), 4)
         final = engine.finish(args.out, summary, model, test_acc, {
-            "model": args.model, "device": engine.device_name(device), "world": world, "train_size": info["train_size"],
+            "val_acc_tta": val_acc_tta, "tta": ",".join(args.tta_views) or "none", "model": args.model, "device": engine.device_name(device), "world": world, "train_size": info["train_size"],
             "val_size": info["val_size"], "test_size": len(cifar["test_y"]), "num_classes": len(cifar["classes"])})
-        print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
+        tta = "" if val_acc_tta is None else f" ({val_acc_tta:.4f} with --tta {final['tta']})"
+        print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}){tta}, test acc "
               f"{'n/a (no test labels)' if test_acc is None else f'{test_acc:.4f}'}; wrote {args.out}/submission.csv")
 
 

@@ -156,6 +156,30 @@ def test_ema_follows_its_formula_on_a_tiny_model():
     assert engine.make_ema(net, 0.0) is None  # --ema 0: off
 
 
+def test_ema_warmup_ramps_the_decay_from_a_copy():
+    """--ema-warmup (the default): decay at optimizer step t is min(DECAY, 1 - t^-0.75), so step 1 copies the
+    weights and the random initial ones leave the average at once."""
+    import engine
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ema = engine.make_ema(net, 0.9, warmup=True)
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for t in range(1, 8):
+        loss = net(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(net, step=t)
+        d = min(0.9, 1 - t ** -0.75)
+        for k, v in net.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+        if t == 1:
+            torch.testing.assert_close(ema.module[0].weight, net[0].weight)  # a copy, not 10% of it
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+
+
 @pytest.mark.parametrize("make, shape", [(lambda: models.build_cifar_model("resnet18"), (1, 3, 32, 32)),
                                          (lambda: models.TransferNet("resnet18", 10), (1, 3, 64, 64))])
 def test_stage_table_of_resnet18_has_stem_four_stages_and_head(make, shape):

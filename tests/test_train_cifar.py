@@ -294,6 +294,9 @@ def test_every_preset_parses_and_runs_a_step(preset, cifar_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())["args"]
     assert config["preset"] == preset and config["epochs"] == 1 and config["model"] == train_cifar.PRESETS[preset]["model"]
     assert (out / "submission.csv").is_file()
+    final = json.loads((out / "final.json").read_text())  # presets with TTA measure it on validation too
+    assert (final["val_acc_tta"] is None) == (train_cifar.PRESETS[preset].get("tta", "none") == "none")
+    assert final["val_acc_tta"] is None or 0 <= final["val_acc_tta"] <= 1
 
 
 def test_predict_averages_an_ensemble(trained, cifar_dir, tmp_path):
