@@ -55,7 +55,8 @@ def add_training_args(parser, defaults):
     opt("--optimizer", choices=["sgd", "adamw"], default=defaults["optimizer"], help="optimizer")
     opt("--lr", type=float, default=defaults["lr"], help="peak learning rate")
     opt("--momentum", type=float, default=0.9, help="SGD momentum (AdamW beta1)")
-    opt("--nesterov", action="store_true", help="Nesterov momentum for SGD (the course baseline uses plain momentum)")
+    opt("--nesterov", action=argparse.BooleanOptionalAction, default=False,
+        help="Nesterov momentum for SGD (the course baseline uses plain momentum)")
     opt("--wd", type=float, default=defaults["wd"], help="weight decay (not applied to biases and norm layers)")
     opt("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
         help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")

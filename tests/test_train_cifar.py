@@ -287,6 +287,8 @@ def test_every_preset_parses_and_runs_a_step(preset, cifar_dir, tmp_path):
     import train_cifar
     args = train_cifar.parse_args(["--preset", preset, "--lr", "0.123"])
     assert args.lr == 0.123 and all(getattr(args, k) == v for k, v in train_cifar.PRESETS[preset].items() if k != "lr")
+    off = train_cifar.parse_args(["--preset", preset, "--no-normalize", "--no-nesterov", "--no-residual"])
+    assert not (off.normalize or off.nesterov or off.residual)  # a preset's switches can be turned off too
     small = {"final": ["--depth", "10", "--widen", "1"], "cpu5": ["--width", "8"], "baseline": []}[preset]
     out = tmp_path / preset
     run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--preset", preset, "--epochs", "1",
