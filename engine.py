@@ -67,8 +67,9 @@ def add_training_args(parser, defaults):
         help="keep an exponential moving average of the weights and BatchNorm buffers (e.g. 0.999), updated every "
              "step; it is what is validated, saved in best.pt and predicts the CSV (0: off)")
     reg("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
-        help="ramp the EMA decay up as min(DECAY, 1 - (1 + step)^-0.75) (timm's warm-up), so the random initial "
-             "weights do not linger in the average of a short run; --no-ema-warmup: DECAY from the first step")
+        help="ramp the EMA decay up as min(DECAY, 1 - step^-0.75) at optimizer step 1, 2, ... (timm's warm-up; "
+             "step 1 copies the weights), so the random initial weights do not linger in the average of a short "
+             "run; --no-ema-warmup: DECAY from the first step")
     reg("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp per sample with lam ~ Beta(ALPHA, ALPHA) (0: off)")
     reg("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix per sample with lam ~ Beta(ALPHA, ALPHA) (0: off); "
         "with --mixup too, each mixed sample takes one of the two at random")
@@ -666,7 +667,7 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
 def make_ema(model, decay, warmup=False):
     """--ema DECAY: timm's ModelEmaV3, a copy of the model (weights and BatchNorm buffers) updated after every
     optimizer step as ema = d * ema + (1 - d) * weights, with foreach ops and no host sync. d = DECAY, or with
-    warm-up d = min(DECAY, 1 - (1 + step)^-0.75) at optimizer step `step` (counted from 1; step 1 copies the
+    warm-up d = min(DECAY, 1 - step^-0.75) at optimizer step `step` (counted from 1, so step 1 copies the
     weights): without it, 0.99^285 = 6% of the random initial weights are still in the average after a
     285-step run. The decay is a Python float from the step count, so the update stays free of host syncs."""
     if not decay:
@@ -756,7 +757,8 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
             if y.numel() == 0:  # every image of the batch was broken
                 step = sums.step = step + 1
                 continue
-            factor = run.lr_factor(epoch * run.steps_per_epoch + step)
+            run_step = epoch * run.steps_per_epoch + step  # optimizer steps taken in the run before this one
+            factor = run.lr_factor(run_step)
             if factor != current_factor:
                 for group in optimizer.param_groups:
                     group["lr"] = run.args.lr * group["lr_mult"] * factor
@@ -773,8 +775,8 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
             else:
                 loss.backward()
                 optimizer.step()
-            if ema is not None:  # with warm-up, the decay follows the optimizer steps taken in the run so far
-                ema.update(raw_model, step=epoch * run.steps_per_epoch + step + 1 if ema.use_warmup else None)
+            if ema is not None:  # timm reads a step as "warm up" (step 1 copies) only when it is given one
+                ema.update(raw_model, step=run_step + 1 if ema.use_warmup else None)
             if t_step is not None:
                 if run.device.type == "cuda":
                     torch.cuda.synchronize(run.device)

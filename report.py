@@ -173,10 +173,11 @@ def effect_sentence(name, change, row, ref, ref_name, num_classes):
     d, exceeds = delta(row, ref)
     if d is None:
         return f"**{name}** ({change}): no finished run to compare."
-    verb = "raised" if d > 0 else "lowered" if d < 0 else "left"
+    effect = f"raised validation accuracy by {d:.4f}" if d > 0 else \
+        f"lowered validation accuracy by {-d:.4f}" if d < 0 else "left validation accuracy unchanged"
     noise = ("larger than the seed spread" if exceeds else "**within noise** (the seed spread is as large)") \
         if exceeds is not None else "one seed each, so the seed spread is unknown"
-    return f"**{name}** ({change}) {verb} validation accuracy by {abs(d):.4f} against {ref_name} " \
+    return f"**{name}** ({change}) {effect} against {ref_name} " \
            f"({fmt(row['val'][0])} vs {fmt(ref['val'][0])}): {noise}."
 
 
@@ -204,13 +205,13 @@ def plot_study(path, study, runs):
     """Training loss and validation accuracy per epoch, every run of the study overlaid (seed 0)."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (s, name), seed_dirs in sorted(runs.items()):
-        if s != study:
-            continue
+    study_runs = [(name, seed_dirs) for (s, name), seed_dirs in sorted(runs.items()) if s == study]
+    for i, (name, seed_dirs) in enumerate(study_runs):
         history = read_metrics(seed_dirs[0])
         x = list(range(1, len(history) + 1))
-        ax1.plot(x, [h.get("train_loss", float("nan")) for h in history], marker=".", label=name)
-        ax2.plot(x, [h.get("val_acc", float("nan")) for h in history], marker=".", label=name)
+        style = {"marker": ".", "label": name, "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours, then dashes
+        ax1.plot(x, [h.get("train_loss", float("nan")) for h in history], **style)
+        ax2.plot(x, [h.get("val_acc", float("nan")) for h in history], **style)
     ax1.set(xlabel="epoch (LP-FT: probe epochs, then fine-tuning)" if study == "birds" else "epoch",
             ylabel="training loss", title=f"{study}: training loss")
     ax2.set(xlabel="epoch", ylabel="validation accuracy", title=f"{study}: validation accuracy")
