@@ -195,12 +195,32 @@ def init_weights(model):
 
 
 CIFAR_MODELS = ("basenet", "convnet", "resnet18", "preact18", "wrn")
+INITS = ("auto", "kaiming", "default")
+
+
+def resolve_init(init, name, norm="none"):
+    """The conv initialisation a network gets: `init` unless 'auto', which picks per family from the proxy
+    measurements in BENCHMARKS.md ("Initialisation per network family"):
+    - convnet without normalisation: He. A plain 8-conv stack with PyTorch's default init never learns.
+    - convnet with BatchNorm/GroupNorm: PyTorch's default. A norm layer after every conv makes the conv
+      scale-invariant, so its effective learning rate goes as lr / |w|^2. He draws weights about 2.4x larger
+      here, which slows a short schedule about 6x; it measured worse on every BatchNorm row and on cpu5.
+    - resnet18, preact18, wrn: He, as torchvision and the WRN paper do (their long schedules are what the
+      final preset runs; not measured here).
+    - basenet: PyTorch's default, the course recipe."""
+    if init != "auto":
+        return init
+    if name == "basenet":
+        return "default"
+    if name == "convnet":
+        return "kaiming" if norm == "none" else "default"
+    return "kaiming"
 
 
 def build_cifar_model(name, num_classes=100, depth=8, width=32, norm="none", dropout=0.0, residual=False,
-                      init="kaiming", widen=None):
-    """A CIFAR network by name. `init` 'kaiming' (default for every network but BaseNet, whose course recipe
-    keeps PyTorch's default) or 'default'. For 'wrn', `depth` and `widen` give WRN-depth-widen."""
+                      init="auto", widen=None):
+    """A CIFAR network by name. `init`: 'auto' (per family, `resolve_init`), 'kaiming' or 'default'; BaseNet
+    always keeps PyTorch's default (the course recipe). For 'wrn', `depth` and `widen` give WRN-depth-widen."""
     if name == "basenet":
         return BaseNet(num_classes, dropout)
     if name == "convnet":
@@ -214,7 +234,7 @@ def build_cifar_model(name, num_classes=100, depth=8, width=32, norm="none", dro
         model = wide_resnet(depth, widen or 10, num_classes, dropout)
     else:
         raise ValueError(f"unknown CIFAR model {name!r}")
-    return init_weights(model) if init == "kaiming" else model
+    return init_weights(model) if resolve_init(init, name, norm) == "kaiming" else model
 
 
 # ----------------------------------------------------------------------------- transfer learning

@@ -442,12 +442,15 @@ def section_ablations(results, plan, runs, changes):
     lines += ["![cifar curves](cifar_curves.png)", "",
               "Each row adds one change to the row above it. Δ val is the change in mean validation accuracy from the "
               "row above; it exceeds noise when larger than the two rows' seed standard deviations added.", "",
-              "| run | change | params | best val acc | Δ val | test acc | time (s) | epochs |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "The init column is each row's convolution initialisation as the run resolved it: He (kaiming) or "
+              "PyTorch's default (`--init auto` picks He only where no normalisation follows the convs).", "",
+              "| run | change | init | params | best val acc | Δ val | test acc | time (s) | epochs |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     sentences = []
     for i, (name, r) in enumerate(rows):
         seeds, d = delta_cells(r, rows[i - 1][1] if i else None)
-        lines.append(f"| {name}{seeds} | {changes.get(('cifar', name), '')} | {r['params'] or 0:,} | {fmt(*r['val'])} | "
+        init = r["config"].get("args", {}).get("init", "")
+        lines.append(f"| {name}{seeds} | {changes.get(('cifar', name), '')} | {init} | {r['params'] or 0:,} | {fmt(*r['val'])} | "
                      f"{d} | {fmt(*r['test'])} | {fmt(*r['seconds'], digits=1)} | {r['epochs']} |")
         if i:
             sentences.append("- " + effect_sentence(name, changes.get(("cifar", name), ""), r, rows[i - 1][1],

@@ -114,15 +114,19 @@ if [ "$ONLY" != birds ]; then
   run cifar 02_normalize "+ per-channel normalisation" $C --normalize
   run cifar 03_augment "+ random crop and flip" $C $AUG
   run cifar 04_depth "+ 8 conv layers, PyTorch's default init, no normalisation" $C $AUG --depth 8 --width $WIDTH --init default
-  run cifar 05_kaiming "+ He (Kaiming) initialisation" $C $AUG --depth 8 --width $WIDTH
-  run cifar 06_bn "+ BatchNorm, SGD lr 0.05 Nesterov, weight decay" $C $AUG --depth 8 --width $WIDTH --bn $SGD
-  run cifar 07_schedule "+ one-cycle schedule, label smoothing, dropout" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED
-  run cifar 08_ema "+ EMA of the weights (0.99, decay warmed up)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99
-  run cifar 09_cutmix "+ CutMix (alpha 1, half the samples)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99 \
+  run cifar 05_kaiming "+ He (Kaiming) initialisation" $C $AUG --depth 8 --width $WIDTH --init kaiming
+  run cifar 06_bn "+ BatchNorm, SGD lr 0.05 Nesterov, weight decay (He init kept)" $C $AUG --depth 8 --width $WIDTH --bn $SGD \
+      --init kaiming
+  # from here on the per-family default init: PyTorch's default once BatchNorm follows every conv
+  run cifar 07_bn_init "+ PyTorch's default init instead of He (BatchNorm makes each conv scale-invariant)" $C $AUG \
+      --depth 8 --width $WIDTH --bn $SGD
+  run cifar 08_schedule "+ one-cycle schedule, label smoothing, dropout" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED
+  run cifar 09_ema "+ EMA of the weights (0.99, decay warmed up)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99
+  run cifar 10_cutmix "+ CutMix (alpha 1, half the samples)" $C $AUG --depth 8 --width $WIDTH --bn $SGD $SCHED --ema 0.99 \
       --cutmix 1.0 --mix-prob 0.5
-  run cifar 10_width "+ twice the width" $C $AUG --depth 8 --width $WIDE --bn $SGD $SCHED --ema 0.99 --cutmix 1.0 --mix-prob 0.5
+  run cifar 11_width "+ twice the width" $C $AUG --depth 8 --width $WIDE --bn $SGD $SCHED --ema 0.99 --cutmix 1.0 --mix-prob 0.5
   if [ "${CIFAR_FINAL:-1}" = 1 ]; then
-    run cifar 11_final "final preset: WRN-28-10, CutMix, EMA, flip+shift TTA (final model)" train_cifar.py \
+    run cifar 12_final "final preset: WRN-28-10, CutMix, EMA, flip+shift TTA (final model)" train_cifar.py \
         --data-dir "$CIFAR_DATA" --preset final --epochs "$(epochs 100)" $CIFAR_EXTRA $CIFAR_FINAL_FLAGS
   fi
 fi
@@ -132,20 +136,21 @@ if [ "$ONLY" != cifar ]; then
   # with BatchNorm statistics frozen, SGD lr 1e-3) with one thing changed.
   E=$(epochs 15)
   B="finetune_birds.py --data-dir $BIRDS_DATA --arch $BIRDS_ARCH --weights $BIRDS_WEIGHTS --img-size $BIRDS_IMG $BIRDS_EXTRA"
-  FT="$B --epochs $E --lp-epochs $LPE"
-  run birds frozen "frozen backbone: linear probe on cached features" $B --freeze-backbone --cache-features \
-      --epochs "$LPE" --optimizer adamw --lr 1e-3
+  FT0="$B --epochs $E"               # fine-tuning without its probe's epochs, for the rows that set --lp-epochs 0
+  FT="$FT0 --lp-epochs $LPE"
+  # the design card's command: --freeze-backbone alone is the linear probe (cached features, AdamW 1e-3)
+  run birds frozen "frozen backbone: linear probe on cached features" $B --freeze-backbone --epochs "$LPE"
   for K in $FREEZE_DEPTHS; do
     run birds "stages$K" "LP-FT, stem + $K stages frozen" $FT --freeze-stages "$K"
   done
   run birds lpft "LP-FT, whole network (default recipe)" $FT
-  run birds no_lp "fine-tune from a random head (no linear probe)" $FT --lp-epochs 0
+  run birds no_lp "fine-tune from a random head (no linear probe)" $FT0 --lp-epochs 0
   run birds bn_train "LP-FT, BatchNorm in train mode" $FT --bn-mode train
   run birds lr3e-3 "LP-FT, lr 3e-3" $FT --lr 3e-3
   run birds lr1e-2 "LP-FT, lr 1e-2" $FT --lr 1e-2
   run birds layer_decay "LP-FT, layer-wise lr decay 0.7" $FT --layer-decay 0.7
   run birds dropout_ls "LP-FT, dropout 0.3 + label smoothing 0.1" $FT --dropout 0.3 --label-smoothing 0.1
-  run birds old_default "the previous default: random head, BatchNorm train, lr 0.01, backbone x0.1" $FT \
+  run birds old_default "the previous default: random head, BatchNorm train, lr 0.01, backbone x0.1" $FT0 \
       --lp-epochs 0 --bn-mode train --lr 0.01 --backbone-lr-mult 0.1
 fi
 }
@@ -168,7 +173,7 @@ MODE=run; studies
 
 # Final CSVs from the best checkpoints, each written by predict.py alone; with --seeds > 1 the CIFAR CSV is the
 # ensemble of the final recipe's seeds (softmax averaged, with the preset's flip+shift TTA).
-FINAL_CKPTS=("$RESULTS"/cifar/11_final/seed*/best.pt)
+FINAL_CKPTS=("$RESULTS"/cifar/12_final/seed*/best.pt)
 if [ "$ONLY" != birds ] && [ -f "${FINAL_CKPTS[0]}" ]; then
   # shellcheck disable=SC2086
   $PYTHON predict.py "${FINAL_CKPTS[@]}" --data-dir "$CIFAR_DATA" --out "$RESULTS/cifar_submission.csv" \

@@ -93,7 +93,23 @@ def test_preact_resnet18_shape_and_size():
     assert "PreActBlock" not in table and "| **total** | | | **11,218,340**" in table
 
 
-def test_kaiming_init_is_the_default_and_default_is_kept_on_request():
+def test_init_auto_is_he_only_where_no_normalisation_follows():
+    r = models.resolve_init
+    assert r("auto", "convnet", "none") == "kaiming"  # a plain stack needs He to learn at all
+    assert r("auto", "convnet", "bn") == r("auto", "convnet", "gn") == "default"  # scale-invariant convs
+    assert r("auto", "basenet") == "default" and r("auto", "wrn", "bn") == r("auto", "preact18") == "kaiming"
+    assert r("kaiming", "convnet", "bn") == "kaiming" and r("default", "convnet", "none") == "default"  # asked for
+    torch.manual_seed(0)
+    bn_auto = models.build_cifar_model("convnet", depth=3, width=16, norm="bn")
+    torch.manual_seed(0)
+    bn_default = models.build_cifar_model("convnet", depth=3, width=16, norm="bn", init="default")
+    assert all(torch.equal(a, b) for a, b in zip(bn_auto.state_dict().values(), bn_default.state_dict().values()))
+    import train_cifar
+    assert train_cifar.parse_args(["--bn"]).init == "default" and train_cifar.parse_args(["--depth", "8"]).init == "kaiming"
+    assert train_cifar.parse_args(["--preset", "final"]).init == "kaiming"
+
+
+def test_kaiming_init_is_the_plain_convnet_default_and_default_is_kept_on_request():
     torch.manual_seed(0)
     he = models.build_cifar_model("convnet", depth=3, width=16, norm="none")
     torch.manual_seed(0)

@@ -131,7 +131,7 @@ def test_report_deltas_are_the_differences_of_its_own_numbers(smoke):
 
 
 def test_per_class_accuracy_averages_to_the_run_accuracy(smoke):
-    for run in (smoke[0] / "cifar" / "11_final" / "seed0", smoke[0] / "birds" / "lpft" / "seed0"):
+    for run in (smoke[0] / "cifar" / "12_final" / "seed0", smoke[0] / "birds" / "lpft" / "seed0"):
         final = json.loads((run / "final.json").read_text())
         per_class = pd.read_csv(run / "per_class.csv")
         for split, key in (("val", "best_val_acc"), ("test", "test_acc")):
@@ -145,7 +145,7 @@ def test_per_class_accuracy_averages_to_the_run_accuracy(smoke):
 
 
 def test_misclassified_grid_shows_only_wrong_predictions(smoke):
-    run = smoke[0] / "cifar" / "11_final" / "seed0"
+    run = smoke[0] / "cifar" / "12_final" / "seed0"
     preds = pd.read_csv(run / "predictions.csv")
     shown = report.misclassified(run / "predictions.csv")
     assert shown and all(r["label"] != r["top1"] for r in shown)
@@ -198,7 +198,7 @@ def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean
     proc = subprocess.run(["bash", "run_all.sh", "--plan-only"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "cifar/11_final" in proc.stdout and "birds/lpft" in proc.stdout and "birds/stages3" in proc.stdout
+    assert "cifar/12_final" in proc.stdout and "birds/lpft" in proc.stdout and "birds/stages3" in proc.stdout
     assert "estimated total:" in proc.stdout
     assert "download" not in proc.stderr and not (tmp_path / "results").exists()
 
