@@ -96,21 +96,27 @@ def add_training_args(parser, defaults):
     run("--quiet", action="store_true", help="no progress bar")
 
 
+def require(ok, flag, value, what):
+    """A flag's range check: one sentence naming the one flag that is wrong and its value."""
+    if not ok:
+        raise UsageError(f"{flag} must be {what}, got {value}")
+
+
 def check_training_args(args, train_size):
-    if args.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        raise UsageError(f"--lr must be a positive number, got {args.lr}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    require(args.epochs >= 1, "--epochs", args.epochs, "at least 1")
+    require(args.lr > 0 and math.isfinite(args.lr), "--lr", args.lr, "a positive number")
+    require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     if args.batch_size > train_size:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {train_size} training images")
-    if args.wd < 0 or not 0 <= args.label_smoothing < 1 or args.warmup < 0 or not 0 <= args.momentum < 1:
-        raise UsageError("--wd and --warmup must be >= 0, --label-smoothing and --momentum in [0, 1)")
-    if not 0 <= args.ema < 1 or args.mixup < 0 or args.cutmix < 0 or not 0 <= args.mix_prob <= 1:
-        raise UsageError("--ema must be in [0, 1), --mixup and --cutmix >= 0, --mix-prob in [0, 1]")
-    if getattr(args, "dropout", 0) and not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    require(args.wd >= 0, "--wd", args.wd, ">= 0")
+    require(args.warmup >= 0, "--warmup", args.warmup, ">= 0")
+    require(0 <= args.label_smoothing < 1, "--label-smoothing", args.label_smoothing, "in [0, 1)")
+    require(0 <= args.momentum < 1, "--momentum", args.momentum, "in [0, 1)")
+    require(0 <= args.ema < 1, "--ema", args.ema, "in [0, 1)")
+    require(args.mixup >= 0, "--mixup", args.mixup, ">= 0")
+    require(args.cutmix >= 0, "--cutmix", args.cutmix, ">= 0")
+    require(0 <= args.mix_prob <= 1, "--mix-prob", args.mix_prob, "in [0, 1]")
+    require(0 <= getattr(args, "dropout", 0) < 1, "--dropout", getattr(args, "dropout", 0), "in [0, 1)")
 
 
 # ----------------------------------------------------------------------------- device, DDP
@@ -199,7 +205,7 @@ def is_main(rank):
     return rank == 0
 
 
-def barrier(world):
+def barrier():
     if dist.is_initialized():
         dist.barrier()
 
@@ -299,7 +305,7 @@ def plot_curves(path, history, title=""):
 RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download"}
 
 
-def prepare_run_dir(out, config, resume, force, rank=0, world=1):
+def prepare_run_dir(out, config, resume, force, rank=0):
     """Refuse to mix two different runs in one folder; write config.json. Every process checks before
     rank 0 writes anything, so all of them agree on the verdict."""
     out = Path(out)
@@ -318,16 +324,38 @@ def prepare_run_dir(out, config, resume, force, rank=0, world=1):
         if changed:
             raise UsageError(f"{out} holds a run with a different config ({', '.join(changed)} differ); "
                              f"use another --out or --force to overwrite it")
-    barrier(world)
+    barrier()
     if is_main(rank):
         if force:
-            for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png",
+            for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png", "wall.json",
                          "per_class.csv", "confusion_val.csv", "confusion_test.csv", "predictions.csv"):
                 (out / name).unlink(missing_ok=True)
         for stale in out.glob(".*.tmp"):  # half-written by a run killed (SIGKILL) in the middle of a write
             stale.unlink()
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    barrier(world)
+    barrier()
+
+
+class WallClock:
+    """A run's wall time over every process that worked on it: each checkpoint save writes the seconds so far to
+    OUT/wall.json, and a resumed process starts from there (time after a killed process's last save is lost
+    with the work it did)."""
+
+    def __init__(self, out, resume, start=None):
+        self.path = Path(out) / "wall.json"
+        self.start = time.perf_counter() if start is None else start
+        self.before = 0.0
+        if resume and self.path.is_file():
+            try:
+                self.before = float(json.loads(self.path.read_text())["seconds"])
+            except (ValueError, KeyError, TypeError):
+                self.before = 0.0  # a damaged ledger: count this process only
+
+    def seconds(self):
+        return self.before + time.perf_counter() - self.start
+
+    def save(self):
+        atomic_write_text(self.path, json.dumps({"seconds": round(self.seconds(), 2)}) + "\n")
 
 
 def run_config(args, extra=None):
@@ -409,7 +437,7 @@ def lr_factor(step, total_steps, warmup_steps, schedule):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def reduce_sums(world, *tensors):
+def reduce_sums(*tensors):
     """Sum device tensors over all torchrun processes (no-op outside torchrun)."""
     if dist.is_initialized():
         for t in tensors:
@@ -418,7 +446,7 @@ def reduce_sums(world, *tensors):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, amp, world=1, criterion=None):
+def evaluate(model, loader, device, amp, criterion=None):
     """(mean loss, accuracy) over the whole loader, gathered across processes."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -431,7 +459,7 @@ def evaluate(model, loader, device, amp, world=1, criterion=None):
         loss_sum += criterion(logits.float(), y).double()
         correct += (logits.argmax(1) == y).sum()
         count += y.numel()
-    reduce_sums(world, loss_sum, correct, count)
+    reduce_sums(loss_sum, correct, count)
     n = max(1, count.item())
     return loss_sum.item() / n, correct.item() / n
 
@@ -540,13 +568,14 @@ def unwrap(model):
 
 
 def fit(model, train_loader, val_loader, args, out, model_config, data_config, device, rank=0, world=1,
-        param_groups=None, title="", phase="train", prior_history=()):
+        param_groups=None, title="", phase="train", prior_history=(), clock=None):
     """Train `model` for args.epochs, resuming from OUT/last.pt with --resume. Returns a summary dict.
 
     The best model (by validation accuracy; the EMA weights with --ema) is in OUT/best.pt afterwards.
     `model_config` rebuilds the network (models.build_model), `data_config` the test-time preprocessing.
     Each metrics row is labelled with `phase` (train; for birds lp = linear probe, ft = fine-tuning), and
     `prior_history` (an earlier phase's rows) is written above this phase's rows in metrics.csv and the curves.
+    A `WallClock` is saved with every last.pt, so a resumed run's wall time counts every process.
     """
     out = Path(out)
     main = is_main(rank)
@@ -598,6 +627,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                 "history": history, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                 "partial": partial_sums, "rng": rngs if world > 1 else rngs[0], "train_seconds": train_seconds,
             }, out / "last.pt")
+            if clock is not None:
+                clock.save()
 
     # Ctrl-C and SIGTERM only raise a flag; the loop stops at the next step boundary and saves there.
     def on_signal(signum, frame):
@@ -629,9 +660,9 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             epoch_seconds = sums.seconds_before + time.perf_counter() - t0
             train_seconds += time.perf_counter() - t0
             start_step = 0
-            train_loss, train_acc, n = sums.totals(world)
+            train_loss, train_acc, n = sums.totals()
             t_eval = time.perf_counter()
-            val_loss, val_acc = evaluate(eval_model, val_loader, device, args.amp, world)
+            val_loss, val_acc = evaluate(eval_model, val_loader, device, args.amp)
             eval_seconds = time.perf_counter() - t_eval
             history.append({
                 "epoch": epoch + 1, "phase": phase, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
@@ -659,7 +690,7 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             signal.signal(sig, handler)
     if run.skipped_steps and main:
         print(f"fp16 loss scaling skipped {run.skipped_steps} steps with overflowing gradients")
-    barrier(world)
+    barrier()
     return {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "train_seconds": round(train_seconds, 2),
             "first_step_seconds": run.first_step_seconds, "skipped_steps": int(run.skipped_steps), "history": history}
 
@@ -728,13 +759,13 @@ class EpochSums:
         return {"step_loss": self.loss.cpu(), "step_correct": self.correct.cpu(), "step_count": self.count,
                 "seconds": self.seconds_before + seconds}
 
-    def totals(self, world):
+    def totals(self):
         """(mean loss, accuracy, images) over the epoch, summed over processes; fp16-skipped steps left out."""
         counts = torch.tensor(self.count, device=self.loss.device, dtype=torch.float64)
         finite = torch.isfinite(self.loss)  # only fp16 loss scaling lets a non-finite step through
         loss_sum = (torch.where(finite, self.loss, 0).double() * counts).sum()
         correct, count = self.correct.sum(), (counts * finite).sum()
-        reduce_sums(world, loss_sum, correct, count)
+        reduce_sums(loss_sum, correct, count)
         n = max(1.0, count.item())
         return loss_sum.item() / n, correct.item() / n, n
 

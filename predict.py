@@ -4,11 +4,14 @@ ensemble of several (their softmax averaged), each with optional test-time augme
     python predict.py runs/cifar/best.pt --data-dir data --out submission.csv --tta flip,shift
     python predict.py runs/final/seed*/best.pt --data-dir data --out ensemble.csv --tta flip
     python predict.py runs/birds/best.pt --data-dir data/CUB_200_2011 --out birds.csv
+    python predict.py runs/basenet/best.pt runs/d8/best.pt --data-dir data --out mixed.csv  # any two CIFAR models
 
-Each checkpoint says which network and which preprocessing it needs (CIFAR-100 or birds); it is loaded
-with weights_only=True, to the CPU. Test accuracy is printed where the test labels are real.
+Each checkpoint says which network and which preprocessing it needs (CIFAR-100 or birds; its normalisation and
+image size), and each member of an ensemble is evaluated through its own; they must share the data set and its
+classes. Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the test labels are real.
 """
 import argparse
+import json
 
 import torch
 
@@ -21,7 +24,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
                         help="best.pt (or last.pt) written by train_cifar.py or finetune_birds.py; several: an ensemble "
-                             "(same data set and preprocessing), softmax averaged")
+                             "(same data set and classes; each through its own preprocessing: normalisation, image "
+                             "size), softmax averaged")
     parser.add_argument("--data-dir", required=True, help="the data set the checkpoint was trained for")
     parser.add_argument("--out", required=True, help="CSV file to write")
     parser.add_argument("--tta", nargs="?", const="flip", default="none",
@@ -35,23 +39,54 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def test_loader(ckpt, args, device):
-    """The checkpoint's own test-time preprocessing over the test split of --data-dir; returns (loader, classes)."""
-    cfg = ckpt.get("data_config") or {}
-    if cfg.get("dataset") == "cifar100":
-        cifar = data.load_cifar100(args.data_dir)
-        x = torch.from_numpy(cifar["test_x"]).to(device)
-        y = torch.from_numpy(cifar["test_y"]).to(device)
-        return data.DeviceLoader(x, y, args.batch_size, mean=cfg["mean"], std=cfg["std"]), len(cifar["classes"])
-    if cfg.get("dataset") in ("cub2011", "folder"):
-        if cfg["dataset"] == "cub2011":
-            _, test, classes = data.load_cub(args.data_dir, cfg.get("crop_boxes", False))
-        else:
-            _, test, classes = data.load_image_folder(args.data_dir)
+DATASETS = {"cifar100": "CIFAR-100", "cub2011": "CUB-200-2011", "folder": "an image folder"}
+
+
+class TestSets:
+    """Each checkpoint's own test-time preprocessing over the test split of --data-dir. The data set is read
+    once; a loader is built once per distinct preprocessing (normalisation, image size, crop boxes), so the
+    members of an ensemble may differ in all of those but must share the data set."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.loaders, self.dataset, self.first = args, device, {}, None, None
+        self._cifar, self._birds = None, {}
+
+    def loader(self, ckpt, path):
+        """(loader, number of classes) for this checkpoint's data_config."""
+        cfg = ckpt.get("data_config") or {}
+        dataset = cfg.get("dataset")
+        if dataset not in DATASETS:
+            raise engine.UsageError(f"{path} does not say which data set it was trained on")
+        if self.dataset is None:
+            self.dataset, self.first = dataset, path
+        elif dataset != self.dataset:
+            raise engine.UsageError(f"{path} was trained on {DATASETS[dataset]} but {self.first} on "
+                                    f"{DATASETS[self.dataset]}: an ensemble needs one data set")
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in self.loaders:
+            self.loaders[key] = self._build(cfg)
+        return self.loaders[key]
+
+    def _build(self, cfg):
+        args, device = self.args, self.device
+        if cfg["dataset"] == "cifar100":
+            if self._cifar is None:
+                cifar = data.load_cifar100(args.data_dir)
+                self._cifar = (torch.from_numpy(cifar["test_x"]).to(device), torch.from_numpy(cifar["test_y"]).to(device),
+                               len(cifar["classes"]))
+            x, y, num_classes = self._cifar
+            return data.DeviceLoader(x, y, args.batch_size, mean=cfg["mean"], std=cfg["std"]), num_classes
+        boxes = cfg.get("crop_boxes", False)
+        if boxes not in self._birds:
+            if cfg["dataset"] == "cub2011":
+                _, test, classes = data.load_cub(args.data_dir, boxes)
+            else:
+                _, test, classes = data.load_image_folder(args.data_dir)
+            self._birds[boxes] = (test, len(classes))
+        test, num_classes = self._birds[boxes]
         loader = data.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
                                   device, workers=args.workers, keep_broken=True)
-        return loader, len(classes)
-    raise engine.UsageError(f"{args.checkpoints[0]} does not say which data set it was trained on")
+        return loader, num_classes
 
 
 def load_model(ckpt, path, device, num_classes, data_dir):
@@ -71,25 +106,24 @@ def load_model(ckpt, path, device, num_classes, data_dir):
 
 def run(argv=None):
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise engine.UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    engine.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     tta = engine.parse_tta(args.tta)
     device = engine.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
-    first = engine.load_checkpoint(args.checkpoints[0])
-    loader, num_classes = test_loader(first, args, device)
-    probs, labels = None, None
-    for i, path in enumerate(args.checkpoints):
-        ckpt = first if i == 0 else engine.load_checkpoint(path)
-        if ckpt.get("data_config") != first.get("data_config"):
-            raise engine.UsageError(f"{path} was trained with other preprocessing than {args.checkpoints[0]}; "
-                                    f"an ensemble needs the same data set and normalisation")
-        model = load_model(ckpt, path, device, num_classes, args.data_dir)
-        p, labels = engine.predict_probs(model, loader, device, amp, tta)
-        probs = p if probs is None else probs + p
+    sets = TestSets(args, device)
+    probs, labels, first = None, None, None
+    for path in args.checkpoints:  # one at a time: only one network is in memory
+        ckpt = engine.load_checkpoint(path)
+        loader, n = sets.loader(ckpt, path)
+        model = load_model(ckpt, path, device, n, args.data_dir)  # refuses a class count unlike the data set's
+        p, y = engine.predict_probs(model, loader, device, amp, tta)
+        if labels is not None and not torch.equal(y, labels):  # every loader lists the test split in one order
+            raise engine.UsageError(f"{path} sees the test images in another order than {first}")
+        probs, labels = (p, y) if probs is None else (probs + p, labels)
+        first = first or path
     test_acc = engine.write_predictions(args.out, probs / len(args.checkpoints), labels)
     what = f"an ensemble of {len(args.checkpoints)} checkpoints" if len(args.checkpoints) > 1 else "one checkpoint"
-    print(f"wrote {loader.sampler.n} predictions from {what} to {args.out}"
+    print(f"wrote {len(labels)} predictions from {what} to {args.out}"
           + ("" if test_acc is None else f"; test accuracy {test_acc:.4f}"))
 
 

@@ -1,6 +1,7 @@
 """finetune_birds.py on a generated CUB tree, and a real transfer-learning check on ../shared."""
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -56,8 +57,8 @@ def test_fine_tuning_changes_the_backbone(cub_dir, tmp_path, resnet18_weights):
 def test_feature_cache_trains_the_same_head(clean_cub_dir, tmp_path, resnet18_weights):
     common = ["--data-dir", clean_cub_dir, "--weights", resnet18_weights, "--freeze-backbone", "--aug", "none",
               "--dropout", "0.3", "--epochs", "3", *QUICK]
-    run_script("finetune_birds.py", *common, "--out", tmp_path / "plain")
-    run_script("finetune_birds.py", *common, "--out", tmp_path / "cached", "--cache-features")
+    run_script("finetune_birds.py", *common, "--out", tmp_path / "plain", "--no-cache-features")
+    run_script("finetune_birds.py", *common, "--out", tmp_path / "cached")  # the frozen default caches
     a = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
     for k in ("head.1.weight", "head.1.bias"):
@@ -90,6 +91,55 @@ def test_submission_follows_images_txt(cub_dir, tmp_path, resnet18_weights):
     run_script("predict.py", out / "best.pt", "--data-dir", cub_dir, "--out", tmp_path / "p.csv", "--device", "cpu",
                "--workers", "0", "--loader", "torch")
     assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
+
+
+def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, resnet18_weights):
+    """Two probes at 32 and 48 px: the ensemble CSV is the argmax of their softmax averaged, each model fed its own
+    image size (computed here image by image with PIL); a checkpoint of another data set is refused."""
+    ckpts = []
+    for size in (32, 48):
+        out = tmp_path / f"s{size}"
+        run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out,
+                   "--freeze-backbone", *QUICK, "--img-size", str(size), "--loader", "torch")
+        ckpts.append(out / "best.pt")
+    run_script("predict.py", *ckpts, "--data-dir", cub_dir, "--out", tmp_path / "e.csv", "--device", "cpu",
+               "--workers", "0", "--loader", "torch")
+    _, test, _ = data.load_cub(cub_dir)
+    probs = 0
+    for path in ckpts:
+        ckpt = torch.load(path, weights_only=True)
+        model = models.build_model(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+        cfg = ckpt["data_config"]
+        images = data.BirdImages(test, cfg["img_size"], keep_broken=True)
+        mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1) * 255, torch.tensor(cfg["std"]).view(3, 1, 1) * 255
+        with torch.no_grad():
+            probs = probs + torch.cat([model(((images[(i, 0)][0].float() - mean) / std)[None]).softmax(1)
+                                       for i in range(len(test))])
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert rows[1:] == [f'"{i}","{p}"' for i, p in enumerate(probs.argmax(1).tolist())]
+    foreign = torch.load(ckpts[0], weights_only=True)
+    foreign["data_config"] = {"dataset": "cifar100", "mean": None, "std": None}
+    torch.save(foreign, tmp_path / "cifar.pt")
+    proc = run_script("predict.py", ckpts[0], tmp_path / "cifar.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
+                      "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "an ensemble needs one data set" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_frozen_defaults_are_the_linear_probe():
+    """`--freeze-backbone` alone trains the study's best probe (BENCHMARKS.md: AdamW 1e-3, 10 epochs, cached
+    features), the same recipe as LP-FT's probe phase; flags given still win, and fine-tuning keeps its recipe."""
+    import finetune_birds as fb
+    frozen = fb.parse_args(["--freeze-backbone"])
+    assert (frozen.epochs, frozen.optimizer, frozen.lr, frozen.cache_features) == (10, "adamw", 1e-3, True)
+    assert (frozen.epochs, frozen.optimizer, frozen.lr) == (fb.LP_EPOCHS, frozen.lp_optimizer, frozen.lp_lr)
+    assert frozen.wd == fb.RECIPE["wd"] and frozen.schedule == "cosine" and frozen.batch_size == 64
+    mine = fb.parse_args(["--freeze-backbone", "--lr", "0.01", "--epochs", "3", "--no-cache-features"])
+    assert (mine.lr, mine.epochs, mine.cache_features, mine.optimizer) == (0.01, 3, False, "adamw")
+    ft = fb.parse_args([])
+    assert (ft.epochs, ft.optimizer, ft.lr, ft.cache_features) == (15, "sgd", 1e-3, False)
 
 
 def test_dali_loader_trains_end_to_end(cub_dir, tmp_path, resnet18_weights):
@@ -144,7 +194,8 @@ def test_malicious_weights_file_is_refused(cub_dir, tmp_path):
     (["--weights", "/no/such/file.pth"], "neither imagenet, none, nor an existing file"),
     (["--freeze-stages", "5"], "resnet18 has 4 stages after its stem"),
     (["--freeze-backbone", "--lp-epochs", "2"], "--freeze-backbone already freezes every stage"),
-    (["--layer-decay", "1.5"], "--layer-decay in (0, 1]"),
+    (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1], got 1.5"),
+    (["--lp-epochs", "-2"], "--lp-epochs must be >= 0, got -2"),
 ])
 def test_bad_bird_flags(cub_dir, tmp_path, flags, message):
     proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--out", tmp_path / "r", *QUICK,
@@ -288,7 +339,9 @@ def _lpft(cub, weights, out, crash_at=None, monkeypatch=None):
             engine.cli(finetune_birds.run, argv)
         monkeypatch.setattr(engine, "write_metrics", real)
         argv.append("--resume")
+        crashed_wall = json.loads((Path(out) / "wall.json").read_text())["seconds"]
     engine.cli(finetune_birds.run, argv)
+    return crashed_wall if crash_at else None
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +365,9 @@ def test_lpft_fine_tunes_from_the_probed_head(lpft_run):
 def test_lpft_resume_in_each_phase_equals_uninterrupted(crash_at, phase, clean_cub_dir, resnet18_weights, lpft_run,
                                                         tmp_path, monkeypatch):
     out = tmp_path / "r"
-    _lpft(clean_cub_dir, resnet18_weights, out, crash_at, monkeypatch)
+    crashed_wall = _lpft(clean_cub_dir, resnet18_weights, out, crash_at, monkeypatch)
+    final = json.loads((out / "final.json").read_text())
+    assert crashed_wall > 0 and final["wall_seconds"] > crashed_wall  # the first process's time is counted too
     cols = ["epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv")[cols], pd.read_csv(lpft_run / "metrics.csv")[cols])
     a = torch.load(out / "last.pt", weights_only=True)["model"]

@@ -33,7 +33,7 @@ def test_birds_two_processes_match_one(clean_cub_dir, tmp_path):
     import models
     torch.save(models.make_backbone("resnet18")[0].state_dict(), backbone_weights)
     common = ["--data-dir", clean_cub_dir, "--arch", "resnet18", "--weights", backbone_weights, "--freeze-backbone",
-              "--aug", "none", "--img-size", "32", "--batch-size", "4", "--val-frac", "0.25", "--epochs", "2",
+              "--no-cache-features", "--aug", "none", "--img-size", "32", "--batch-size", "4", "--val-frac", "0.25", "--epochs", "2",
               "--device", "cpu", "--quiet", "--workers", "0", "--deterministic"]
     run_script("finetune_birds.py", *common, "--out", tmp_path / "one")
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_birds.py", *common,

@@ -1,4 +1,5 @@
 """Schedules, atomic writes and the fast-path flags of the shared loop."""
+import json
 import math
 
 import pytest
@@ -122,3 +123,29 @@ def test_deterministic_flag_is_strict(monkeypatch):
 def test_gpu_check_needs_cuda_and_says_so():
     proc = run_script("tools/gpu_check.py", check=False, env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("epochs", 0), ("lr", -0.1), ("batch_size", 0), ("wd", -1.0),
+                                         ("warmup", -1.0), ("label_smoothing", 1.0), ("momentum", 1.5),
+                                         ("ema", 1.0), ("mixup", -1.0), ("cutmix", -0.5), ("mix_prob", 2.0),
+                                         ("dropout", 1.0)])
+def test_a_range_error_names_the_one_flag_that_is_wrong(flag, value):
+    import argparse
+    good = dict(epochs=1, lr=0.1, batch_size=8, wd=0.0, warmup=0.0, label_smoothing=0.0, momentum=0.9, ema=0.0,
+                mixup=0.0, cutmix=0.0, mix_prob=1.0, dropout=0.0)
+    engine.check_training_args(argparse.Namespace(**good), 100)
+    with pytest.raises(engine.UsageError) as e:
+        engine.check_training_args(argparse.Namespace(**{**good, flag: value}), 100)
+    name = "--" + flag.replace("_", "-")
+    assert str(e.value).startswith(f"{name} must be ") and str(e.value).endswith(f", got {value}")
+    assert str(e.value).count("--") == 1  # no other flag named
+
+
+def test_wall_clock_adds_the_earlier_processes(tmp_path):
+    first = engine.WallClock(tmp_path, resume=False, start=0.0)  # as if this process started at perf_counter 0
+    first.save()
+    saved = json.loads((tmp_path / "wall.json").read_text())["seconds"]
+    assert saved > 0
+    resumed = engine.WallClock(tmp_path, resume=True)
+    assert resumed.before == saved and resumed.seconds() >= saved
+    assert engine.WallClock(tmp_path, resume=False).before == 0.0  # a fresh run starts from zero

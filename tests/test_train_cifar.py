@@ -170,7 +170,8 @@ def test_existing_run_is_not_overwritten(trained, cifar_dir):
     (["--lr", "-0.1"], "--lr must be a positive number"),
     (["--batch-size", "100000"], "larger than the 3000 training images"),
     (["--aug", "flip,rotate"], "unknown augmentation rotate"),
-    (["--depth", "0"], "--depth and --width must be at least 1"),
+    (["--depth", "0"], "--depth must be at least 1, got 0"),
+    (["--mixup", "-1"], "--mixup must be >= 0, got -1.0"),
 ])
 def test_nonsense_flags_are_refused(cifar_dir, tmp_path, flags, message):
     proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "x", *QUICK, *flags, check=False)
@@ -301,26 +302,32 @@ def test_every_preset_parses_and_runs_a_step(preset, cifar_dir, tmp_path):
     assert final["val_acc_tta"] is None or 0 <= final["val_acc_tta"] <= 1
 
 
-def test_predict_averages_an_ensemble(trained, cifar_dir, tmp_path):
-    """predict.py with two checkpoints writes the argmax of their averaged softmax (computed here by hand)."""
+def test_predict_averages_an_ensemble_across_preprocessing(trained, cifar_dir, tmp_path):
+    """predict.py with a normalised ConvNet and a BaseNet on raw pixels writes the argmax of their averaged softmax,
+    each network seeing its own preprocessing (computed here by hand)."""
+    import data
     import engine
     import models
-    import predict
     out, _ = trained
-    other = tmp_path / "other"
-    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", other, "--epochs", "1", "--seed", "7", *QUICK, *LEARN)
+    other = tmp_path / "basenet"
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", other, "--epochs", "1", "--seed", "7",
+               "--batch-size", "100", *QUICK)
     run_script("predict.py", out / "best.pt", other / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "e.csv",
                "--device", "cpu", "--tta", "flip")
-    args = predict.parse_args([str(out / "best.pt"), "--data-dir", str(cifar_dir), "--out", "-", "--device", "cpu"])
-    loader, _ = predict.test_loader(engine.load_checkpoint(out / "best.pt"), args, torch.device("cpu"))
-    nets = []
+    cifar = data.load_cifar100(cifar_dir)
+    x_test, y_test = torch.from_numpy(cifar["test_x"]), torch.from_numpy(cifar["test_y"])
+    probs, configs = 0, []
     for ckpt_path in (out / "best.pt", other / "best.pt"):
         ckpt = engine.load_checkpoint(ckpt_path)
-        nets.append(models.build_model(ckpt["model_config"]))
-        nets[-1].load_state_dict(ckpt["model"])
-        nets[-1].eval()
-    with torch.no_grad():  # the mean over 2 checkpoints x 2 views (image, mirror) of the softmax
-        probs = torch.cat([sum(net(v).softmax(1) for net in nets for v in (x, x.flip(3))) / 4 for x, _ in loader])
+        net = models.build_model(ckpt["model_config"])
+        net.load_state_dict(ckpt["model"])
+        net.eval()
+        cfg = ckpt["data_config"]
+        configs.append((ckpt["model_config"]["name"], cfg["mean"]))
+        loader = data.DeviceLoader(x_test, y_test, 256, mean=cfg["mean"], std=cfg["std"])
+        with torch.no_grad():  # each network: the mean of its softmax over (image, mirror)
+            probs = probs + torch.cat([sum(net(v).softmax(1) for v in (x, x.flip(3))) / 2 for x, _ in loader])
+    assert configs[0][0] == "convnet" and configs[1][0] == "basenet" and configs[0][1] != configs[1][1]  # mixed
     expected = probs.argmax(1).tolist()
     got = [int(line.split(",")[1].strip('"')) for line in (tmp_path / "e.csv").read_text().splitlines()[1:]]
     assert got == expected
