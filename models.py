@@ -349,13 +349,14 @@ class TransferNet(nn.Module):
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(name not in frozen)
         # A module is frozen when all its own parameters are; such modules (and, with --bn-mode frozen, every
-        # BatchNorm) always run in eval mode.
-        self._eval_modules = []
+        # BatchNorm) always run in eval mode. They are kept by name, not by reference: convert_sync_batchnorm
+        # (--sync-bn) replaces the BatchNorm modules with new ones under the same names, which must stay frozen too.
+        self._eval_names = set()
         for name, module in self.backbone.named_modules():
             own = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
             is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
             if (own and all(n in frozen for n in own)) or (is_bn and bn_mode != "train"):
-                self._eval_modules.append(module)
+                self._eval_names.add(name)
             if is_bn and bn_mode == "frozen-affine":
                 module.requires_grad_(False)
         self.train()
@@ -364,8 +365,9 @@ class TransferNet(nn.Module):
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()
-        for module in self._eval_modules:
-            module.eval()
+        for name, module in self.backbone.named_modules():
+            if name in self._eval_names:
+                module.eval()
         return self
 
     def features(self, x):
