@@ -94,6 +94,9 @@ def add_training_args(parser, defaults):
     run("--force", action="store_true", help="overwrite a run already in --out")
     run("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation, mixing and dropout")
     run("--quiet", action="store_true", help="no progress bar")
+    run("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+        help="TensorBoard event files in the run folder: loss, accuracy, lr and img/s per epoch, the final figures "
+             "as hparams, the flags as text (`tensorboard --logdir results` shows a whole sweep, live)")
 
 
 def require(ok, flag, value, what):
@@ -302,7 +305,8 @@ def plot_curves(path, history, title=""):
 # ----------------------------------------------------------------------------- run folder
 
 # Flags that may differ when a run is resumed: they change how, not what, it trains.
-RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download"}
+RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download",
+                     "tensorboard"}
 
 
 def prepare_run_dir(out, config, resume, force, rank=0):
@@ -330,6 +334,8 @@ def prepare_run_dir(out, config, resume, force, rank=0):
             for name in ("last.pt", "best.pt", "metrics.csv", "final.json", "submission.csv", "curves.png", "wall.json",
                          "per_class.csv", "confusion_val.csv", "confusion_test.csv", "predictions.csv"):
                 (out / name).unlink(missing_ok=True)
+            for events in out.glob("events.out.tfevents.*"):  # TensorBoard curves of the run overwritten
+                events.unlink()
         for stale in out.glob(".*.tmp"):  # half-written by a run killed (SIGKILL) in the middle of a write
             stale.unlink()
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
@@ -568,14 +574,15 @@ def unwrap(model):
 
 
 def fit(model, train_loader, val_loader, args, out, model_config, data_config, device, rank=0, world=1,
-        param_groups=None, title="", phase="train", prior_history=(), clock=None):
+        param_groups=None, title="", phase="train", prior_history=(), clock=None, board_dir=None):
     """Train `model` for args.epochs, resuming from OUT/last.pt with --resume. Returns a summary dict.
 
     The best model (by validation accuracy; the EMA weights with --ema) is in OUT/best.pt afterwards.
     `model_config` rebuilds the network (models.build_model), `data_config` the test-time preprocessing.
     Each metrics row is labelled with `phase` (train; for birds lp = linear probe, ft = fine-tuning), and
     `prior_history` (an earlier phase's rows) is written above this phase's rows in metrics.csv and the curves.
-    A `WallClock` is saved with every last.pt, so a resumed run's wall time counts every process.
+    A `WallClock` is saved with every last.pt, so a resumed run's wall time counts every process. With
+    --tensorboard the epochs are logged to `board_dir` (default OUT) too.
     """
     out = Path(out)
     main = is_main(rank)
@@ -607,6 +614,13 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch + 1}"
             print(f"resuming {out} at {where}")
 
+    board = None
+    if main and getattr(args, "tensorboard", False):
+        resumed = bool(history)
+        first = len(prior_history) + (len(history) if resumed else 1)
+        board = Board(board_dir or out, first, None if resumed else run_config_plain(args), phase)
+        if resumed:  # the checkpoint's last row again: logged or not before the kill, it is there once
+            board.epoch(first, history[-1])
     if args.compile:
         model = torch.compile(model)
     if dist.is_initialized():  # around the compiled model: DDP's buffer broadcast would break the graph inside it
@@ -680,6 +694,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
             save_last(epoch + 1, 0)
             if main:
                 write_metrics(out / "metrics.csv", [*prior_history, *history])
+                if board is not None:
+                    board.epoch(len(prior_history) + len(history), history[-1])
                 plot_curves(out / "curves.png", [*prior_history, *history], title)
                 h = history[-1]
                 print(f"epoch {epoch + 1}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
@@ -688,11 +704,50 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+        if board is not None:
+            board.close()
     if run.skipped_steps and main:
         print(f"fp16 loss scaling skipped {run.skipped_steps} steps with overflowing gradients")
     barrier()
     return {"best_val_acc": best_val_acc, "best_epoch": best_epoch, "train_seconds": round(train_seconds, 2),
-            "first_step_seconds": run.first_step_seconds, "skipped_steps": int(run.skipped_steps), "history": history}
+            "first_step_seconds": run.first_step_seconds, "skipped_steps": int(run.skipped_steps), "history": history,
+            "board": {"dir": str(board_dir or out), "flags": run_config_plain(args)} if board is not None else None}
+
+
+class Board:
+    """TensorBoard curves of one run (torch.utils.tensorboard), written by rank 0 after each epoch's last.pt: the
+    metrics.csv row's loss, accuracy, lr and img/s at global step = the row's place in metrics.csv (an LP-FT
+    run's fine-tuning continues its probe's steps). A resumed process purges the steps from its checkpoint's last
+    row on (TensorBoard's purge_step) and logs that row again: a process killed between saving last.pt and
+    logging leaves no gap, and one killed after logging leaves no duplicate."""
+
+    TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
+            "lr": "lr", "images_per_second": "images_per_second"}
+
+    def __init__(self, log_dir, first_step, flags=None, phase="train"):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_step)  # hides any older events from this step on
+        if flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
+            self.writer.add_text("flags" if phase == "train" else f"flags/{phase}",
+                                 "\n".join(f"    {k} = {v!r}" for k, v in sorted(flags.items())), first_step)
+
+    def epoch(self, step, row):
+        for key, tag in self.TAGS.items():
+            self.writer.add_scalar(tag, row[key], step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def log_final(log_dir, flags, final):
+    """The run's flags and final figures as TensorBoard hparams, beside its curves (one row per run in a sweep)."""
+    from torch.utils.tensorboard import SummaryWriter
+    hparams = {k: ("none" if v is None else v) for k, v in flags.items() if k not in ("out", "resume", "force", "quiet")}
+    metrics = {f"final/{k}": v for k, v in final.items()
+               if k in ("best_val_acc", "test_acc", "val_acc_tta", "train_seconds") and isinstance(v, (int, float))}
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_hparams(hparams, metrics, run_name=".")
 
 
 def make_ema(model, decay, warmup=False):
@@ -864,6 +919,8 @@ def finish(out, summary, model, test_acc, extra=None):
              "trainable_parameters": count_parameters(unwrap(model), trainable_only=True),
              "skipped_steps": summary["skipped_steps"], **(extra or {})}
     atomic_write_text(Path(out) / "final.json", json.dumps(final, indent=2) + "\n")
+    if summary.get("board"):
+        log_final(summary["board"]["dir"], summary["board"]["flags"], final)
     return final
 
 

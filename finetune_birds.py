@@ -262,7 +262,7 @@ def run(argv=None):
             engine.seed_everything(args.seed, rank)
             summary = engine.fit(model, loaders["train"], loaders["val"], lp_args, lp_dir, model_config, data_config,
                                  device, rank, world, param_groups=head_only, title=f"birds {args.arch} linear probe",
-                                 phase="lp", clock=clock)
+                                 phase="lp", clock=clock, board_dir=out)
             for p, flag in grads.items():
                 p.requires_grad_(flag)
             if engine.is_main(rank):

@@ -9,17 +9,24 @@
 #   bash run_all.sh --epochs-scale 0.5   # every run with half its epochs
 #   bash run_all.sh --seeds 3            # each run with seeds 0,1,2; the report gives mean ± std
 #   bash run_all.sh --plan-only          # fetch the inputs, print the plan and its time estimate, run nothing
+#   bash run_all.sh --jobs 4             # 4 runs at once: one GPU each (round-robin), or the CPU cores shared
+#   bash run_all.sh --print-commands     # each pending run as one shell line, for sbatch --array or parallel
+#   bash run_all.sh --report-only        # the CSVs, REPORT and notebook from the runs finished so far
 #
 # First it fetches whatever is missing (CIFAR-100, CUB-200-2011, ImageNet weights) or, offline, says in one
 # sentence per piece what to fetch and exits 1 before any run; then it prints the plan with a time estimate.
-# A run whose final.json exists is skipped; an unfinished one resumes from its last.pt. Settings from
-# the environment: PYTHON, RESULTS (results), CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011),
-# BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet), BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run),
-# CIFAR_FINAL (1; 0 leaves out the final WRN-28-10 run, e.g. for the ladder alone on a CPU), BIRDS_LP_EPOCHS (10).
+# A run whose final.json exists is skipped; an unfinished one resumes from its last.pt. Each run writes its
+# output to RUN/log.txt; the console gets one line per start and finish. A failed run does not stop the others:
+# at the end they are listed with their logs' last lines, the report is written from what finished, and the
+# exit status is 1 (running again retries only those). Settings from the environment: PYTHON, RESULTS (results),
+# CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011), BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet),
+# BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run), CIFAR_FINAL (1; 0 leaves out the final
+# WRN-28-10 run, e.g. for the ladder alone on a CPU), BIRDS_LP_EPOCHS (10), THREADS (CPU threads per run;
+# default the cores divided by --jobs).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SMOKE=0; ONLY=all; SCALE=1; SEEDS=1; PLAN_ONLY=0; INVOCATION="bash run_all.sh $*"
+SMOKE=0; ONLY=all; SCALE=1; SEEDS=1; PLAN_ONLY=0; JOBS=""; PRINT=0; REPORT_ONLY=0; INVOCATION="bash run_all.sh $*"
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -27,13 +34,18 @@ while [ $# -gt 0 ]; do
     --epochs-scale) SCALE="$2"; shift ;;
     --seeds) SEEDS="$2"; shift ;;
     --plan-only) PLAN_ONLY=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --jobs) JOBS="$2"; shift ;;
+    --print-commands) PRINT=1 ;;
+    --report-only) REPORT_ONLY=1 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$ONLY" in all|cifar|birds) ;; *) echo "run_all.sh: --only takes cifar or birds" >&2; exit 2 ;; esac
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --seeds takes a positive integer" >&2; exit 2; }
+[[ -z "$JOBS" || "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --jobs takes a positive integer" >&2; exit 2; }
+[[ -z "${THREADS:-}" || "${THREADS:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: THREADS must be a positive integer" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python}
 RESULTS=${RESULTS:-results}
@@ -70,22 +82,19 @@ fi
 
 epochs() { $PYTHON -c "print(max(1, round($1 * $SCALE)))"; }
 
-# run STUDY NAME "CHANGE" SCRIPT FLAGS...: in the planning pass, one plan row; in the running pass, one run
-# folder per seed, skipped when finished, resumed when not.
+# run STUDY NAME "CHANGE" SCRIPT FLAGS...: one plan row, and one job per seed: a self-contained shell line (cd,
+# environment, flags, --out, --resume, output to RUN/log.txt) that run_all.sh runs itself, or prints for a scheduler.
+PY=$(command -v "$PYTHON" || echo "$PYTHON")
 run() {
   local study=$1 name=$2 change=$3; shift 3
-  if [ "$MODE" = plan ]; then
-    printf '%s\t%s\t%s\t%s\t%s\n' "$study" "$name" "$change" "$SEEDS" "$*" >> "$PLAN_TMP"
-    return
-  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$study" "$name" "$change" "$SEEDS" "$*" >> "$PLAN_TMP"
+  local seed out
   for ((seed = 0; seed < SEEDS; seed++)); do
-    local out="$RESULTS/$study/$name/seed$seed"
-    if [ -f "$out/final.json" ]; then echo "== $study/$name seed $seed: done, skipped"; continue; fi
-    echo "== $study/$name seed $seed: $change"
-    local start=$SECONDS
+    out="$RESULTS/$study/$name/seed$seed"
     # shellcheck disable=SC2086
-    $PYTHON "$@" --seed "$seed" --out "$out" --resume $DEVICE_FLAG
-    echo "== $study/$name seed $seed: $((SECONDS - start)) s"
+    printf '%s\t%s\t%s\n' "$study/$name/seed$seed" "$out" "cd $(printf %q "$PWD") && mkdir -p $(printf %q "$out") && \
+${LINE_ENV}$(printf '%q ' "$PY" "$@" --seed "$seed" --out "$out" --resume $DEVICE_FLAG)>> $(printf %q "$out/log.txt") 2>&1" \
+      >> "$JOBS_TMP"
   done
 }
 
@@ -155,23 +164,123 @@ if [ "$ONLY" != cifar ]; then
 fi
 }
 
-# 2. The plan: every run, its epochs, the device and an estimate of the total time from a short measured
-# step per network (bench.py --estimate). --plan-only stops here.
-PLAN_TMP=$(mktemp); trap 'rm -f "$PLAN_TMP"' EXIT
+# 2. The plan: every run (plan.tsv: one row per run) and every job (one line per run and seed).
+PLAN_TMP=$(mktemp); JOBS_TMP=$(mktemp); TIMES_TMP=$(mktemp); STATUS=$(mktemp)
+trap 'rm -f "$PLAN_TMP" "$JOBS_TMP" "$TIMES_TMP" "$STATUS"' EXIT
 printf 'study\trun\tchange\tseeds\tcommand\n' > "$PLAN_TMP"
-MODE=plan; studies
-# shellcheck disable=SC2086
-$PYTHON bench.py --estimate "$PLAN_TMP" $DEVICE_FLAG
-[ "$PLAN_ONLY" = 1 ] && exit 0
+LINE_ENV=""; [ -n "${THREADS:-}" ] && LINE_ENV="OMP_NUM_THREADS=$THREADS "   # printed lines carry only what you set
+studies
 
-# 3. The runs.
-mkdir -p "$RESULTS"
-cut -f1-4 "$PLAN_TMP" > "$RESULTS/plan.tsv"
-{ echo "$INVOCATION"; for v in CIFAR_DATA BIRDS_DATA BIRDS_ARCH BIRDS_WEIGHTS BIRDS_IMG DEVICE EXTRA; do
-    [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done; } > "$RESULTS/invocation.txt"
-MODE=run; studies
+write_plan() {
+  mkdir -p "$RESULTS"
+  cut -f1-4 "$PLAN_TMP" > "$RESULTS/plan.tsv"
+  { echo "$INVOCATION"; for v in CIFAR_DATA BIRDS_DATA BIRDS_ARCH BIRDS_WEIGHTS BIRDS_IMG DEVICE EXTRA THREADS; do
+      if [ -n "${!v:-}" ]; then printf '%s=%q\n' "$v" "${!v}"; fi; done; } > "$RESULTS/invocation.txt"
+}
 
-# Final CSVs from the best checkpoints, each written by predict.py alone; with --seeds > 1 the CIFAR CSV is the
+# Jobs still to run: those without a final.json.
+KEYS=(); OUTS=(); LINES=(); ESTS=()
+while IFS=$'\t' read -r key out line; do
+  if [ -f "$out/final.json" ]; then
+    [ "$PRINT" = 1 ] || echo "== $key: done, skipped"
+    continue
+  fi
+  KEYS+=("$key"); OUTS+=("$out"); LINES+=("$line")
+done < "$JOBS_TMP"
+
+# --print-commands: the pending lines and nothing else on stdout (run them in any order, anywhere that sees this
+# folder; then `bash run_all.sh --report-only` with the same flags writes the CSVs and the report).
+if [ "$PRINT" = 1 ]; then
+  write_plan
+  [ ${#LINES[@]} -eq 0 ] || printf '%s\n' "${LINES[@]}"
+  exit 0
+fi
+
+# 3. Devices: with CUDA one run per GPU at a time (CUDA_VISIBLE_DEVICES, round-robin over the visible GPUs when
+# --jobs exceeds them); on a CPU the runs share the cores, THREADS (default cores / jobs) each. DEVICE=cuda:K or
+# DEVICE=cpu puts every run there.
+GPUS=()
+if [ "$REPORT_ONLY" = 0 ] && [[ -z "${DEVICE:-}" || "${DEVICE:-}" == cuda ]]; then
+  mapfile -t GPUS < <($PYTHON -c "import os, torch
+n = torch.cuda.device_count()
+for i in [s for s in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if s][:n] or range(n): print(i)")
+fi
+NGPU=${#GPUS[@]}
+JOBS=${JOBS:-$((NGPU > 0 ? NGPU : 1))}
+CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
+THREADS_PER_RUN=${THREADS:-$((CORES / JOBS > 0 ? CORES / JOBS : 1))}
+SLOW=$(( (JOBS + (NGPU > 0 ? NGPU : 1) - 1) / (NGPU > 0 ? NGPU : 1) ))   # runs sharing one GPU, or the CPU
+
+if [ "$REPORT_ONLY" = 0 ]; then
+  # The plan with a time estimate from a short measured step per network (bench.py --estimate), for --jobs runs at
+  # once: the longest chain of the schedule, not the sum. --plan-only stops here.
+  # shellcheck disable=SC2086
+  $PYTHON bench.py --estimate "$PLAN_TMP" $DEVICE_FLAG --jobs "$JOBS" --gpus "$NGPU" --times "$TIMES_TMP"
+  [ "$PLAN_ONLY" = 1 ] && exit 0
+  write_plan
+  for key in "${KEYS[@]}"; do   # each pending job's estimate: its plan row's seconds per seed
+    awk -F'\t' -v k="${key%/seed*}" '$1 == k {print $2}' "$TIMES_TMP"
+  done > "$TIMES_TMP.jobs"
+  mapfile -t ESTS < "$TIMES_TMP.jobs"; rm -f "$TIMES_TMP.jobs"
+  if [ "$NGPU" -gt 0 ]; then
+    echo "running ${#KEYS[@]} runs, $JOBS at a time, on GPUs ${GPUS[*]} (CUDA_VISIBLE_DEVICES, round-robin)"
+  else
+    echo "running ${#KEYS[@]} runs, $JOBS at a time, on the CPU: $CORES cores shared, $THREADS_PER_RUN thread(s) per run"
+  fi
+fi
+
+# 4. The runs: at most JOBS at once (bash job control), each in its own slot; every finish appends to STATUS.
+T0=$(date +%s)
+clock() { local s=$1; printf '%dh%02dm%02ds' $((s / 3600)) $((s % 3600 / 60)) $((s % 60)); }
+progress() {  # "k of M runs done, elapsed, time left": the plan's estimate for the runs not finished, over JOBS
+  local done left
+  done=$(wc -l < "$STATUS")
+  left=$(awk -F'\t' -v jobs="$JOBS" -v slow="$SLOW" 'FILENAME == ARGV[1] {finished[$2] = 1; next}
+                                      !($1 in finished) {s += $2} END {printf "%d", s * slow / jobs}' "$STATUS" <(paste <(printf '%s\n' "${KEYS[@]}") \
+                                      <(printf '%s\n' "${ESTS[@]}")))
+  echo "$done of ${#KEYS[@]} done, $(clock $(($(date +%s) - T0))) elapsed, about $(clock "$left") left"
+}
+job() {  # job INDEX SLOT: one run in the background, its output in RUN/log.txt
+  local i=$1 slot=$2 key=${KEYS[$1]} start rc where
+  if [ "$NGPU" -gt 0 ]; then
+    export CUDA_VISIBLE_DEVICES=${GPUS[$((slot % NGPU))]}; where="GPU $CUDA_VISIBLE_DEVICES"
+  else
+    export OMP_NUM_THREADS=$THREADS_PER_RUN; where="$THREADS_PER_RUN CPU thread(s)"
+  fi
+  echo "[$(progress)] start $key on $where"
+  start=$(date +%s)
+  if bash -c "${LINES[$i]}"; then rc=0; else rc=$?; fi
+  printf '%s\t%s\t%s\n' "$rc" "$key" "$(($(date +%s) - start))" >> "$STATUS"
+  if [ "$rc" = 0 ]; then
+    echo "[$(progress)] done  $key in $(clock $(($(date +%s) - start)))"
+  else
+    echo "[$(progress)] FAILED $key (exit $rc): $(tail -n 1 "${OUTS[$i]}/log.txt" 2>/dev/null)"
+  fi
+}
+STOP=0; trap 'STOP=1' INT TERM   # Ctrl-C reaches the runs too: each saves last.pt; start nothing new
+if [ "$REPORT_ONLY" = 0 ]; then
+  SLOT_PID=()
+  for ((i = 0; i < ${#KEYS[@]}; i++)); do
+    while :; do   # the first free slot, else wait for a run to finish
+      FREE=""
+      for ((s = 0; s < JOBS; s++)); do
+        if [ -z "${SLOT_PID[s]:-}" ] || ! kill -0 "${SLOT_PID[s]}" 2>/dev/null; then FREE=$s; break; fi
+      done
+      [ -n "$FREE" ] || [ "$STOP" = 1 ] && break
+      wait -n 2>/dev/null || sleep 0.2
+    done
+    [ "$STOP" = 1 ] && break
+    job "$i" "$FREE" &
+    SLOT_PID[FREE]=$!
+  done
+  while [ -n "$(jobs -pr)" ]; do wait || true; done
+  if [ "$STOP" = 1 ]; then
+    echo "run_all.sh: interrupted; the runs saved their last.pt: the same command resumes them" >&2
+    exit 130
+  fi
+fi
+
+# 5. Final CSVs from the best checkpoints, each written by predict.py alone; with --seeds > 1 the CIFAR CSV is the
 # ensemble of the final recipe's seeds (softmax averaged, with the preset's flip+shift TTA).
 FINAL_CKPTS=("$RESULTS"/cifar/12_final/seed*/best.pt)
 if [ "$ONLY" != birds ] && [ -f "${FINAL_CKPTS[0]}" ]; then
@@ -186,5 +295,15 @@ if [ "$ONLY" != cifar ]; then
   fi
 fi
 
+[ "$REPORT_ONLY" = 1 ] && write_plan
 $PYTHON report.py --results "$RESULTS" --html --notebook
 echo "report: $RESULTS/REPORT.md (and REPORT.html); notebook run on these results: $RESULTS/lab2.ipynb"
+
+FAILED=$(awk -F'\t' '$1 != 0' "$STATUS")
+if [ -n "$FAILED" ]; then
+  echo "run_all.sh: $(wc -l <<< "$FAILED") runs failed (the report has what finished; running again retries them):" >&2
+  while IFS=$'\t' read -r rc key _; do
+    echo "  $key (exit $rc): $(tail -n 1 "$RESULTS/$key/log.txt" 2>/dev/null)" >&2
+  done <<< "$FAILED"
+  exit 1
+fi

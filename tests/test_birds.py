@@ -280,6 +280,21 @@ def test_bn_mode_frozen_keeps_running_statistics_and_trains_affine():
         assert model.backbone.layer4[1].conv2.weight.grad is not None  # the convolutions train in every mode
 
 
+def test_sync_bn_keeps_frozen_batchnorm_frozen():
+    """--sync-bn replaces every BatchNorm with a SyncBatchNorm; with --bn-mode frozen (the default) and with frozen
+    stages, the new layers must stay in eval mode too, or a multi-GPU fine-tune overwrites the ImageNet statistics."""
+    import torch.nn as nn
+    for kw in ({"bn_mode": "frozen"}, {"bn_mode": "train", "freeze_stages": 2}, {"freeze_backbone": True}):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(models.TransferNet("resnet18", 5, **kw)).train()
+        sync = {n: m for n, m in model.backbone.named_modules() if isinstance(m, nn.SyncBatchNorm)}
+        assert len(sync) == 20, kw
+        frozen = {n for n, m in sync.items() if not m.training}
+        if kw.get("bn_mode") == "frozen" or kw.get("freeze_backbone"):
+            assert frozen == set(sync), kw
+        else:  # the stem and layer1..2 frozen: their BatchNorms stay in eval mode, layer3..4's train
+            assert frozen == {n for n in sync if n == "bn1" or n.startswith(("layer1.", "layer2."))}, kw
+
+
 def test_layer_decay_groups_follow_the_stages():
     model = models.TransferNet("resnet18", 5, freeze_stages=1)
     groups = model.param_groups(backbone_lr_mult=0.5, layer_decay=0.7)
@@ -374,3 +389,13 @@ def test_lpft_resume_in_each_phase_equals_uninterrupted(crash_at, phase, clean_c
     b = torch.load(lpft_run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b), phase
     assert (out / "submission.csv").read_bytes() == (lpft_run / "submission.csv").read_bytes()
+
+
+def test_proxy32_writes_the_training_split_and_on_request_the_labelled_test_split(clean_cub_dir, tmp_path):
+    train, test, classes = data.load_cub(clean_cub_dir)
+    run_script("tools/make_proxy32.py", clean_cub_dir, tmp_path / "p")
+    run_script("tools/make_proxy32.py", clean_cub_dir, tmp_path / "t", "--test-split")
+    plain, labelled = data.load_cifar100(tmp_path / "p"), data.load_cifar100(tmp_path / "t")
+    assert (plain["train_x"] == labelled["train_x"]).all() and list(plain["train_y"]) == [s[1] for s in train]
+    assert not plain["test_y"].any() and not plain["test_x"].any()  # the never-scored placeholder
+    assert list(labelled["test_y"]) == [s[1] for s in test] and labelled["test_x"].shape == (len(test), 3, 32, 32)

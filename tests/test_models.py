@@ -103,7 +103,7 @@ def test_init_auto_is_he_only_where_no_normalisation_follows():
     bn_auto = models.build_cifar_model("convnet", depth=3, width=16, norm="bn")
     torch.manual_seed(0)
     bn_default = models.build_cifar_model("convnet", depth=3, width=16, norm="bn", init="default")
-    assert all(torch.equal(a, b) for a, b in zip(bn_auto.state_dict().values(), bn_default.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(bn_auto.state_dict().values(), bn_default.state_dict().values(), strict=True))
     import train_cifar
     assert train_cifar.parse_args(["--bn"]).init == "default" and train_cifar.parse_args(["--depth", "8"]).init == "kaiming"
     assert train_cifar.parse_args(["--preset", "final"]).init == "kaiming"

@@ -44,8 +44,8 @@ def test_report_tables_from_fixture_runs(tmp_path):
     for needle in ("## Method", "## Ablations", "## Transfer learning", "## Error analysis", "## Conclusions",
                    "## Reproduce", "**Missing runs**", "birds/finetune", "cifar_curves.png", "birds_tradeoff.png"):
         assert needle in text, needle
-    assert "| 01_basenet (2/2 seeds) | BaseNet | 1,000 | 0.2200 ± 0.0283 |  | 0.2300 ± 0.0283 |" in text
-    assert "| 08_final | ResNet-18 | 1,000 | 0.7000 | +0.4800 | 0.6900 |" in text
+    assert "| 01_basenet (2/2 seeds) | BaseNet |  | 1,000 | 0.2200 ± 0.0283 |  | 0.2300 ± 0.0283 |" in text
+    assert "| 08_final | ResNet-18 |  | 1,000 | 0.7000 | +0.4800 | 0.6900 |" in text
     assert "| frozen | frozen backbone | 10 / 1,000 | 0.6000 |  | 0.5800 |" in text
     assert report.best_run(results, "cifar").name == "seed0"
 
@@ -69,13 +69,14 @@ def test_never_learned_is_called_out_with_its_reason():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One `bash run_all.sh --smoke` shared by the tests below (the whole chain, report and notebook included)."""
+    """One `bash run_all.sh --smoke --jobs 2` shared by the tests below (the whole chain, report and notebook
+    included), two runs at a time with one CPU thread each."""
     results = tmp_path_factory.mktemp("smoke") / "results"
-    env = {**os.environ, "RESULTS": str(results), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(["bash", "run_all.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    env = {**os.environ, "RESULTS": str(results), "PYTHON": sys.executable, "THREADS": "1"}
+    proc = subprocess.run(["bash", "run_all.sh", "--smoke", "--jobs", "2"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return results, env
+    return results, env, proc.stdout
 
 
 def _table(text, heading):
@@ -91,7 +92,7 @@ def _table(text, heading):
 
 
 def test_smoke_chain_writes_a_complete_report(smoke):
-    results, env = smoke
+    results, env, _ = smoke
     text = (results / "REPORT.md").read_text()
     assert "Missing runs" not in text
     for section in ("## Method", "## Ablations: CIFAR-100", "## Transfer learning: birds", "## Error analysis",
@@ -115,12 +116,89 @@ def test_smoke_chain_writes_a_complete_report(smoke):
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 10 and "epoch 1/" not in again.stdout
 
 
+def test_smoke_chain_runs_in_parallel_with_logs_and_tensorboard(smoke):
+    """--jobs 2: one console line per start and finish with the progress, each run's output in its log.txt, and
+    TensorBoard curves, flags and final hparams in every run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    results, _, stdout = smoke
+    runs = sorted(p.parent for p in results.glob("*/*/seed0/final.json"))
+    assert len(runs) == 22 and "2 at a time, on the CPU" in stdout and "1 thread(s) per run" in stdout
+    for run in runs:
+        key = run.relative_to(results).as_posix()
+        assert f"start {key} on 1 CPU thread(s)" in stdout and f"done  {key} in " in stdout
+        assert "best val acc" in (run / "log.txt").read_text()
+        board = EventAccumulator(str(run))
+        board.Reload()
+        metrics = pd.read_csv(run / "metrics.csv")
+        assert [e.step for e in board.Scalars("accuracy/val")] == list(range(1, len(metrics) + 1)), key
+        assert [e.value for e in board.Scalars("accuracy/val")] == pytest.approx(list(metrics.val_acc), rel=1e-6)
+        assert {"lr", "loss/train", "images_per_second"} <= set(board.Tags()["scalars"])
+        assert any(t.startswith("flags") for t in board.Tags()["tensors"])  # the flags as text
+    assert re.search(r"\[22 of 22 done, \dh\d\dm\d\ds elapsed", stdout)
+    hparams = EventAccumulator(str(results / "cifar" / "12_final" / "seed0"))
+    hparams.Reload()
+    assert [e.value for e in hparams.Scalars("final/best_val_acc")] == pytest.approx(
+        [json.loads((results / "cifar" / "12_final" / "seed0" / "final.json").read_text())["best_val_acc"]])
+
+
+def test_printed_commands_rebuild_the_same_runs_whatever_the_jobs(smoke, tmp_path):
+    """`--print-commands` lines, run one by one with bash -c (what `--jobs 1` runs), give the same metrics as the
+    smoke chain's `--jobs 2` (timing columns aside); `--report-only` then writes the report from them."""
+    results = tmp_path / "results"
+    env = {**smoke[1], "RESULTS": str(results)}
+    printed = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--print-commands"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+    lines = printed.stdout.splitlines()
+    assert printed.returncode == 0 and len(lines) == 12 and all(" --resume " in line for line in lines)
+    assert all(line.startswith(f"cd {ROOT} && mkdir -p ") and "OMP_NUM_THREADS=1 " in line for line in lines)
+    for line in lines:
+        subprocess.run(["bash", "-c", line], env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+                       check=True, timeout=600)
+    timing = ["epoch_seconds", "images_per_second", "eval_seconds"]
+    for metrics in sorted(smoke[0].glob("cifar/*/seed0/metrics.csv")):
+        mine = results / metrics.relative_to(smoke[0])
+        pd.testing.assert_frame_equal(pd.read_csv(mine).drop(columns=timing), pd.read_csv(metrics).drop(columns=timing))
+        assert (mine.parent / "submission.csv").read_bytes() == (metrics.parent / "submission.csv").read_bytes()
+    again = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--print-commands"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout == ""  # nothing pending
+    report = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--report-only"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    text = (results / "REPORT.md").read_text()
+    assert "Missing runs" not in text and "12_final" in text and (results / "cifar_submission.csv").is_file()
+
+
+def test_a_failed_run_does_not_stop_the_others_and_is_retried_alone(smoke, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(smoke[0], results)
+    broken, redo = results / "cifar" / "02_normalize" / "seed0", results / "cifar" / "01_basenet" / "seed0"
+    shutil.rmtree(redo)
+    (broken / "final.json").unlink()
+    (broken / "config.json").write_text("{not json")  # the run refuses its folder: exit 2, one sentence
+    env = {**smoke[1], "RESULTS": str(results)}
+    proc = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--jobs", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stdout.count(" start ") == 2 and proc.stdout.count("done, skipped") == 10
+    assert "1 runs failed" in proc.stderr and "cifar/02_normalize/seed0 (exit 2): error:" in proc.stderr
+    assert "not a readable config" in proc.stderr.splitlines()[-1]
+    assert (redo / "final.json").is_file() and (results / "REPORT.md").is_file()  # the others ran; the report too
+    (broken / "config.json").unlink()
+    again = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--jobs", "2"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count(" start ") == 1 and "start cifar/02_normalize/seed0" in again.stdout
+
+
 def test_report_deltas_are_the_differences_of_its_own_numbers(smoke):
     text = (smoke[0] / "REPORT.md").read_text()
     ladder = _table(text, "## Ablations: CIFAR-100")
-    vals = [float(r[3].split()[0]) for r in ladder]
-    deltas = [r[4].split()[0] if r[4] else "" for r in ladder]
-    assert deltas[0] == "" and len(ladder) == 11
+    vals = [float(r[4].split()[0]) for r in ladder]
+    deltas = [r[5].split()[0] if r[5] else "" for r in ladder]
+    assert deltas[0] == "" and len(ladder) == 12
+    inits = {r[0]: r[2] for r in ladder}  # the init each row resolved: He until BatchNorm, then PyTorch's default
+    assert inits["05_kaiming"] == inits["06_bn"] == "kaiming" and inits["07_bn_init"] == inits["11_width"] == "default"
+    assert inits["01_basenet"] == inits["04_depth"] == "default" and inits["12_final"] == "kaiming"
     for i in range(1, len(ladder)):  # both shown to 4 decimals: they agree to the last digit's rounding
         assert abs(float(deltas[i]) - (vals[i] - vals[i - 1])) <= 1.01e-4, ladder[i]
     birds = _table(text, "## Transfer learning: birds")
@@ -206,3 +284,18 @@ def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean
 def test_run_all_rejects_unknown_options():
     proc = subprocess.run(["bash", "run_all.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
+
+
+def test_plan_estimate_with_jobs_is_the_longest_chain():
+    import bench
+    assert bench.schedule_seconds([10, 10, 10, 10], jobs=1, units=1) == 40  # one at a time: the sum
+    assert bench.schedule_seconds([10, 10, 10, 10], jobs=2, units=2) == 20  # two GPUs: half
+    assert bench.schedule_seconds([30, 10, 10, 10], jobs=2, units=2) == 30  # the longest chain, not the sum / 2
+    assert bench.schedule_seconds([10, 10, 10, 10], jobs=4, units=1) == 40  # 4 runs sharing one GPU (or the CPU)
+    assert bench.schedule_seconds([], jobs=3, units=3) == 0
+
+
+def test_run_all_rejects_bad_jobs():
+    for bad in ("0", "two"):
+        proc = subprocess.run(["bash", "run_all.sh", "--jobs", bad], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and "--jobs takes a positive integer" in proc.stderr

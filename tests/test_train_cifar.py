@@ -109,8 +109,21 @@ def uninterrupted(cifar_dir, tmp_path_factory):
     return out
 
 
+def _board(run_dir):
+    """{tag: [(step, value)]} of the run's TensorBoard scalars, as TensorBoard shows them (purged steps hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def _same_run(a, b):
     pd.testing.assert_frame_equal(_deterministic_columns(a / "metrics.csv"), _deterministic_columns(b / "metrics.csv"))
+    metrics, board = pd.read_csv(a / "metrics.csv"), _board(a)  # the resumed run's curves: every epoch once
+    for column, tag in (("val_acc", "accuracy/val"), ("train_loss", "loss/train"), ("lr", "lr")):
+        assert [s for s, _ in board[tag]] == list(metrics.epoch), tag
+        assert [v for _, v in board[tag]] == pytest.approx(list(metrics[column]), rel=1e-6), tag
+    assert {t: [s for s, _ in v] for t, v in board.items()} == {t: [s for s, _ in v] for t, v in _board(b).items()}
     wa = torch.load(a / "last.pt", weights_only=True)["model"]
     wb = torch.load(b / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

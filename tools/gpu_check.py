@@ -22,6 +22,8 @@ Checks (names for --only/--skip):
   gpu-decode     torchvision.io.decode_jpeg(device="cuda") on the bird JPEGs (the fallback where DALI is missing)
   bench          python bench.py --sections 6,7,8 (training img/s, MFU, loader rate, ResNet-50 from JPEG)
   suite          the test suite (python -m pytest -q), which must pass on a GPU machine too
+  ladder-jobs    run_all.sh's CIFAR ladder (generated data, 3 epochs a run) with --jobs 1 and --jobs 4 on one GPU:
+                 the wall time of several small runs sharing a GPU
 
 Needs, beyond requirements.txt: a CUDA GPU and its driver; torchrun (part of torch). Without DALI the DALI
 checks say so and the torch loader and torchvision GPU decoding are checked instead. Without --cub-dir the
@@ -45,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
 CHECKS = ["cifar-fast", "cifar-plain", "deterministic", "resume", "ddp-nccl", "birds-dali", "birds-torch",
-          "dali-pixels", "dali-stream", "gpu-decode", "bench", "suite"]
+          "dali-pixels", "dali-stream", "gpu-decode", "bench", "suite", "ladder-jobs"]
 
 
 class Skip(Exception):
@@ -258,6 +260,20 @@ def check_suite(ctx):
     return tail[-1] if tail else "see log"
 
 
+def check_ladder_jobs(ctx):
+    seconds = {}
+    gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    for jobs in (1, 4):
+        env = {**os.environ, "RESULTS": str(ctx.tmp / f"ladder{jobs}"), "CIFAR_DATA": str(ctx.cifar), "CIFAR_FINAL": "0",
+               "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": gpu, "EXTRA": "--val-per-class 20"}
+        t0 = time.perf_counter()
+        run(["bash", "run_all.sh", "--only", "cifar", "--epochs-scale", "0.1", "--jobs", jobs], ctx.log("ladder-jobs"),
+            timeout=900, env=env)
+        seconds[jobs] = time.perf_counter() - t0
+    return (f"11 ladder runs (3 epochs each, report included) on GPU {gpu}: --jobs 1 {seconds[1]:.0f} s, --jobs 4 "
+            f"{seconds[4]:.0f} s ({seconds[1] / seconds[4]:.2f}x)")
+
+
 # ----------------------------------------------------------------------------- main
 
 class Context:
@@ -303,7 +319,7 @@ def main():
         "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
         "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
         "dali-pixels": check_dali_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
-        "bench": check_bench, "suite": check_suite,
+        "bench": check_bench, "suite": check_suite, "ladder-jobs": check_ladder_jobs,
     }
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
               f"{time.strftime('%Y-%m-%d %H:%M')} | ")

@@ -8,7 +8,11 @@ Only the official training images are used (about 30 a class for the shared subs
 (shorter side to 32, centre crop; PIL bilinear with antialiasing) and written as cifar-100-python/{train,test,meta}
 pickles with the class names. train_cifar.py carves its validation split from them as usual
 (--val-per-class). The test pickle holds 100 black images with all-zero labels, a placeholder that the scripts
-never score, so the CUB test split stays untouched for the bird study.
+never score, so the CUB test split stays untouched for the bird study. Once a recipe has been chosen by validation
+accuracy, `--test-split` writes the official test images (same resizing, real labels) as the test pickle instead,
+so that its test accuracy can be reported once:
+
+    python tools/make_proxy32.py ../shared/data/CUB_200_2011_subset100 proxy32test --test-split
 """
 import argparse
 import pickle
@@ -36,10 +40,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cub_dir", help="CUB_200_2011-layout folder")
     parser.add_argument("out", help="folder to write cifar-100-python/ into")
+    parser.add_argument("--test-split", action="store_true",
+                        help="write the official test images with their labels as the test pickle (for reporting a "
+                             "chosen recipe's test accuracy once), instead of the never-scored placeholder")
     args = parser.parse_args()
     try:
-        train, _, classes = data.load_cub(args.cub_dir)
+        train, test, classes = data.load_cub(args.cub_dir)
         train, skipped = data.drop_bad_images(train, 0.05, "training images")
+        if args.test_split:
+            test, _ = data.drop_bad_images(test, 0.05, "test images")
     except data.DataError as e:
         sys.exit(f"error: {e}")
     if len(classes) > 100:
@@ -50,6 +59,8 @@ def main():
     root.mkdir(parents=True, exist_ok=True)
     names = [c.split(".", 1)[-1] for c in classes] + [f"unused_{i}" for i in range(len(classes), 100)]
     splits = {"train": (images, labels), "test": (np.zeros((100, 3072), np.uint8), [0] * 100)}
+    if args.test_split:
+        splits["test"] = (np.stack([to32(p) for p, _, _ in test]).astype(np.uint8), [int(y) for _, y, _ in test])
     for split, (x, y) in splits.items():
         with open(root / split, "wb") as f:
             pickle.dump({"data": x, "fine_labels": y, "coarse_labels": [0] * len(y),
@@ -57,6 +68,7 @@ def main():
     with open(root / "meta", "wb") as f:
         pickle.dump({"fine_label_names": names, "coarse_label_names": [f"super_{i}" for i in range(20)]}, f, protocol=4)
     print(f"wrote {len(labels)} training images of {len(classes)} classes (32x32) to {root}"
+          + (f", and {len(splits['test'][1])} test images with their labels" if args.test_split else "")
           + (f"; skipped {len(skipped)} broken" if skipped else ""))
 
 
