@@ -203,8 +203,9 @@ def resolve_init(init, name, norm="none"):
     measurements in BENCHMARKS.md ("Initialisation per network family"):
     - convnet without normalisation: He. A plain 8-conv stack with PyTorch's default init never learns.
     - convnet with BatchNorm/GroupNorm: PyTorch's default. A norm layer after every conv makes the conv
-      scale-invariant, so its effective learning rate goes as lr / |w|^2. He draws weights about 2.4x larger
-      here, which slows a short schedule about 6x; it measured worse on every BatchNorm row and on cpu5.
+      scale-invariant, so its effective learning rate goes as lr / |w|^2. He's fan-out normal draws a 3x3 conv's
+      weights sqrt(6) = 2.4x larger than PyTorch's default, so training starts with a 6x smaller effective
+      learning rate, which a short schedule never makes up: He measured worse on the BatchNorm rows and on cpu5.
     - resnet18, preact18, wrn: He, as torchvision and the WRN paper do (their long schedules are what the
       final preset runs; not measured here).
     - basenet: PyTorch's default, the course recipe."""

@@ -125,6 +125,12 @@ def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, re
     proc = run_script("predict.py", ckpts[0], tmp_path / "cifar.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
                       "--device", "cpu", check=False)
     assert proc.returncode == 2 and "an ensemble needs one data set" in proc.stderr and "Traceback" not in proc.stderr
+    other = torch.load(ckpts[1], weights_only=True)
+    other["model_config"]["num_classes"] = 7  # another class count, same data set and preprocessing
+    torch.save(other, tmp_path / "seven.pt")
+    proc = run_script("predict.py", ckpts[0], tmp_path / "seven.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
+                      "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "predicts 7 classes" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.csv").exists()
 
 
