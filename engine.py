@@ -618,9 +618,9 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     if main and getattr(args, "tensorboard", False):
         resumed = bool(history)
         first = len(prior_history) + (len(history) if resumed else 1)
-        board = Board(board_dir or out, first, None if resumed else run_config_plain(args), phase)
-        if resumed:  # the checkpoint's last row again: logged or not before the kill, it is there once
-            board.epoch(first, history[-1])
+        # a resumed run logs the checkpoint's last row again: logged or not before the kill, it is there once
+        board = Board(board_dir or out, first, None if resumed else run_config_plain(args), phase,
+                      history[-1] if resumed else None)
     if args.compile:
         model = torch.compile(model)
     if dist.is_initialized():  # around the compiled model: DDP's buffer broadcast would break the graph inside it
@@ -701,6 +701,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                 print(f"epoch {epoch + 1}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
                       f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
                       f"({h['images_per_second']:.0f} img/s)", flush=True)
+        if board is not None:  # a resumed run with no epoch left still logs its checkpoint's last row
+            board.epoch()
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
@@ -719,25 +721,39 @@ class Board:
     metrics.csv row's loss, accuracy, lr and img/s at global step = the row's place in metrics.csv (an LP-FT
     run's fine-tuning continues its probe's steps). A resumed process purges the steps from its checkpoint's last
     row on (TensorBoard's purge_step) and logs that row again: a process killed between saving last.pt and
-    logging leaves no gap, and one killed after logging leaves no duplicate."""
+    logging leaves no gap, and one killed after logging leaves no duplicate. The event file is opened at the
+    first epoch this process finishes, so a process that fails before it adds no file to the run folder."""
 
     TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
             "lr": "lr", "images_per_second": "images_per_second"}
 
-    def __init__(self, log_dir, first_step, flags=None, phase="train"):
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(log_dir), purge_step=first_step)  # hides any older events from this step on
-        if flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
-            self.writer.add_text("flags" if phase == "train" else f"flags/{phase}",
-                                 "\n".join(f"    {k} = {v!r}" for k, v in sorted(flags.items())), first_step)
+    def __init__(self, log_dir, first_step, flags=None, phase="train", resumed_row=None):
+        self.log_dir, self.first_step, self.flags, self.phase = log_dir, first_step, flags, phase
+        self.pending = [(first_step, resumed_row)] if resumed_row is not None else []
+        self.writer = None
 
-    def epoch(self, step, row):
-        for key, tag in self.TAGS.items():
-            self.writer.add_scalar(tag, row[key], step)
+    def _open(self):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=self.first_step)  # hides older events from here on
+        if self.flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
+            self.writer.add_text("flags" if self.phase == "train" else f"flags/{self.phase}",
+                                 "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())), self.first_step)
+
+    def epoch(self, step=None, row=None):
+        """Log one finished epoch's row (and, first, the resumed checkpoint's last row); no row: only the latter."""
+        if self.writer is None:
+            if not self.pending and row is None:
+                return
+            self._open()
+        rows, self.pending = [*self.pending, *([(step, row)] if row is not None else [])], []
+        for at, r in rows:
+            for key, tag in self.TAGS.items():
+                self.writer.add_scalar(tag, r[key], at)
         self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def log_final(log_dir, flags, final):
