@@ -740,15 +740,18 @@ class Board:
                                  "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())), self.first_step)
 
     def epoch(self, step=None, row=None):
-        """Log one finished epoch's row (and, first, the resumed checkpoint's last row); no row: only the latter."""
+        """Log one finished epoch's row (after the resumed checkpoint's last row, if not logged yet); no row: only
+        the latter."""
+        if row is not None:
+            self.pending.append((step, row))
+        if not self.pending:
+            return
         if self.writer is None:
-            if not self.pending and row is None:
-                return
             self._open()
-        rows, self.pending = [*self.pending, *([(step, row)] if row is not None else [])], []
-        for at, r in rows:
+        for at, r in self.pending:
             for key, tag in self.TAGS.items():
                 self.writer.add_scalar(tag, r[key], at)
+        self.pending = []
         self.writer.flush()
 
     def close(self):

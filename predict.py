@@ -111,16 +111,15 @@ def run(argv=None):
     device = engine.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
     sets = TestSets(args, device)
-    probs, labels, first = None, None, None
+    probs, labels = None, None
     for path in args.checkpoints:  # one at a time: only one network is in memory
         ckpt = engine.load_checkpoint(path)
         loader, n = sets.loader(ckpt, path)
         model = load_model(ckpt, path, device, n, args.data_dir)  # refuses a class count unlike the data set's
         p, y = engine.predict_probs(model, loader, device, amp, tta)
         if labels is not None and not torch.equal(y, labels):  # every loader lists the test split in one order
-            raise engine.UsageError(f"{path} sees the test images in another order than {first}")
+            raise engine.UsageError(f"{path} sees the test images in another order than {sets.first}")
         probs, labels = (p, y) if probs is None else (probs + p, labels)
-        first = first or path
     test_acc = engine.write_predictions(args.out, probs / len(args.checkpoints), labels)
     what = f"an ensemble of {len(args.checkpoints)} checkpoints" if len(args.checkpoints) > 1 else "one checkpoint"
     print(f"wrote {len(labels)} predictions from {what} to {args.out}"

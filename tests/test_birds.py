@@ -68,6 +68,20 @@ def test_feature_cache_trains_the_same_head(clean_cub_dir, tmp_path, resnet18_we
     pd.testing.assert_series_equal(ma.val_acc, mb.val_acc)
 
 
+def _pil_logits(checkpoint, test):
+    """The checkpoint's logits for the test samples, decoded with PIL one image at a time in images.txt order and
+    preprocessed by hand from its data_config (image size, mean, std)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = models.build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    cfg = ckpt["data_config"]
+    images = data.BirdImages(test, cfg["img_size"], keep_broken=True)
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1) * 255, torch.tensor(cfg["std"]).view(3, 1, 1) * 255
+    with torch.no_grad():
+        return torch.cat([model(((images[(i, 0)][0].float() - mean) / std)[None]) for i in range(len(test))])
+
+
 def test_submission_follows_images_txt(cub_dir, tmp_path, resnet18_weights):
     """The CSV's rows follow images.txt; checked against PIL decoding image by image, so the run uses the PIL
     (torch) loader too: DALI's decoder differs by a few pixel levels, enough to flip a near tie."""
@@ -75,15 +89,7 @@ def test_submission_follows_images_txt(cub_dir, tmp_path, resnet18_weights):
     run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out, *QUICK,
                "--loader", "torch")
     _, test, _ = data.load_cub(cub_dir)
-    ckpt = torch.load(out / "best.pt", weights_only=True)
-    model = models.build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    cfg = ckpt["data_config"]
-    images = data.BirdImages(test, cfg["img_size"], keep_broken=True)
-    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1) * 255, torch.tensor(cfg["std"]).view(3, 1, 1) * 255
-    with torch.no_grad():  # one image at a time, in images.txt order
-        expected = [model(((images[(i, 0)][0].float() - mean) / std)[None]).argmax(1).item() for i in range(len(test))]
+    expected = _pil_logits(out / "best.pt", test).argmax(1).tolist()
     rows = (out / "submission.csv").read_text().splitlines()
     assert rows[0] == '"Id","Prediction1"'
     assert rows[1:] == [f'"{i}","{p}"' for i, p in enumerate(expected)]
@@ -105,18 +111,7 @@ def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, re
     run_script("predict.py", *ckpts, "--data-dir", cub_dir, "--out", tmp_path / "e.csv", "--device", "cpu",
                "--workers", "0", "--loader", "torch")
     _, test, _ = data.load_cub(cub_dir)
-    probs = 0
-    for path in ckpts:
-        ckpt = torch.load(path, weights_only=True)
-        model = models.build_model(ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-        model.eval()
-        cfg = ckpt["data_config"]
-        images = data.BirdImages(test, cfg["img_size"], keep_broken=True)
-        mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1) * 255, torch.tensor(cfg["std"]).view(3, 1, 1) * 255
-        with torch.no_grad():
-            probs = probs + torch.cat([model(((images[(i, 0)][0].float() - mean) / std)[None]).softmax(1)
-                                       for i in range(len(test))])
+    probs = sum(_pil_logits(path, test).softmax(1) for path in ckpts)
     rows = (tmp_path / "e.csv").read_text().splitlines()
     assert rows[1:] == [f'"{i}","{p}"' for i, p in enumerate(probs.argmax(1).tolist())]
     foreign = torch.load(ckpts[0], weights_only=True)
