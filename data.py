@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -551,6 +552,88 @@ def check_image_file(path):
     return "not an image"
 
 
+# JPEG coding processes nvJPEG decodes: baseline, extended sequential and progressive Huffman (SOF0-2).
+# Lossless, hierarchical and arithmetic-coded files (the other SOF markers) go to PIL.
+NVJPEG_SOF = {0xC0, 0xC1, 0xC2}
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC are not frame headers
+
+
+def jpeg_header(path):
+    """(width, height, None) for a JPEG the GPU decoder takes, or (width, height, why PIL decodes it instead), read
+    from the markers up to the frame header; (None, None, why) when no frame header is found."""
+    adobe_transform = None
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return None, None, "not a JPEG"
+            while True:
+                byte = f.read(1)
+                if byte != b"\xff":
+                    return None, None, "no frame header before the image data"
+                marker = f.read(1)
+                while marker == b"\xff":  # fill bytes
+                    marker = f.read(1)
+                if not marker:
+                    return None, None, "no frame header"
+                m = marker[0]
+                if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+                    continue
+                length = int.from_bytes(f.read(2), "big")
+                if m == 0xDA or length < 2:  # start of scan before any frame header, or a broken length
+                    return None, None, "no frame header before the image data"
+                if m in SOF_MARKERS:
+                    frame = f.read(6)
+                    if len(frame) < 6:
+                        return None, None, "truncated frame header"
+                    bits, height, width, channels = frame[0], int.from_bytes(frame[1:3], "big"), \
+                        int.from_bytes(frame[3:5], "big"), frame[5]
+                    why = (f"JPEG process SOF{m - 0xC0} (lossless, hierarchical or arithmetic)" if m not in NVJPEG_SOF
+                           else f"{bits}-bit samples" if bits != 8
+                           else "grayscale" if channels == 1
+                           else "CMYK/YCCK" if channels == 4
+                           else "RGB-coded (Adobe, no YCbCr transform)" if channels == 3 and adobe_transform == 0
+                           else f"{channels} channels" if channels != 3
+                           else "no height in the frame header (DNL)" if not (width and height)
+                           else None)
+                    return width, height, why
+                payload = f.read(length - 2)
+                if m == 0xEE and payload[:5] == b"Adobe" and len(payload) >= 12:
+                    adobe_transform = payload[11]
+    except OSError as e:
+        return None, None, f"unreadable ({e.strerror})"
+
+
+def scan_images(samples, pil_for_gpu_refused):
+    """What the nvJPEG and DALI loaders learn before the first epoch: each sample's (width, height) after its crop box,
+    {index: why} of the broken files and, with pil_for_gpu_refused, the indices PIL decodes on the CPU (not a JPEG
+    nvJPEG takes), with a count of the reasons. Headers are read, never the image data."""
+    from PIL import Image
+    sizes, broken, pil, reasons = [], {}, set(), {}
+    for i, (path, _, box) in enumerate(samples):
+        why_broken = check_image_file(path)
+        width = height = None
+        if why_broken is None:
+            width, height, why_cpu = jpeg_header(path)
+            if why_cpu is not None or width is None:
+                try:
+                    with Image.open(path) as im:
+                        width, height = im.size
+                except Exception as e:  # passed the byte check, yet its header is unreadable
+                    why_broken = f"cannot read the image header ({type(e).__name__})"
+            if why_broken is None and why_cpu is not None and pil_for_gpu_refused:
+                pil.add(i)
+                reasons[why_cpu] = reasons.get(why_cpu, 0) + 1
+        if why_broken is not None:
+            broken[i] = why_broken
+            sizes.append((8, 8))
+            continue
+        if box is not None:  # PIL's crop: whole pixels, and at least one of them
+            x0, y0, x1, y1 = int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])
+            width, height = max(1, x1 - x0), max(1, y1 - y0)
+        sizes.append((width, height))
+    return sizes, broken, pil, reasons
+
+
 def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
     bad = [(s, reason) for s in samples if (reason := check_image_file(s[0]))]
     for (path, _, _), reason in bad[:20]:
@@ -682,6 +765,7 @@ class _BatchList(torch.utils.data.Sampler):
 class TorchImageLoader(SampledLoader):
     """PIL decoding in DataLoader workers; normalisation on the GPU (uint8 crosses the bus), or in the
     workers when training on the CPU."""
+    may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
@@ -712,6 +796,242 @@ class TorchImageLoader(SampledLoader):
             yield xb, yb.to(self.device, non_blocking=True)
 
 
+# ----------------------------------------------------------------------------- birds: batched nvJPEG
+
+PIL_PRECISION_BITS = 22  # Pillow's fixed-point precision for the resize coefficients of 8-bit images (32 - 8 - 2)
+
+
+def pil_bilinear_weights(start, scale, lo, hi, out_size, in_max):
+    """(B, out_size, in_max) float32: the weights of Pillow's bilinear resize along one axis, one row per output pixel.
+
+    Sample b's output pixel i is centred at start + (i + 0.5) * scale source pixels; it averages the source pixels
+    within max(scale, 1) of that centre with a triangle filter (the antialiasing of Pillow and of torchvision's
+    antialias=True), restricted to lo..hi-1, normalised, and rounded to Pillow's fixed point. Written here because
+    Pillow's is one image at a time and F.interpolate cannot take one box per sample; as a matrix it batches."""
+    dev = start.device
+    start, scale, lo, hi = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (start, scale, lo, hi))
+    support = scale.clamp(min=1.0)
+    centre = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=dev) + 0.5) * scale[:, None]
+    first = torch.maximum(torch.trunc(centre - support[:, None] + 0.5), lo[:, None])
+    last = torch.minimum(torch.trunc(centre + support[:, None] + 0.5), hi[:, None])  # exclusive
+    j = torch.arange(in_max, dtype=torch.float64, device=dev).view(1, 1, -1)
+    w = (1 - ((j - centre[..., None] + 0.5) / support.view(-1, 1, 1)).abs()).clamp(min=0)
+    w = w * ((j >= first[..., None]) & (j < last[..., None]))
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
+    return (torch.round(w * 2 ** PIL_PRECISION_BITS) / 2 ** PIL_PRECISION_BITS).float()
+
+
+def resample_batch(images, geometry, size, mirror, max_elements=1 << 27):
+    """Crop, resize (Pillow's bilinear, antialiased) and mirror a list of uint8 (3, H_i, W_i) images on their device, as
+    a batch: uint8 (B, 3, size, size). geometry: float64 numpy (B, 8) of per-sample (start, scale, lo, hi) for x then y
+    (see pil_bilinear_weights); mirror: bool numpy (B,).
+
+    Two batched matmuls per chunk (width first, rounded to uint8 in between, then height), as Pillow resizes, so
+    the pixels equal Pillow's up to float rounding. The images are zero-padded to the chunk's largest; chunks keep
+    that padded copy under max_elements floats, so a batch of large photos does not claim the whole GPU."""
+    dev = images[0].device
+    g = torch.from_numpy(np.ascontiguousarray(geometry)).to(dev)
+    flip = torch.from_numpy(np.asarray(mirror, dtype=bool)).to(dev)
+    out, begin = [], 0
+    while begin < len(images):
+        end, h_max, w_max = begin, 0, 0
+        while end < len(images):  # grow the chunk while its padded copy stays under the cap (at least one image)
+            h, w = max(h_max, images[end].shape[1]), max(w_max, images[end].shape[2])
+            if end > begin and (end + 1 - begin) * 3 * h * w > max_elements:
+                break
+            end, h_max, w_max = end + 1, h, w
+        with warnings.catch_warnings():  # torch.nested's strided layout is marked prototype; its padding is what we need
+            warnings.simplefilter("ignore", UserWarning)
+            padded = torch.nested.as_nested_tensor(images[begin:end]).to_padded_tensor(0)
+        wx = pil_bilinear_weights(*g[begin:end, :4].unbind(1), size, padded.shape[3])
+        wx = torch.where(flip[begin:end].view(-1, 1, 1), wx.flip(1), wx)  # mirrored: the output columns reversed
+        wy = pil_bilinear_weights(*g[begin:end, 4:].unbind(1), size, padded.shape[2])
+        rows = torch.floor(padded.float() @ wx.transpose(1, 2).unsqueeze(1) + 0.5).clamp_(0, 255)  # (b, 3, H, size)
+        out.append(torch.floor(wy.unsqueeze(1) @ rows + 0.5).clamp_(0, 255).to(torch.uint8))
+        begin = end
+    return torch.cat(out)
+
+
+def sample_geometry(width, height, region, crops, size, crop_frac):
+    """Per-sample source geometry for resample_batch, numpy (B, 8), vectorised over the batch.
+
+    width/height: the decoded images' sizes; region: (B, 4) x0, y0, x1, y1 of each sample's crop box (the whole image
+    without one); crops: (B, 4) x, y, w, h of the random-resized crop within the region, or NaN rows for the eval
+    policy (shorter side to size / crop_frac, centre crop), computed as BirdImages computes it with PIL."""
+    region = np.asarray(region, dtype=np.float64)
+    crops = np.asarray(crops, dtype=np.float64)
+    rw, rh = region[:, 2] - region[:, 0], region[:, 3] - region[:, 1]
+    short = round(size / crop_frac)
+    ratio = short / np.minimum(rw, rh)
+    resized_w, resized_h = np.maximum(size, np.round(rw * ratio)), np.maximum(size, np.round(rh * ratio))
+    eval_x = np.floor((resized_w - size) / 2) * rw / resized_w
+    eval_y = np.floor((resized_h - size) / 2) * rh / resized_h
+    is_eval = np.isnan(crops[:, 0])
+    start_x = region[:, 0] + np.where(is_eval, eval_x, crops[:, 0])
+    start_y = region[:, 1] + np.where(is_eval, eval_y, crops[:, 1])
+    scale_x = np.where(is_eval, rw / resized_w, crops[:, 2] / size)
+    scale_y = np.where(is_eval, rh / resized_h, crops[:, 3] / size)
+    hi_x, hi_y = np.minimum(region[:, 2], width), np.minimum(region[:, 3], height)
+    return np.stack([start_x, scale_x, region[:, 0], hi_x, start_y, scale_y, region[:, 1], hi_y], 1)
+
+
+class BirdFiles(torch.utils.data.Dataset):
+    """What a DataLoader worker does for the nvJPEG and DALI loaders: read one file's bytes and draw its augmentation
+    (`draw_augmentation`, from the size found by `scan_images`). The few files in `pil` (not a JPEG the GPU decoder
+    takes) are decoded here by PIL, to full size, and join the same batch; broken files give None (skipped) or, with
+    keep_broken, a black image. Returns (index, uint8 tensor, decoded?, label, region, crop, mirror)."""
+
+    def __init__(self, samples, sizes, img_size, aug=(), scale=(0.25, 1.0), broken=(), pil=(), keep_broken=False,
+                 placeholder=None):
+        self.samples, self.sizes, self.img_size, self.aug, self.scale = samples, sizes, img_size, set(aug), scale
+        self.broken, self.pil, self.keep_broken, self.placeholder = set(broken), set(pil), keep_broken, placeholder
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _black(self, index, label):
+        s = self.img_size
+        if self.placeholder is not None:  # DALI decodes a placeholder JPEG
+            return index, torch.from_numpy(self.placeholder), False, label, (0, 0, 8, 8), None, False
+        return index, torch.zeros(3, s, s, dtype=torch.uint8), True, label, (0, 0, s, s), None, False
+
+    def __getitem__(self, item):
+        from PIL import Image
+        index, sample_seed = item
+        path, label, box = self.samples[index]
+        if index in self.broken:
+            return self._black(index, label) if self.keep_broken else None
+        width, height = self.sizes[index]
+        crop, mirror = draw_augmentation(sample_seed, width, height, self.aug, self.scale)
+        region = (0, 0, width, height)
+        if box is not None:
+            region = (int(box[0]), int(box[1]), int(box[0]) + width, int(box[1]) + height)
+        if index not in self.pil:
+            return index, torch.from_numpy(np.fromfile(path, dtype=np.uint8)), False, label, region, crop, mirror
+        try:
+            with Image.open(path) as im:
+                image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except Exception as e:  # any decoder failure: never crash the epoch
+            warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
+            return self._black(index, label) if self.keep_broken else None
+        return index, image, True, label, region, crop, mirror
+
+
+def _collate_files(batch):
+    return [b for b in batch if b is not None]
+
+
+class FileReaders:
+    """DataLoader workers that read BirdFiles items, batch by batch, for the nvJPEG and DALI loaders. The workers
+    persist across epochs (each epoch only swaps the list of batches), so a short epoch does not pay their start-up
+    again; they touch no device, so forking them after CUDA or DALI started is safe. At most 4: reading a file and
+    drawing its crop take about 60 us (BENCHMARKS.md), so 4 processes feed far more images per second than any GPU
+    trains on; the decoding itself is the device's (or DALI's threads')."""
+    MAX_READERS = 4
+
+    def __init__(self, files, workers, seed_generator):
+        self.batch_list = _BatchList([])
+        workers = min(workers, self.MAX_READERS)
+        self.loader = torch.utils.data.DataLoader(
+            files, batch_sampler=self.batch_list, num_workers=workers, collate_fn=_collate_files,
+            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+            generator=seed_generator)  # else DataLoader draws its base seed from the global RNG (dropout's)
+
+    def epoch(self, batches):
+        self.batch_list.batches = batches
+        return iter(self.loader)
+
+
+class NvjpegImageLoader(SampledLoader):
+    """torchvision's batched nvJPEG decoder (`decode_jpeg(device=...)`) and batched resampling on the device.
+
+    DataLoader workers only read file bytes and draw each sample's crop and mirror (`BirdFiles`). The device decodes
+    the batch in one call, then crops, resizes (Pillow's antialiased bilinear, as the torch loader's PIL), mirrors
+    and normalises it in two matmuls (`resample_batch`): no per-image loop. Files nvJPEG does not take (PNG under a
+    .jpg name, grayscale, CMYK, lossless/arithmetic JPEG) are found by `scan_images` and decoded by PIL in the
+    workers into the same batch. On a CPU device the same code runs with libjpeg-turbo (the tests' path)."""
+    may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
+
+    def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
+                 rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
+        self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
+        self.img_size, self.crop_frac, self.keep_broken = img_size, crop_frac, keep_broken
+        self.samples = samples
+        self.sizes, broken, pil, self.pil_reasons = scan_images(samples, pil_for_gpu_refused=True)
+        for i, why in broken.items():  # as the torch loader does when PIL fails on them
+            warn(f"{'black image for' if keep_broken else 'skipping'} {samples[i][0]}: {why}")
+        self.files = BirdFiles(samples, self.sizes, img_size, aug if train else (), scale, broken, pil, keep_broken)
+        self.readers = None
+        self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
+                                    drop_last=train and len(samples) > batch_size, rank=rank, world=world)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __iter__(self):
+        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
+                   for pos, idx in self.sampler.batches(self.start_step)]
+        self.start_step = 0
+        if self.readers is None:
+            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2))
+        for items in self.readers.epoch(batches):
+            xb, yb = self._to_batch(items)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb
+
+    def _decode(self, items):
+        """Decode the items' JPEG bytes on the device in one batched call; a batch the decoder refuses is decoded file
+        by file, and what it still refuses goes to PIL here (None: not decodable at all)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        raw = [it[1] for it in items]
+        if not raw:
+            return []
+        try:
+            return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        from PIL import Image
+        out = []
+        for it in items:  # only after a refused batch
+            try:
+                out.append(decode_jpeg(it[1], mode=ImageReadMode.RGB, device=self.device))
+                continue
+            except RuntimeError:
+                pass
+            path = self.samples[it[0]][0]
+            try:
+                with Image.open(io.BytesIO(it[1].numpy().tobytes())) as im:
+                    image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+                warn(f"{path}: the GPU decoder refused it, decoded by PIL")
+                out.append(image.to(self.device))
+            except Exception as e:
+                warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
+                out.append(None)
+        return out
+
+    def _to_batch(self, items):
+        s = self.img_size
+        encoded = [it for it in items if not it[2]]
+        decoded = dict(zip((it[0] for it in encoded), self._decode(encoded), strict=True))
+        images, kept = [], []
+        for it in items:
+            image = it[1].to(self.device, non_blocking=True) if it[2] else decoded[it[0]]
+            if image is None and self.keep_broken:
+                image, it = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device), (*it[:4], (0, 0, s, s), None, False)
+            if image is not None:
+                images.append(image)
+                kept.append(it)
+        labels = torch.tensor([it[3] for it in kept], dtype=torch.long)
+        if not kept:  # every image of the batch was broken: an empty batch, on the device like any other
+            return torch.zeros(0, 3, s, s, device=self.device), labels.to(self.device)
+        nan4 = (math.nan,) * 4
+        geometry = sample_geometry([im.shape[2] for im in images], [im.shape[1] for im in images],
+                                   [it[4] for it in kept], [it[5] if it[5] is not None else nan4 for it in kept],
+                                   s, self.crop_frac)
+        x = resample_batch(images, geometry, s, [it[6] for it in kept])
+        return (x.float() - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+
+
 def dali_available():
     try:
         import nvidia.dali  # noqa: F401
@@ -721,67 +1041,52 @@ def dali_available():
 
 
 class DaliImageLoader(SampledLoader):
-    """DALI pipeline: JPEG decode (nvJPEG, device='mixed' on a GPU; DALI's CPU decoder otherwise),
-    crop, resize, flip and normalisation inside DALI. The sampler feeds the file bytes and each
-    sample's crop box and mirror flag, drawn by `draw_augmentation` exactly as the torch loader draws
-    them: same order, same crops, and an epoch resumes exactly at any step."""
+    """DALI pipeline: JPEG decode (nvJPEG, device='mixed' on a GPU; DALI's CPU decoder otherwise), then one resize of
+    each sample's source box to img_size (antialiased), mirror and normalisation inside DALI. DataLoader workers feed
+    it (`BirdFiles`): they read the bytes and draw each sample's crop and mirror with `draw_augmentation`, as the other
+    loaders do, and `sample_geometry` turns those into the same source boxes the nvJPEG loader resamples: same order,
+    same crops, the eval resize and centre crop of PIL, and an epoch resumes exactly at any step."""
     on_torch_stream = True  # False: host-synchronous outputs, as before (tools/gpu_check.sh times both)
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
-        from PIL import Image
         self.samples, self.device, self.channels_last = samples, torch.device(device), channels_last
-        self.aug, self.scale = (set(aug) if train else set()), scale
-        # DALI stops the whole pipeline on an undecodable file: catch them up front (cheap header check).
-        self.bad = {i for i, s in enumerate(samples) if check_image_file(s[0])}
-        if self.bad and not keep_broken:
-            raise DataError(f"{len(self.bad)} broken images reached the DALI loader; drop them first (drop_bad_images)")
-        self.placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
-        if any(s[2] is not None for s in samples):
-            raise DataError("--crop-boxes is implemented in the torch loader only; add --loader torch")
-        self.sizes = None
-        if "rrc" in self.aug:  # crop boxes need each image's size: read from the header only
-            self.sizes = []
-            for i, s in enumerate(samples):
-                if i in self.bad:
-                    self.sizes.append((8, 8))  # the placeholder's
-                    continue
-                try:
-                    with Image.open(s[0]) as im:
-                        self.sizes.append(im.size)
-                except Exception as e:  # passed the byte check, yet its header is unreadable
-                    raise DataError(f"{s[0]}: cannot read the image header ({type(e).__name__}); remove the file, "
-                                    f"or use --loader torch, which skips such files") from None
+        self.img_size, self.crop_frac, self.workers = img_size, crop_frac, workers
+        # DALI stops the whole pipeline on an undecodable file: catch them up front (headers only).
+        sizes, bad, _, _ = scan_images(samples, pil_for_gpu_refused=False)
+        if bad and not keep_broken:
+            first = min(bad)
+            raise DataError(f"{samples[first][0]}: {bad[first]}"
+                            f"{f' (and {len(bad) - 1} more broken images)' if len(bad) > 1 else ''}; remove it, or use "
+                            f"--loader torch or nvjpeg, which skip such files")
+        for i, why in bad.items():
+            warn(f"black image for {samples[i][0]}: {why}")
+        placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
+        self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, bad, (), keep_broken, placeholder)
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
         self.local_batch = batch_size // world
-        self.build_args, self.pipe = (img_size, crop_frac, mean, std, workers), None
+        self.build_args, self.pipe, self.readers = (img_size, mean, std, workers), None, None
 
-    def _build(self, img_size, crop_frac, mean, std, workers):
+    def _build(self, img_size, mean, std, workers):
         from nvidia.dali import fn, pipeline_def, types
         gpu = self.device.type == "cuda"
-        rrc = "rrc" in self.aug
 
         @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
                       device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=2, exec_dynamic=True)
         def pipe():
-            n_inputs = 5 if rrc else 3  # file bytes, label, mirror flag (+ crop anchor and crop shape)
-            outputs = fn.external_source(source=self._feed, num_outputs=n_inputs, batch=True,
-                                         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32][:n_inputs])
-            jpegs, labels, mirror = outputs[:3]
-            # EXIF orientation is ignored, as PIL's decoder does, so both loaders see the same pixels
+            jpegs, labels, mirror, roi_start, roi_end = fn.external_source(
+                source=self._feed, num_outputs=5, batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT32, types.FLOAT, types.FLOAT])
+            # EXIF orientation is ignored, as PIL's decoder does, so every loader sees the same pixels,
             # and fancy (smooth) chroma upsampling on the GPU too: nvJPEG's default differs from libjpeg's
-            decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
-                          jpeg_fancy_upsampling=True)
-            if rrc:  # integer anchor and shape: absolute pixels (x, y) and (w, h)
-                images = fn.decoders.image_slice(jpegs, outputs[3], outputs[4], **decode)
-                images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=False)
-            else:
-                images = fn.decoders.image(jpegs, **decode)
-                images = fn.resize(images, resize_shorter=round(img_size / crop_frac), antialias=False)
-            images = fn.crop_mirror_normalize(
-                images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size),
-                mean=[m * 255 for m in mean], std=[s * 255 for s in std], mirror=mirror)
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       adjust_orientation=False, jpeg_fancy_upsampling=True)
+            # the sample's source box (from sample_geometry) to img_size x img_size, antialiased as PIL's bilinear
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, roi_start=roi_start, roi_end=roi_end,
+                               roi_relative=False, antialias=True)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
+                                              mean=[m * 255 for m in mean], std=[s * 255 for s in std])
             return images, labels.gpu() if gpu else labels
 
         built = pipe()
@@ -789,26 +1094,26 @@ class DaliImageLoader(SampledLoader):
         return built
 
     def _feed(self, info=None):
-        batch = next(self._batches)  # StopIteration ends DALI's epoch
-        files, labels, mirrors, anchors, shapes = [], [], [], [], []
-        for i, seed in batch:
-            files.append(self.placeholder if i in self.bad else np.fromfile(self.samples[i][0], dtype=np.uint8))
-            labels.append(np.array(self.samples[i][1], dtype=np.int64))
-            width, height = self.sizes[i] if self.sizes else (1, 1)
-            box, mirror = draw_augmentation(seed, width, height, self.aug, self.scale)
-            mirrors.append(np.array(int(mirror), dtype=np.int32))
-            if box is not None:
-                anchors.append(np.array(box[:2], dtype=np.int32))
-                shapes.append(np.array(box[2:], dtype=np.int32))
-        return (files, labels, mirrors, anchors, shapes) if self.sizes else (files, labels, mirrors)
+        items = next(self._batches)  # StopIteration ends DALI's epoch; the workers have read and drawn everything
+        nan4 = (math.nan,) * 4
+        geometry = sample_geometry([it[4][2] for it in items], [it[4][3] for it in items], [it[4] for it in items],
+                                   [it[5] if it[5] is not None else nan4 for it in items], self.img_size, self.crop_frac)
+        start = np.stack([geometry[:, 4], geometry[:, 0]], 1).astype(np.float32)  # DALI's ROI is in shape order: (y, x)
+        end = start + self.img_size * np.stack([geometry[:, 5], geometry[:, 1]], 1).astype(np.float32)
+        return ([it[1].numpy() for it in items], [np.array(it[3], dtype=np.int64) for it in items],
+                [np.array(int(it[6]), dtype=np.int32) for it in items], list(start), list(end))
 
     def __iter__(self):
         batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
                    for pos, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
-        # DALI needs full batches: the last short one is padded and the padding cut off afterwards.
+        # DALI needs full batches: a short one is padded (an empty one, on a rank whose share of the last global
+        # batch is nothing, with sample 0) and the padding cut off afterwards.
         sizes = [len(b) for b in batches]
-        self._batches = iter([b + [b[-1]] * (self.local_batch - len(b)) for b in batches])
+        padded = [b + [b[-1] if b else (0, 0)] * (self.local_batch - len(b)) for b in batches]
+        if self.readers is None:
+            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2))
+        self._batches = self.readers.epoch(padded)
         if self.pipe is None:  # first epoch, or the last one was left part-way: a fresh pipeline
             self.pipe = self._build(*self.build_args)
         else:
@@ -820,7 +1125,7 @@ class DaliImageLoader(SampledLoader):
         for step, size in enumerate(sizes):
             try:
                 images, labels = pipe.run(stream) if stream is not None else pipe.run()
-            except RuntimeError as e:  # a file that passed the byte check but does not decode stops DALI
+            except RuntimeError as e:  # a file that passed the header check but does not decode stops DALI
                 names = ", ".join(Path(self.samples[i][0]).name for i, _ in batches[step][:4])
                 first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
                 raise DataError(f"DALI could not decode an image of the batch holding {names}... ({first}); remove "
@@ -843,19 +1148,37 @@ def _dali_to_torch(tensor_list, device):
 
 
 def default_loader(device):
-    """DALI wherever it imports (nvJPEG on a GPU, its CPU decoder otherwise: measured 2x the PIL paths on
-    CPU, BENCHMARKS.md figure 4); PIL in DataLoader workers where it does not."""
-    return "dali" if dali_available() else "torch"
+    """--loader auto: DALI wherever it imports (nvJPEG on a GPU, its CPU decoder otherwise: measured 2x the PIL paths
+    on CPU, BENCHMARKS.md figure 4); else, on a CUDA device, torchvision's batched nvJPEG; else PIL in DataLoader
+    workers. Decided from the device the run resolved, not from what the machine has."""
+    if dali_available():
+        return "dali"
+    return "nvjpeg" if torch.device(device).type == "cuda" else "torch"
+
+
+def default_workers():
+    """--workers by default: this process's share of the CPU cores it may use (torchrun's LOCAL_WORLD_SIZE processes
+    share them), at most 16; 2 on a 2-core machine, as before, and enough for nvJPEG's hybrid decoder on a GPU host."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+LOADERS = ("auto", "dali", "nvjpeg", "torch")
+LOADER_HELP = ("dali: DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise); nvjpeg: torchvision's batched "
+               "nvJPEG decode and batched crop/resize on the device (libjpeg-turbo on a CPU device); torch: PIL in "
+               "DataLoader workers; auto: dali when installed, else nvjpeg on a CUDA device, else torch")
 
 
 def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):
-    """kind: 'dali', 'torch' or 'auto' (see default_loader)."""
+    """kind: 'dali', 'nvjpeg', 'torch' or 'auto' (see default_loader)."""
     if kind == "auto":
         kind = default_loader(device)
     if kind == "dali":
         if not dali_available():
             raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda130, or -cuda120 with torch's CUDA 12 wheels)")
         return DaliImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
+    if kind == "nvjpeg":
+        return NvjpegImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
     return TorchImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
 
 

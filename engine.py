@@ -213,6 +213,22 @@ def barrier():
         dist.barrier()
 
 
+_HOST_GROUP = []  # the gloo group the ranks agree on host-side values through (made at first use, by every rank)
+
+
+def all_ranks_nonempty(count):
+    """Whether every rank's share of this step holds samples; without DDP, whether this one does. A rank whose images
+    were all broken must not skip the step alone: the others would wait forever in the gradient all-reduce. So the
+    ranks skip together. The counts are host values (a batch's shape) reduced over gloo: no GPU synchronisation."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return count > 0
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    smallest = torch.tensor([count])
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=_HOST_GROUP[0])
+    return int(smallest) > 0
+
+
 # ----------------------------------------------------------------------------- atomic files
 
 def atomic_write(path, write):
@@ -855,11 +871,12 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
     t0 = time.perf_counter()
     step = checked = sums.step = start_step
     current_factor = None
+    may_be_empty = getattr(loader, "may_yield_empty", False)  # image loaders skip broken files
     try:
         for x, y in loader:
             if run.interrupted:
                 raise KeyboardInterrupt
-            if y.numel() == 0:  # every image of the batch was broken
+            if may_be_empty and not all_ranks_nonempty(y.shape[0]):  # every image of a rank's share was broken
                 step = sums.step = step + 1
                 continue
             run_step = epoch * run.steps_per_epoch + step  # optimizer steps taken in the run before this one

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     add("--dataset", choices=["cub2011", "folder"], default="cub2011",
         help="cub2011: official text files; folder: ImageFolder-style train/ and test/ (e.g. CUB-200-2010)")
     add("--download", action="store_true", help="fetch the official CUB-200-2011 archive into --data-dir if missing")
-    add("--crop-boxes", action="store_true", help="crop each image to its bounding_boxes.txt box (torch loader)")
+    add("--crop-boxes", action="store_true", help="crop each image to its bounding_boxes.txt box")
     add("--val-frac", type=float, default=0.1, help="fraction of each class's training images kept for validation")
     add("--split-seed", type=int, default=0, help="seed of the train/validation split")
     add("--arch", default="resnet50",
@@ -84,9 +84,10 @@ def parse_args(argv=None):
     add("--img-size", type=int, default=224, help="training and evaluation crop size in pixels")
     add("--aug", default="rrc,flip", help="training augmentation: rrc (random-resized crop), flip, or none")
     add("--rrc-min-scale", type=float, default=0.25, help="smallest area fraction a random-resized crop keeps")
-    add("--loader", choices=["auto", "dali", "torch"], default="auto",
-        help="dali: DALI pipeline (nvJPEG on a GPU, DALI CPU decoder otherwise); torch: PIL in DataLoader workers; auto: DALI when installed, else torch")
-    add("--workers", type=int, default=2, help="decoding threads/processes")
+    add("--loader", choices=data.LOADERS, default="auto", help=data.LOADER_HELP)
+    add("--workers", type=int, default=None,
+        help="decoding processes (torch), threads (dali) or file readers (nvjpeg, at most 4) per process; "
+             "default: this process's share of the CPU cores, at most 16")
     add("--max-bad-frac", type=float, default=0.05, help="refuse the data when more than this fraction of images is broken")
     add("--tta", nargs="?", const="flip", default="none",
         help="test-time augmentation for the CSV: none, flip, or flip,shift (softmax averaged over the views)")
@@ -205,10 +206,9 @@ def run(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean, std = model.mean, model.std
-    loader_kind = args.loader
-    if loader_kind == "auto":
-        loader_kind = "torch" if args.crop_boxes else data.default_loader(device)  # boxes: torch loader only
-    common = dict(mean=mean, std=std, device=device, workers=args.workers, rank=rank, world=world,
+    loader_kind = data.default_loader(device) if args.loader == "auto" else args.loader
+    workers = data.default_workers() if args.workers is None else args.workers
+    common = dict(mean=mean, std=std, device=device, workers=workers, rank=rank, world=world,
                   channels_last=args.channels_last, scale=(args.rrc_min_scale, 1.0))
     eval_batch = max(args.batch_size, 64 // world * world)
     train_aug = () if args.cache_features else args.aug_set

@@ -32,8 +32,9 @@ def parse_args(argv=None):
                         help="test-time augmentation: none, flip, or flip,shift (mirror and one-pixel shifts)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--loader", choices=["auto", "dali", "torch"], default="auto", help="bird image loader")
-    parser.add_argument("--workers", type=int, default=2, help="decoding workers for bird images")
+    parser.add_argument("--loader", choices=data.LOADERS, default="auto", help="bird image loader; " + data.LOADER_HELP)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding workers for bird images; default: this process's share of the CPU cores, at most 16")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA)")
     return parser.parse_args(argv)
@@ -85,7 +86,8 @@ class TestSets:
             self._birds[boxes] = (test, len(classes))
         test, num_classes = self._birds[boxes]
         loader = data.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
-                                  device, workers=args.workers, keep_broken=True)
+                                  device, workers=data.default_workers() if args.workers is None else args.workers,
+                                  keep_broken=True)
         return loader, num_classes
 
 

@@ -152,6 +152,31 @@ def test_dali_loader_trains_end_to_end(cub_dir, tmp_path, resnet18_weights):
     assert "loader dali" in proc.stdout and len((out / "submission.csv").read_text().splitlines()) == 13
 
 
+def test_nvjpeg_loader_resumes_exactly(cub_dir, tmp_path, resnet18_weights, monkeypatch):
+    """Killed after its first epoch and resumed, a run on the nvjpeg loader ends where the uninterrupted one does."""
+    import engine
+    import finetune_birds
+    argv = [str(a) for a in ["--data-dir", cub_dir, "--weights", resnet18_weights, "--loader", "nvjpeg",
+                             "--deterministic", "--freeze-stages", "3", *QUICK]]
+    engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "whole")])
+    calls, real = [0], engine.write_metrics
+
+    def write_then_crash(*a, **kw):
+        real(*a, **kw)
+        calls[0] += 1
+        if calls[0] == 1:
+            raise Crash
+    monkeypatch.setattr(engine, "write_metrics", write_then_crash)
+    with pytest.raises(Crash):
+        engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(engine, "write_metrics", real)
+    engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "cut"), "--resume"])
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "metrics.csv")[cols],
+                                  pd.read_csv(tmp_path / "whole" / "metrics.csv")[cols])
+    assert (tmp_path / "cut" / "submission.csv").read_bytes() == (tmp_path / "whole" / "submission.csv").read_bytes()
+
+
 def test_image_folder_dataset(tmp_path):
     from PIL import Image
     for split in ("train", "test"):
@@ -236,12 +261,18 @@ def test_real_birds_transfer_beats_random_weights(tmp_path):
     assert pretrained["test_acc"] > random_init["test_acc"] + 0.3  # and far above the same run without ImageNet
 
 
-def test_crop_boxes_use_the_torch_loader(cub_dir, tmp_path):
-    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--crop-boxes",
+def test_crop_boxes_work_in_every_loader(cub_dir, tmp_path):
+    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--crop-boxes", "--loader", "nvjpeg",
                       "--out", tmp_path / "r", *QUICK)
-    assert "loader torch" in proc.stdout
+    assert "loader nvjpeg" in proc.stdout
     train, _, _ = data.load_cub(cub_dir, crop_boxes=True)
     assert train[0][2] == (2.0, 2.0, 44.0, 44.0)
+    train, _ = data.drop_bad_images(train, 0.5)
+    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
+    views = {k: torch.cat([x for x, _ in data.bird_loader(k, train, 24, 4, False, (0.5,) * 3, (0.25,) * 3, "cpu",
+                                                           workers=0)]) for k in kinds}
+    for k in kinds[1:]:  # the box is cut out the same way (DALI's filter reaches a pixel past the box's edge)
+        assert (views[k] - views["torch"]).abs().mean() * 0.25 * 255 < 2, k
 
 
 # ----------------------------------------------------------------------------- freezing depth, BatchNorm, LP-FT

@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from conftest import run_script
@@ -27,14 +28,15 @@ def test_two_processes_match_one(cifar_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "final.json").read_text())["best_val_acc"] > 0
 
 
-def test_birds_two_processes_match_one(clean_cub_dir, tmp_path):
+@pytest.mark.parametrize("loader", ["auto", "nvjpeg"])
+def test_birds_two_processes_match_one(clean_cub_dir, tmp_path, loader):
     backbone_weights = tmp_path / "r18.pth"
     torch.manual_seed(0)
     import models
     torch.save(models.make_backbone("resnet18")[0].state_dict(), backbone_weights)
     common = ["--data-dir", clean_cub_dir, "--arch", "resnet18", "--weights", backbone_weights, "--freeze-backbone",
               "--no-cache-features", "--aug", "none", "--img-size", "32", "--batch-size", "4", "--val-frac", "0.25", "--epochs", "2",
-              "--device", "cpu", "--quiet", "--workers", "0", "--deterministic"]
+              "--device", "cpu", "--quiet", "--workers", "0", "--deterministic", "--loader", loader]
     run_script("finetune_birds.py", *common, "--out", tmp_path / "one")
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_birds.py", *common,
                "--out", tmp_path / "two", env={"OMP_NUM_THREADS": "1"})
@@ -42,3 +44,22 @@ def test_birds_two_processes_match_one(clean_cub_dir, tmp_path):
     for column in ("train_loss", "val_loss", "val_acc"):
         pd.testing.assert_series_equal(one[column], two[column], rtol=1e-4, atol=1e-4)
     assert (tmp_path / "one" / "submission.csv").read_bytes() == (tmp_path / "two" / "submission.csv").read_bytes()
+
+
+def test_ranks_skip_a_step_together_when_one_rank_has_only_broken_images(tmp_path):
+    """With one image per rank and step, a rank whose image does not decode has nothing to train on; it used to skip
+    the step alone while the other waited in the gradient all-reduce, forever. Now both skip it and the run ends."""
+    import data
+    import fixtures
+    root = fixtures.write_cub(tmp_path, num_classes=2, per_class=16, broken=False)
+    train, _, _ = data.load_cub(root)
+    for path, label, _ in train:
+        if label == 0:  # passes the byte check, fails to decode: skipped by the loader, not by drop_bad_images
+            with open(path, "wb") as f:
+                f.write(b"\xff\xd8\xff" + bytes(100) + b"\xff\xd9")
+    common = ["--data-dir", root, "--arch", "resnet18", "--weights", "none", "--freeze-backbone", "--no-cache-features",
+              "--aug", "none", "--img-size", "32", "--batch-size", "2", "--val-frac", "0.25", "--epochs", "2",
+              "--device", "cpu", "--quiet", "--workers", "0", "--loader", "torch", "--out", tmp_path / "two"]
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_birds.py", *common,
+               env={"OMP_NUM_THREADS": "1"}, timeout=120)  # the old code hung here
+    assert len(pd.read_csv(tmp_path / "two" / "metrics.csv")) == 2

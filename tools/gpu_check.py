@@ -8,28 +8,35 @@ per-check logs, in --out) is what goes into BENCHMARKS.md's GPU section.
         --weights ../shared/weights/tf_efficientnet_lite0_in1k.pth --out gpu_check
     bash tools/gpu_check.sh --only cifar-fast,resume --skip suite
 
-Checks (names for --only/--skip):
-  cifar-fast     train_cifar.py, 2 epochs, the CUDA defaults: bf16 autocast, channels-last, torch.compile; with
-                 EMA, CutMix and flip+shift TTA on
-  cifar-plain    the same with --no-compile --no-amp
-  deterministic  two --deterministic CUDA runs give bit-identical weights
+Checks (names for --only/--skip), in the order they run; the default set is meant to end within 9 minutes on
+one H100/H200 (--budget: a check that would start after it is skipped, saying so, and a running one is stopped):
+  cifar-final    train_cifar.py --preset final (WRN-28-10, bf16, compile, EMA, CutMix, flip+shift TTA) on 50,000
+                 generated CIFAR-format images for 3 epochs; prints the projected wall time of the preset's 100 epochs
+  birds-nvjpeg   finetune_birds.py with --loader nvjpeg (torchvision's batched nvJPEG, batched crop/resize on the GPU)
+  birds-torch    finetune_birds.py with --loader torch (PIL workers, normalised on the GPU)
+  loader-pixels  each loader's GPU eval preprocessing against the PIL loader's (mean |difference| in grey levels)
+  gpu-decode     the nvjpeg loader's scan + one batched decode_jpeg(device="cuda") of the files it sends to the GPU
+  bench          python bench.py --sections 8: ResNet-50 training img/s alone and end to end from JPEG per loader
   resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed equals the uninterrupted one
+  deterministic  two --deterministic CUDA runs give bit-identical weights
   ddp-nccl       a 1-process torchrun run: NCCL process group, DDP wrapper, all-reduce on the GPU
   birds-dali     finetune_birds.py with --loader dali (nvJPEG decoding); skipped, saying so, without DALI
-  birds-torch    finetune_birds.py with --loader torch (PIL workers, normalised on the GPU)
-  dali-pixels    DALI's GPU decode + eval preprocessing against the PIL loader's (mean |difference|)
   dali-stream    DALI outputs bound to torch's CUDA stream vs host-synchronous outputs (img/s of both)
-  gpu-decode     torchvision.io.decode_jpeg(device="cuda") on the bird JPEGs (the fallback where DALI is missing)
-  bench          python bench.py --sections 6,7,8 (training img/s, MFU, loader rate, ResNet-50 from JPEG)
-  suite          the test suite (python -m pytest -q), which must pass on a GPU machine too
+  suite          the suite's device-path tests (loaders, engine, DDP, models) on this machine's torch/torchvision
+Not in the default set (name them with --only):
+  cifar-fast     train_cifar.py, 2 epochs of ResNet-18 with the CUDA defaults (bf16, channels-last, compile), EMA,
+                 CutMix and flip+shift TTA
+  cifar-plain    the same with --no-compile --no-amp
   ladder-jobs    run_all.sh's CIFAR ladder (generated data, 3 epochs a run) with --jobs 1 and --jobs 4 on one GPU:
-                 the wall time of several small runs sharing a GPU
+                 the wall time of several small runs sharing a GPU (several minutes)
+  suite-all      the whole test suite (python -m pytest -q)
 
 Needs, beyond requirements.txt: a CUDA GPU and its driver; torchrun (part of torch). Without DALI the DALI
-checks say so and the torch loader and torchvision GPU decoding are checked instead. Without --cub-dir the
-shared real subset (../shared) is used where present, else a generated CUB tree; without --weights the bird
-runs start from random weights (accuracy is then meaningless, speed is not). CIFAR data is always generated
-(CIFAR-format pickles), so no download is needed.
+checks say so and the nvjpeg and torch loaders are checked instead. Without --cub-dir the shared real subset
+(../shared) is used where present, else a generated CUB tree (600 images of 448 px, about a CUB photo's area; with
+a grayscale JPEG, a CMYK JPEG and a PNG named .jpg); without --weights the bird runs start from random weights
+(accuracy is then meaningless, speed is not). CIFAR data is always generated (CIFAR-format pickles), so no download
+is needed.
 """
 import argparse
 import json
@@ -46,8 +53,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
-CHECKS = ["cifar-fast", "cifar-plain", "deterministic", "resume", "ddp-nccl", "birds-dali", "birds-torch",
-          "dali-pixels", "dali-stream", "gpu-decode", "bench", "suite", "ladder-jobs"]
+CHECKS = ["cifar-final", "birds-nvjpeg", "birds-torch", "loader-pixels", "gpu-decode", "bench", "resume",
+          "deterministic", "ddp-nccl", "birds-dali", "dali-stream", "suite"]
+OPTIONAL = ["cifar-fast", "cifar-plain", "ladder-jobs", "suite-all"]
+SUITE_SUBSET = ["tests/test_data.py", "tests/test_engine.py", "tests/test_ddp.py", "tests/test_models.py"]
+DEADLINE = [None]  # time.monotonic() by which every subprocess must have ended (--budget)
 
 
 class Skip(Exception):
@@ -55,13 +65,19 @@ class Skip(Exception):
 
 
 def run(cmd, log, timeout=600, env=None):
-    """Run a command (list), appending its output to log; raise with the first error line on failure."""
+    """Run a command (list), appending its output to log; raise with the first error line on failure. It is stopped
+    at the --budget deadline too."""
     cmd = [str(c) for c in cmd]
+    if DEADLINE[0] is not None:
+        timeout = max(1.0, min(timeout, DEADLINE[0] - time.monotonic()))
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"stopped after {timeout:.0f} s (its limit, or the --budget deadline)") from None
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {first_error(log)}")
 
@@ -150,7 +166,8 @@ def check_resume(ctx):
 def check_ddp(ctx):
     out = ctx.tmp / "ddp"
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-         *cifar_common(ctx, out), "--model", "convnet", "--bn"], ctx.log("ddp-nccl"), env={"NCCL_DEBUG": "INFO"})
+         *cifar_common(ctx, out), "--model", "convnet", "--bn", "--no-compile"], ctx.log("ddp-nccl"),
+        env={"NCCL_DEBUG": "INFO"})
     if "NCCL INFO" not in Path(ctx.log("ddp-nccl")).read_text(errors="replace"):
         raise RuntimeError("the run finished but NCCL never initialised (no NCCL INFO lines)")
     return f"torchrun, 1 process: NCCL group, DDP, all-reduce; val acc {final(out)['best_val_acc']:.3f}"
@@ -160,7 +177,7 @@ def birds_args(ctx, out, loader):
     arch, weights = ("tf_efficientnet_lite0", ctx.weights) if ctx.weights else ("resnet18", "none")
     return [sys.executable, "finetune_birds.py", "--data-dir", ctx.cub, "--out", out, "--device", "cuda", "--quiet",
             "--arch", arch, "--weights", weights, "--loader", loader, "--epochs", "2", "--batch-size", "64",
-            "--img-size", "224", "--workers", str(min(8, os.cpu_count() or 1)), "--lr", "0.01"]
+            "--img-size", "224", "--lr", "0.01"]  # --workers: the default, this machine's cores
 
 
 def check_birds(ctx, loader):
@@ -175,21 +192,22 @@ def check_birds(ctx, loader):
             f"({'Lite0 ImageNet' if ctx.weights else 'ResNet-18 random init'}), test acc {acc}")
 
 
-def check_dali_pixels(ctx):
-    if not ctx.dali:
-        raise Skip("DALI is not installed")
+def check_loader_pixels(ctx):
+    """Every loader's eval images on the GPU against the PIL loader's, in grey levels (0-255)."""
     import torch
 
     import data
-    samples = data.load_cub(ctx.cub)[0][:128]
-    kw = dict(mean=[0.5] * 3, std=[0.5] * 3, device=torch.device("cuda"), workers=4)
-    dali = data.DaliImageLoader(samples, 224, 64, False, **kw)
-    pil = data.TorchImageLoader(samples, 224, 64, False, **kw)
-    diffs = [(a - b).abs().mean().item() for (a, _), (b, _) in zip(dali, pil, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    if mean > 0.05:
-        raise RuntimeError(f"DALI (GPU) and PIL eval images differ by {mean:.4f} on average (normalised units)")
-    return f"mean |DALI nvJPEG - PIL| = {mean:.4f} (normalised units, 128 images, 224 px eval)"
+    samples = data.load_cub(ctx.cub)[1][:128]
+    kw = dict(mean=[0.0] * 3, std=[1 / 255] * 3, device=torch.device("cuda"), workers=4)  # pixels in grey levels
+    pil = torch.cat([x for x, _ in data.TorchImageLoader(samples, 224, 64, False, **kw)])
+    parts = []
+    for kind in ["nvjpeg"] + (["dali"] if ctx.dali else []):
+        x = torch.cat([x for x, _ in data.bird_loader(kind, samples, 224, 64, False, **kw)])
+        diff = (x - pil).abs()
+        parts.append(f"{kind}: mean {diff.mean():.3f}, {(diff > 0.5).float().mean():.2%} of values off, max {diff.max():.0f}")
+        if diff.mean() > 2.0:
+            raise RuntimeError(f"{kind} and PIL eval images differ by {diff.mean():.2f} grey levels on average")
+    return f"|loader - PIL| in grey levels, 128 test images at 224 px: {'; '.join(parts)}"
 
 
 def check_dali_stream(ctx):
@@ -220,44 +238,70 @@ def check_dali_stream(ctx):
 
 
 def check_gpu_decode(ctx):
+    """What the nvjpeg loader does before resampling: scan the files (the generated tree holds a PNG named .jpg, a
+    grayscale and a CMYK JPEG: those go to PIL), then decode the rest in one batched call on the GPU."""
+    import numpy as np
     import torch
     import torchvision
+    from PIL import Image
 
     import data
     samples = data.load_cub(ctx.cub)[0][:256]
-    raw = [torchvision.io.read_file(s[0]) for s in samples]
-    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=torchvision.io.ImageReadMode.RGB)  # warm-up
+    _, broken, pil, reasons = data.scan_images(samples, pil_for_gpu_refused=True)
+    gpu = [s for i, s in enumerate(samples) if i not in pil and i not in broken]
+    raw = [torchvision.io.read_file(s[0]) for s in gpu]
+    rgb = torchvision.io.ImageReadMode.RGB
+    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=rgb)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=torchvision.io.ImageReadMode.RGB)
+    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=rgb)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    import numpy as np
-    from PIL import Image
-    ref = torch.from_numpy(np.array(Image.open(samples[0][0]).convert("RGB"))).permute(2, 0, 1)
-    diff = (images[0].cpu().float() - ref.float()).abs().mean().item()
-    return f"{len(raw) / seconds:,.0f} img/s batched decode; mean |GPU - PIL| {diff:.2f} of 255 on the first image"
+    diffs = []
+    for image, s in zip(images[:32], gpu[:32], strict=False):
+        ref = torch.from_numpy(np.array(Image.open(s[0]).convert("RGB"))).permute(2, 0, 1)
+        diffs.append((image.cpu().float() - ref.float()).abs().mean().item())
+    routed = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
+    return (f"{len(raw) / seconds:,.0f} img/s batched decode of {len(raw)} files; to PIL at scan time: {routed}; "
+            f"mean |nvJPEG - PIL| {sum(diffs) / len(diffs):.2f} of 255 (32 images, before any resize)")
 
 
 def check_bench(ctx):
     out_json = ctx.tmp / "bench.json"
-    cmd = [sys.executable, "bench.py", "--sections", "6,7,8", "--repeats", "3", "--json", out_json]
-    if ctx.cub_is_real:
-        cmd += ["--cub-dir", ctx.cub]
+    cmd = [sys.executable, "bench.py", "--sections", "8", "--repeats", "2", "--json", out_json, "--cub-dir", ctx.cub]
     run(cmd, ctx.log("bench"), timeout=900)
     report = json.loads(out_json.read_text())
     ctx.bench = report
-    parts = [f"[{r['id']}] {r['value']:,.0f}" + (f" ({r['ratio']:.1f}x)" if r.get("ratio") else "") for r in report["results"]]
+    parts = [("model alone" if "alone" in r["figure"] else r["figure"].split("--loader ")[-1].split(",")[0])
+             + f" {r['value']:,.0f} img/s" + (f" ({r['ratio']:.0%} of it)" if r.get("ratio") else "")
+             for r in report["results"]]
     return "; ".join(parts) + (f"; skipped: {', '.join(report['skipped'])}" if report["skipped"] else "")
 
 
-def check_suite(ctx):
+def check_suite(ctx, files=()):
     log = ctx.log("suite")
     try:
-        run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], log, timeout=1500)
+        run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files], log, timeout=1500)
     finally:
         tail = [line for line in Path(log).read_text(errors="replace").splitlines() if " in " in line and "passed" in line]
     return tail[-1] if tail else "see log"
+
+
+def check_cifar_final(ctx, epochs=3):
+    """The final preset on a CIFAR-100-sized generated set: a few epochs, and the full 100 projected from them."""
+    import fixtures
+    cifar = fixtures.write_cifar100(ctx.tmp / "cifar50k", per_class_train=500, per_class_test=100)
+    out = ctx.tmp / "cifar-final"
+    t0 = time.perf_counter()
+    run([sys.executable, "train_cifar.py", "--preset", "final", "--data-dir", cifar, "--out", out, "--device", "cuda",
+         "--quiet", "--epochs", epochs], ctx.log("cifar-final"), timeout=480)
+    wall = time.perf_counter() - t0  # the whole command: start-up, data, compile, epochs, TTA, the test CSV
+    m = metrics(out)
+    steady = float(m["epoch_seconds"].iloc[1:].median())
+    projected = wall + (100 - epochs) * steady
+    return (f"{epochs} epochs in {wall:.0f} s wall (first epoch {m['epoch_seconds'].iloc[0]:.0f} s incl. "
+            f"compile, then {steady:.1f} s/epoch, {m['images_per_second'].iloc[-1]:,.0f} img/s); projected 100 epochs: "
+            f"{projected / 60:.1f} min ({'within' if projected <= 600 else 'OVER'} the README's 10 minutes)")
 
 
 def check_ladder_jobs(ctx):
@@ -288,8 +332,8 @@ class Context:
         self.cifar = fixtures.write_cifar100(self.tmp / "cifar", per_class_train=100, per_class_test=20)
         cub = Path(args.cub_dir) if args.cub_dir else SHARED_CUB
         self.cub_is_real = cub.is_dir()
-        self.cub = cub if self.cub_is_real else fixtures.write_cub(self.tmp / "cub", num_classes=10, per_class=40,
-                                                                   size=240, broken=False)
+        self.cub = cub if self.cub_is_real else fixtures.write_cub(self.tmp / "cub", num_classes=10, per_class=60,
+                                                                   size=448, broken=False)
 
     def log(self, name):
         return self.out / f"{name}.log"
@@ -303,14 +347,18 @@ def main():
     parser.add_argument("--out", default="gpu_check", help="folder for the per-check logs, the table and bench.json")
     parser.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated checks to leave out")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds the whole check may take: later checks are skipped, a running one stopped")
     args = parser.parse_args()
+    t_start = time.monotonic()
+    DEADLINE[0] = t_start + args.budget
     import torch
     if not torch.cuda.is_available():
         sys.exit("error: tools/gpu_check.sh checks the CUDA path and needs a CUDA GPU; none is visible here")
     wanted = CHECKS if not args.only else args.only.split(",")
-    unknown = sorted(set(wanted + [s for s in args.skip.split(",") if s]) - set(CHECKS))
+    unknown = sorted(set(wanted + [s for s in args.skip.split(",") if s]) - set(CHECKS + OPTIONAL))
     if unknown:
-        sys.exit(f"error: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
+        sys.exit(f"error: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS + OPTIONAL)}")
     wanted = [c for c in wanted if c not in args.skip.split(",")]
     functions = {
         "cifar-fast": lambda ctx: check_cifar(ctx, "cifar-fast", ["--ema", "0.99", "--cutmix", "1.0", "--mix-prob", "0.5",
@@ -318,8 +366,10 @@ def main():
         "cifar-plain": lambda ctx: check_cifar(ctx, "cifar-plain", ["--no-compile", "--no-amp"]),
         "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
         "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
-        "dali-pixels": check_dali_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
-        "bench": check_bench, "suite": check_suite, "ladder-jobs": check_ladder_jobs,
+        "birds-nvjpeg": lambda ctx: check_birds(ctx, "nvjpeg"), "cifar-final": check_cifar_final,
+        "loader-pixels": check_loader_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
+        "bench": check_bench, "suite": lambda ctx: check_suite(ctx, SUITE_SUBSET), "suite-all": check_suite,
+        "ladder-jobs": check_ladder_jobs,
     }
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
               f"{time.strftime('%Y-%m-%d %H:%M')} | ")
@@ -332,6 +382,8 @@ def main():
         for name in wanted:
             t0 = time.perf_counter()
             try:
+                if time.monotonic() > DEADLINE[0] - 5:
+                    raise Skip(f"the --budget of {args.budget:.0f} s was spent before this check")
                 status, figure = "pass", functions[name](ctx)
             except Skip as e:
                 status, figure = "skip", str(e)
@@ -339,6 +391,7 @@ def main():
                 status, figure = "FAIL", str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             rows.append((name, status, figure, time.perf_counter() - t0))
             print(f"{name:14s} {status:5s} {rows[-1][3]:6.1f}s  {figure}", flush=True)
+    header += f" | total {time.monotonic() - t_start:.0f} s of a {args.budget:.0f} s budget"
     table = ["| check | result | seconds | figure or first error line |", "|---|---|---:|---|"]
     table += [f"| {n} | {s} | {sec:.0f} | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
     text = f"{header}\n\n" + "\n".join(table) + "\n"
