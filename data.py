@@ -787,8 +787,11 @@ class TorchImageLoader(SampledLoader):
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.workers else None,
             generator=self.sampler.generator(salt=2))  # else DataLoader draws from the global RNG (dropout's)
+        size = self.dataset.img_size
         for xb, yb in loader:
-            xb = xb.to(self.device, non_blocking=True)  # every batch, the empty all-broken one too
+            if len(xb) == 0:  # every image of the batch was broken, or this rank's share was nothing
+                xb = torch.zeros(0, 3, size, size, dtype=torch.uint8 if self.device.type == "cuda" else torch.float32)
+            xb = xb.to(self.device, non_blocking=True)  # every batch, the empty one too
             if xb.dtype == torch.uint8:
                 xb = (xb.float() - self.mean) / self.std
             if self.channels_last:

@@ -439,3 +439,19 @@ def test_an_all_broken_batch_still_lands_on_the_device(tmp_path):
     loader = data.TorchImageLoader([(str(bad), 0, None)] * 2, 16, 2, False, [0.5] * 3, [0.5] * 3, "meta", workers=0)
     (xb, yb), = list(loader)  # both skipped with a warning on stderr
     assert xb.device.type == "meta" and yb.device.type == "meta" and len(xb) == 0
+
+
+@pytest.mark.parametrize("kind", ["dali", "nvjpeg", "torch"])
+def test_a_rank_whose_share_of_the_last_eval_batch_is_empty(clean_cub_dir, kind):
+    """torchrun evaluation: 5 images in global batches of 4 leave rank 1 nothing in the last one. It gets an empty
+    batch (DALI used to raise IndexError there), and the ranks together still see every image once."""
+    if kind == "dali" and not data.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    _, test, _ = data.load_cub(clean_cub_dir)
+    test = test[:5]
+    ranks = [list(data.bird_loader(kind, test, 24, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0, rank=r, world=2))
+             for r in (0, 1)]
+    assert [len(y) for _, y in ranks[0]] == [2, 1] and [len(y) for _, y in ranks[1]] == [2, 0]
+    assert ranks[1][-1][0].shape == (0, 3, 24, 24)
+    labels = sorted(int(v) for r in ranks for _, y in r for v in y)
+    assert labels == sorted(s[1] for s in test)
