@@ -3,9 +3,11 @@
 CIFAR-100 (official `cifar-100-python` pickles) is read with a restricted unpickler, split
 45k/5k (stratified, seeded), and kept on the device as one uint8 tensor; crop/flip/cutout
 and normalisation run batched on the device (`DeviceLoader`). Birds (CUB-200-2011, the
-2010 edition or any train/ test/ image folder) are decoded either by DALI (nvJPEG on the
-GPU, or DALI's CPU decoder) or by PIL in DataLoader workers (`TorchImageLoader`); both draw
-their sample order from the same `EpochSampler` and apply the same preprocessing.
+2010 edition or any train/ test/ image folder) are decoded by DALI (nvJPEG on the GPU, or
+DALI's CPU decoder; `DaliImageLoader`), by torchvision's batched nvJPEG with batched resampling
+on the device (`NvjpegImageLoader`), or by PIL in DataLoader workers (`TorchImageLoader`); all
+three draw their sample order from the same `EpochSampler`, each crop and mirror from the same
+`draw_augmentation`, and resize as Pillow does, so they apply the same preprocessing.
 
 Every loader yields `(images, labels)` already on the device, float and normalised, and
 has `set_epoch(epoch)`, `len()` (batches per epoch) and `start_step` (to resume mid-epoch).
@@ -824,6 +826,14 @@ def pil_bilinear_weights(start, scale, lo, hi, out_size, in_max):
     return (torch.round(w * 2 ** PIL_PRECISION_BITS) / 2 ** PIL_PRECISION_BITS).float()
 
 
+def pad_batch(images):
+    """A list of (C, H_i, W_i) tensors as one (B, C, H_max, W_max) batch, zero-padded at the bottom and right, in one
+    library call (torch.nested: its strided layout is marked prototype, but its padding is exactly this)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nested.as_nested_tensor(list(images)).to_padded_tensor(0)
+
+
 def resample_batch(images, geometry, size, mirror, max_elements=1 << 27):
     """Crop, resize (Pillow's bilinear, antialiased) and mirror a list of uint8 (3, H_i, W_i) images on their device, as
     a batch: uint8 (B, 3, size, size). geometry: float64 numpy (B, 8) of per-sample (start, scale, lo, hi) for x then y
@@ -843,14 +853,16 @@ def resample_batch(images, geometry, size, mirror, max_elements=1 << 27):
             if end > begin and (end + 1 - begin) * 3 * h * w > max_elements:
                 break
             end, h_max, w_max = end + 1, h, w
-        with warnings.catch_warnings():  # torch.nested's strided layout is marked prototype; its padding is what we need
-            warnings.simplefilter("ignore", UserWarning)
-            padded = torch.nested.as_nested_tensor(images[begin:end]).to_padded_tensor(0)
+        padded = pad_batch(images[begin:end])
         wx = pil_bilinear_weights(*g[begin:end, :4].unbind(1), size, padded.shape[3])
         wx = torch.where(flip[begin:end].view(-1, 1, 1), wx.flip(1), wx)  # mirrored: the output columns reversed
         wy = pil_bilinear_weights(*g[begin:end, 4:].unbind(1), size, padded.shape[2])
-        rows = torch.floor(padded.float() @ wx.transpose(1, 2).unsqueeze(1) + 0.5).clamp_(0, 255)  # (b, 3, H, size)
-        out.append(torch.floor(wy.unsqueeze(1) @ rows + 0.5).clamp_(0, 255).to(torch.uint8))
+        b, c, h, w = padded.shape
+        # each pass is one bmm per sample, the channels stacked into its rows or columns (no broadcast copies)
+        rows = torch.bmm(padded.float().view(b, c * h, w), wx.transpose(1, 2))  # (b, c*H, size)
+        rows = torch.floor(rows + 0.5).clamp_(0, 255).view(b, c, h, size).permute(0, 2, 1, 3).reshape(b, h, c * size)
+        cols = torch.floor(torch.bmm(wy, rows) + 0.5).clamp_(0, 255)  # (b, size, c*size)
+        out.append(cols.view(b, size, c, size).permute(0, 2, 1, 3).to(torch.uint8))
         begin = end
     return torch.cat(out)
 
@@ -929,12 +941,14 @@ class FileReaders:
     persist across epochs (each epoch only swaps the list of batches), so a short epoch does not pay their start-up
     again; they touch no device, so forking them after CUDA or DALI started is safe. At most 4: reading a file and
     drawing its crop take about 60 us (BENCHMARKS.md), so 4 processes feed far more images per second than any GPU
-    trains on; the decoding itself is the device's (or DALI's threads')."""
+    trains on; the decoding itself is the device's (or DALI's threads'). None for a CPU device: there those 60 us
+    are nothing next to the model's milliseconds per image, and reader processes would take cores from the decoder
+    and the model (DALI's CPU loader alone: 846 img/s with 2 readers on 2 cores, 1,288 without; BENCHMARKS.md)."""
     MAX_READERS = 4
 
-    def __init__(self, files, workers, seed_generator):
+    def __init__(self, files, workers, seed_generator, device):
         self.batch_list = _BatchList([])
-        workers = min(workers, self.MAX_READERS)
+        workers = min(workers, self.MAX_READERS) if torch.device(device).type == "cuda" else 0
         self.loader = torch.utils.data.DataLoader(
             files, batch_sampler=self.batch_list, num_workers=workers, collate_fn=_collate_files,
             prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
@@ -975,7 +989,7 @@ class NvjpegImageLoader(SampledLoader):
                    for pos, idx in self.sampler.batches(self.start_step)]
         self.start_step = 0
         if self.readers is None:
-            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2))
+            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
         for items in self.readers.epoch(batches):
             xb, yb = self._to_batch(items)
             if self.channels_last:
@@ -1083,6 +1097,8 @@ class DaliImageLoader(SampledLoader):
                 dtype=[types.UINT8, types.INT64, types.INT32, types.FLOAT, types.FLOAT])
             # EXIF orientation is ignored, as PIL's decoder does, so every loader sees the same pixels,
             # and fancy (smooth) chroma upsampling on the GPU too: nvJPEG's default differs from libjpeg's
+            # The whole image is decoded (decoding only the crop's box measured no faster on the CPU, and its filter
+            # cannot reach past the box as PIL's does: 14 grey levels off at box edges)
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                        adjust_orientation=False, jpeg_fancy_upsampling=True)
             # the sample's source box (from sample_geometry) to img_size x img_size, antialiased as PIL's bilinear
@@ -1115,7 +1131,7 @@ class DaliImageLoader(SampledLoader):
         sizes = [len(b) for b in batches]
         padded = [b + [b[-1] if b else (0, 0)] * (self.local_batch - len(b)) for b in batches]
         if self.readers is None:
-            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2))
+            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
         self._batches = self.readers.epoch(padded)
         if self.pipe is None:  # first epoch, or the last one was left part-way: a fresh pipeline
             self.pipe = self._build(*self.build_args)

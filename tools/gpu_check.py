@@ -16,7 +16,8 @@ one H100/H200 (--budget: a check that would start after it is skipped, saying so
   birds-torch    finetune_birds.py with --loader torch (PIL workers, normalised on the GPU)
   loader-pixels  each loader's GPU eval preprocessing against the PIL loader's (mean |difference| in grey levels)
   gpu-decode     the nvjpeg loader's scan + one batched decode_jpeg(device="cuda") of the files it sends to the GPU
-  bench          python bench.py --sections 8: ResNet-50 training img/s alone and end to end from JPEG per loader
+  bench          python bench.py --sections 8,9: ResNet-50 img/s alone and end to end from JPEG per loader; the
+                 batched crop+resize kernels (ours, roi_align, grid_sample)
   resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed equals the uninterrupted one
   deterministic  two --deterministic CUDA runs give bit-identical weights
   ddp-nccl       a 1-process torchrun run: NCCL process group, DDP wrapper, all-reduce on the GPU
@@ -268,7 +269,7 @@ def check_gpu_decode(ctx):
 
 def check_bench(ctx):
     out_json = ctx.tmp / "bench.json"
-    cmd = [sys.executable, "bench.py", "--sections", "8", "--repeats", "2", "--json", out_json, "--cub-dir", ctx.cub]
+    cmd = [sys.executable, "bench.py", "--sections", "8,9", "--repeats", "2", "--json", out_json, "--cub-dir", ctx.cub]
     run(cmd, ctx.log("bench"), timeout=900)
     report = json.loads(out_json.read_text())
     ctx.bench = report
