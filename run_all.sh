@@ -224,6 +224,8 @@ if [ "$REPORT_ONLY" = 0 ]; then
   mapfile -t ESTS < "$TIMES_TMP.jobs"; rm -f "$TIMES_TMP.jobs"
   if [ "$NGPU" -gt 0 ]; then
     echo "running ${#KEYS[@]} runs, $JOBS at a time, on GPUs ${GPUS[*]} (CUDA_VISIBLE_DEVICES, round-robin)"
+  elif [[ "${DEVICE:-}" == cuda:* ]]; then
+    echo "running ${#KEYS[@]} runs, $JOBS at a time, all on $DEVICE"
   else
     echo "running ${#KEYS[@]} runs, $JOBS at a time, on the CPU: $CORES cores shared, $THREADS_PER_RUN thread(s) per run"
   fi
@@ -246,6 +248,7 @@ job() {  # job INDEX SLOT: one run in the background, its output in RUN/log.txt
     export CUDA_VISIBLE_DEVICES=${GPUS[$((slot % NGPU))]}; where="GPU $CUDA_VISIBLE_DEVICES"
   else
     export OMP_NUM_THREADS=$THREADS_PER_RUN; where="$THREADS_PER_RUN CPU thread(s)"
+    [[ "${DEVICE:-}" == cuda:* ]] && where="$DEVICE"
   fi
   echo "[$(progress)] start $key on $where"
   start=$(date +%s)

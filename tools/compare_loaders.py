@@ -1,0 +1,51 @@
+"""Compare the bird loaders' pixels: each loader's batches against the PIL loader's (`--loader torch`), in grey levels.
+
+    python tools/compare_loaders.py --cub-dir ../shared/data/CUB_200_2011_subset100 --size 160 --images 96
+    python tools/compare_loaders.py --device cuda --size 224          # nvJPEG and DALI on a GPU against PIL
+
+For eval (shorter side to size / 0.875, centre crop) and training (random-resized crop + flip, seed 5) it runs
+every loader over the same training images and prints, per loader, the mean absolute difference to the PIL
+loader, the share of values that differ and the largest difference, plus each loader's seconds.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+
+SHARED_CUB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "CUB_200_2011_subset100"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cub-dir", default=str(SHARED_CUB), help="CUB_200_2011-layout birds")
+    parser.add_argument("--size", type=int, default=160, help="image size in pixels")
+    parser.add_argument("--images", type=int, default=96, help="training images to compare")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=2, help="--workers of every loader")
+    args = parser.parse_args()
+    samples = data.load_cub(args.cub_dir)[0][:args.images]
+    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
+    grey = dict(mean=[0.0] * 3, std=[1 / 255] * 3)  # normalised values are grey levels
+    for train in (False, True):
+        kw = dict(aug={"rrc", "flip"}, seed=5) if train else {}
+        out = {}
+        for kind in kinds:
+            loader = data.bird_loader(kind, samples, args.size, 32, train, device=args.device, workers=args.workers,
+                                      **grey, **kw)
+            loader.set_epoch(0)
+            t0 = time.perf_counter()
+            out[kind] = torch.cat([x for x, _ in loader]).float().cpu()
+            print(f"{'train' if train else 'eval'} {args.size} px, {kind}: {time.perf_counter() - t0:.2f} s", flush=True)
+        for kind in kinds[1:]:
+            diff = (out[kind] - out["torch"]).abs()
+            print(f"{'train' if train else 'eval'} {args.size} px, |{kind} - torch (PIL)|: mean {diff.mean():.4f}, "
+                  f"{(diff > 0.5).float().mean():.2%} of values off, max {diff.max():.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
