@@ -14,6 +14,7 @@ has `set_epoch(epoch)`, `len()` (batches per epoch) and `start_step` (to resume 
 Nothing here trains; `python data.py --help` offers the downloads.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import math
@@ -27,6 +28,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -842,6 +844,26 @@ def resample_batch(images, geometry, size, mirror, max_elements=1 << 27):
     Two batched matmuls per chunk (width first, rounded to uint8 in between, then height), as Pillow resizes, so
     the pixels equal Pillow's up to float rounding. The images are zero-padded to the chunk's largest; chunks keep
     that padded copy under max_elements floats, so a batch of large photos does not claim the whole GPU."""
+    with exact_float32(images[0].device):
+        return _resample_batch(images, geometry, size, mirror, max_elements)
+
+
+@contextlib.contextmanager
+def exact_float32(device):
+    """float32 matmuls at full precision and no autocast, for resample_batch: TF32 (on in fast CUDA runs, engine.py)
+    keeps 10 mantissa bits and bf16 autocast 8, either of which would round Pillow's weights and move pixels by a
+    grey level. The matmul precision is a process-wide setting: it is restored on the way out (kernels already
+    launched keep the precision they were launched with)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _resample_batch(images, geometry, size, mirror, max_elements):
     dev = images[0].device
     g = torch.from_numpy(np.ascontiguousarray(geometry)).to(dev)
     flip = torch.from_numpy(np.asarray(mirror, dtype=bool)).to(dev)
@@ -890,11 +912,22 @@ def sample_geometry(width, height, region, crops, size, crop_frac):
     return np.stack([start_x, scale_x, region[:, 0], hi_x, start_y, scale_y, region[:, 1], hi_y], 1)
 
 
+class FileItem(NamedTuple):
+    """One sample as a BirdFiles worker hands it over."""
+    index: int  # into the loader's samples
+    image: torch.Tensor  # uint8: the file's bytes, or (3, H, W) pixels where decoded already
+    decoded: bool  # True: PIL decoded it (or it is the black stand-in for a broken file)
+    label: int
+    region: tuple  # (x0, y0, x1, y1) in source pixels: the crop box, or the whole image
+    crop: tuple | None  # (x, y, w, h) of the random-resized crop within the region; None: the eval policy
+    mirror: bool
+
+
 class BirdFiles(torch.utils.data.Dataset):
     """What a DataLoader worker does for the nvJPEG and DALI loaders: read one file's bytes and draw its augmentation
     (`draw_augmentation`, from the size found by `scan_images`). The few files in `pil` (not a JPEG the GPU decoder
     takes) are decoded here by PIL, to full size, and join the same batch; broken files give None (skipped) or, with
-    keep_broken, a black image. Returns (index, uint8 tensor, decoded?, label, region, crop, mirror)."""
+    keep_broken, a black image. Returns a FileItem."""
 
     def __init__(self, samples, sizes, img_size, aug=(), scale=(0.25, 1.0), broken=(), pil=(), keep_broken=False,
                  placeholder=None):
@@ -907,8 +940,8 @@ class BirdFiles(torch.utils.data.Dataset):
     def _black(self, index, label):
         s = self.img_size
         if self.placeholder is not None:  # DALI decodes a placeholder JPEG
-            return index, torch.from_numpy(self.placeholder), False, label, (0, 0, 8, 8), None, False
-        return index, torch.zeros(3, s, s, dtype=torch.uint8), True, label, (0, 0, s, s), None, False
+            return FileItem(index, torch.from_numpy(self.placeholder), False, label, (0, 0, 8, 8), None, False)
+        return FileItem(index, torch.zeros(3, s, s, dtype=torch.uint8), True, label, (0, 0, s, s), None, False)
 
     def __getitem__(self, item):
         from PIL import Image
@@ -922,14 +955,14 @@ class BirdFiles(torch.utils.data.Dataset):
         if box is not None:
             region = (int(box[0]), int(box[1]), int(box[0]) + width, int(box[1]) + height)
         if index not in self.pil:
-            return index, torch.from_numpy(np.fromfile(path, dtype=np.uint8)), False, label, region, crop, mirror
+            return FileItem(index, torch.from_numpy(np.fromfile(path, dtype=np.uint8)), False, label, region, crop, mirror)
         try:
             with Image.open(path) as im:
                 image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         except Exception as e:  # any decoder failure: never crash the epoch
             warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
             return self._black(index, label) if self.keep_broken else None
-        return index, image, True, label, region, crop, mirror
+        return FileItem(index, image, True, label, region, crop, mirror)
 
 
 def _collate_files(batch):
@@ -1000,24 +1033,23 @@ class NvjpegImageLoader(SampledLoader):
         """Decode the items' JPEG bytes on the device in one batched call; a batch the decoder refuses is decoded file
         by file, and what it still refuses goes to PIL here (None: not decodable at all)."""
         from torchvision.io import ImageReadMode, decode_jpeg
-        raw = [it[1] for it in items]
-        if not raw:
+        if not items:
             return []
         try:
-            return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+            return decode_jpeg([it.image for it in items], mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             pass
         from PIL import Image
         out = []
         for it in items:  # only after a refused batch
             try:
-                out.append(decode_jpeg(it[1], mode=ImageReadMode.RGB, device=self.device))
+                out.append(decode_jpeg(it.image, mode=ImageReadMode.RGB, device=self.device))
                 continue
             except RuntimeError:
                 pass
-            path = self.samples[it[0]][0]
+            path = self.samples[it.index][0]
             try:
-                with Image.open(io.BytesIO(it[1].numpy().tobytes())) as im:
+                with Image.open(io.BytesIO(it.image.numpy().tobytes())) as im:
                     image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
                 warn(f"{path}: the GPU decoder refused it, decoded by PIL")
                 out.append(image.to(self.device))
@@ -1028,24 +1060,24 @@ class NvjpegImageLoader(SampledLoader):
 
     def _to_batch(self, items):
         s = self.img_size
-        encoded = [it for it in items if not it[2]]
-        decoded = dict(zip((it[0] for it in encoded), self._decode(encoded), strict=True))
+        encoded = [it for it in items if not it.decoded]
+        decoded = dict(zip((it.index for it in encoded), self._decode(encoded), strict=True))
         images, kept = [], []
         for it in items:
-            image = it[1].to(self.device, non_blocking=True) if it[2] else decoded[it[0]]
-            if image is None and self.keep_broken:
-                image, it = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device), (*it[:4], (0, 0, s, s), None, False)
+            image = it.image.to(self.device, non_blocking=True) if it.decoded else decoded[it.index]
+            if image is None and self.keep_broken:  # a black image, as BirdImages gives
+                image = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device)
+                it = it._replace(region=(0, 0, s, s), crop=None, mirror=False)
             if image is not None:
                 images.append(image)
                 kept.append(it)
-        labels = torch.tensor([it[3] for it in kept], dtype=torch.long)
+        labels = torch.tensor([it.label for it in kept], dtype=torch.long)
         if not kept:  # every image of the batch was broken: an empty batch, on the device like any other
             return torch.zeros(0, 3, s, s, device=self.device), labels.to(self.device)
-        nan4 = (math.nan,) * 4
         geometry = sample_geometry([im.shape[2] for im in images], [im.shape[1] for im in images],
-                                   [it[4] for it in kept], [it[5] if it[5] is not None else nan4 for it in kept],
+                                   [it.region for it in kept], [it.crop or (math.nan,) * 4 for it in kept],
                                    s, self.crop_frac)
-        x = resample_batch(images, geometry, s, [it[6] for it in kept])
+        x = resample_batch(images, geometry, s, [it.mirror for it in kept])
         return (x.float() - self.mean) / self.std, labels.to(self.device, non_blocking=True)
 
 
@@ -1114,13 +1146,13 @@ class DaliImageLoader(SampledLoader):
 
     def _feed(self, info=None):
         items = next(self._batches)  # StopIteration ends DALI's epoch; the workers have read and drawn everything
-        nan4 = (math.nan,) * 4
-        geometry = sample_geometry([it[4][2] for it in items], [it[4][3] for it in items], [it[4] for it in items],
-                                   [it[5] if it[5] is not None else nan4 for it in items], self.img_size, self.crop_frac)
+        regions = [it.region for it in items]  # DALI decodes whole files: a region ends where the file does
+        geometry = sample_geometry([r[2] for r in regions], [r[3] for r in regions], regions,
+                                   [it.crop or (math.nan,) * 4 for it in items], self.img_size, self.crop_frac)
         start = np.stack([geometry[:, 4], geometry[:, 0]], 1).astype(np.float32)  # DALI's ROI is in shape order: (y, x)
         end = start + self.img_size * np.stack([geometry[:, 5], geometry[:, 1]], 1).astype(np.float32)
-        return ([it[1].numpy() for it in items], [np.array(it[3], dtype=np.int64) for it in items],
-                [np.array(int(it[6]), dtype=np.int32) for it in items], list(start), list(end))
+        return ([it.image.numpy() for it in items], [np.array(it.label, dtype=np.int64) for it in items],
+                [np.array(int(it.mirror), dtype=np.int32) for it in items], list(start), list(end))
 
     def __iter__(self):
         batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))

@@ -455,3 +455,25 @@ def test_a_rank_whose_share_of_the_last_eval_batch_is_empty(clean_cub_dir, kind)
     assert ranks[1][-1][0].shape == (0, 3, 24, 24)
     labels = sorted(int(v) for r in ranks for _, y in r for v in y)
     assert labels == sorted(s[1] for s in test)
+
+
+def test_resampling_is_exact_under_autocast_and_tf32_and_restores_them(clean_cub_dir):
+    """resample_batch runs its matmuls in full fp32 whatever the run set (bf16 autocast, TF32 in fast CUDA runs),
+    and leaves the process's matmul precision as it found it."""
+    from PIL import Image
+    train, _, _ = data.load_cub(clean_cub_dir)
+    images = [torch.from_numpy(np.asarray(Image.open(s[0]).convert("RGB")).copy()).permute(2, 0, 1) for s in train[:4]]
+    w, h = [im.shape[2] for im in images], [im.shape[1] for im in images]
+    geometry = data.sample_geometry(w, h, [(0, 0, a, b) for a, b in zip(w, h, strict=True)],
+                                    [(1, 2, 30, 20)] * 4, 24, 0.875)
+    plain = data.resample_batch(images, geometry, 24, [False, True, False, True])
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            again = data.resample_batch(images, geometry, 24, [False, True, False, True])
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(plain, again) and plain.dtype == torch.uint8
+    assert torch.equal(plain[1], data.resample_batch(images[1:2], geometry[1:2], 24, [False]).flip(-1)[0])
