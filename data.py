@@ -1110,7 +1110,7 @@ class DaliImageLoader(SampledLoader):
                             f"--loader torch or nvjpeg, which skip such files")
         for i, why in bad.items():
             warn(f"black image for {samples[i][0]}: {why}")
-        placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8)
+        placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8).copy()  # writable: workers wrap it in a tensor
         self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, bad, (), keep_broken, placeholder)
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
