@@ -624,6 +624,8 @@ def scan_images(samples, pil_for_gpu_refused):
                         width, height = im.size
                 except Exception as e:  # passed the byte check, yet its header is unreadable
                     why_broken = f"cannot read the image header ({type(e).__name__})"
+            if why_broken is None and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # where PIL refuses to decode
+                why_broken = f"{width} x {height} pixels: larger than PIL's decompression-bomb limit"
             if why_broken is None and why_cpu is not None and pil_for_gpu_refused:
                 pil.add(i)
                 reasons[why_cpu] = reasons.get(why_cpu, 0) + 1

@@ -293,6 +293,13 @@ def test_nvjpeg_sends_what_the_gpu_decoder_refuses_to_pil(cub_dir, tmp_path, mon
     progressive = tmp_path / "progressive.jpg"
     Image.new("RGB", (30, 20), (200, 10, 10)).save(progressive, "JPEG", progressive=True)
     assert data.jpeg_header(progressive) == (30, 20, None)  # progressive JPEGs stay on the GPU path
+    bomb = tmp_path / "bomb.jpg"  # a frame header claiming 20000 x 20000 pixels: refused at scan, as PIL refuses it
+    blob = bytearray(progressive.read_bytes())
+    sof = blob.index(b"\xff\xc2")
+    blob[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
+    bomb.write_bytes(bytes(blob))
+    _, broken, _, _ = data.scan_images([(str(bomb), 0, None)], pil_for_gpu_refused=True)
+    assert "decompression-bomb" in broken[0]
     before = torch.cat([x for x, _ in loader])
     import torchvision.io
     real = torchvision.io.decode_jpeg

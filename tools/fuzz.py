@@ -5,8 +5,9 @@
 
 Formats: cifar (the train, test and meta pickles, read by load_cifar100), cub (images.txt, the labels, split,
 classes and bounding-box files, read by load_cub with --crop-boxes and the broken-image check) and images (bird
-JPEG/PNG files through the byte check and the PIL loader's decode + augmentation; with DALI installed, also
-through the DALI CPU loader). Corruptions: truncation, bit flips and byte splices (a run of bytes copied from
+JPEG/PNG files through the byte check and the PIL loader's decode + augmentation, then every corrupted file
+through the nvjpeg loader's CPU path (scan, batched decode, fallback, resampling; it must skip what it cannot
+read); with DALI installed, also through the DALI CPU loader). Corruptions: truncation, bit flips and byte splices (a run of bytes copied from
 elsewhere in the file, or random bytes, written over or inserted), placed near the start, the end or anywhere.
 
 Every case must end in one of two outcomes: `ok` (the reader returned data that passes its own checks) or
@@ -164,11 +165,44 @@ def fuzz_format(kind, cases, seed, timeout, log=print):
             counts[outcome] += 1
             if kind != "images":
                 target.write_bytes(originals[target])
+        if kind == "images":
+            counts.update(fuzz_nvjpeg(sorted((tmp / "cases").iterdir()), timeout, failures))
         if kind == "images" and data.dali_available() and dali_files:
             counts.update(fuzz_dali(dali_files, timeout, failures))
     for f in failures[:10]:
         log(f"  {f}")
     return counts, failures
+
+
+def fuzz_nvjpeg(files, timeout, failures):
+    """The nvjpeg loader (on the CPU: the same scan, batched decode, per-file fallback and resampling) over every
+    corrupted file, accepted by the torch path or not, in batches of 16: each batch must come out whole, as images
+    of the right shape, with the files it could not read skipped (training) or black (keep_broken)."""
+    import torch
+    counts = Counter()
+    for start in range(0, len(files), 16):
+        samples = [(str(f), 0, None) for f in files[start:start + 16]]
+        for keep in (False, True):
+            try:
+                with warnings.catch_warnings(), io.StringIO() as sink:
+                    warnings.simplefilter("ignore")
+                    stderr, sys.stderr = sys.stderr, sink  # skipped files are named on stderr: expected
+                    try:
+                        loader = data.NvjpegImageLoader(samples, 32, 16, not keep, [0.5] * 3, [0.5] * 3,
+                                                        torch.device("cpu"), aug=() if keep else {"rrc", "flip"},
+                                                        workers=0, keep_broken=keep)
+                        batches = with_time_limit(timeout * 4, lambda ld=loader: list(ld))
+                    finally:
+                        sys.stderr = stderr
+                images = torch.cat([x for x, _ in batches])
+                assert images.shape[1:] == (3, 32, 32) and (len(images) == len(samples) if keep else True)
+                counts["nvjpeg-ok"] += 1
+            except Hang:
+                counts["nvjpeg-hang"] += 1
+            except Exception as e:  # noqa: BLE001 - any exception is a failure here: broken files are skipped
+                counts["nvjpeg-crash"] += 1
+                failures.append(f"nvjpeg batch from {Path(samples[0][0]).name}: {type(e).__name__}: {str(e)[:200]}")
+    return counts
 
 
 def fuzz_dali(files, timeout, failures):
