@@ -1,12 +1,13 @@
 """Schedules, atomic writes and the fast-path flags of the shared loop."""
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 import engine
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def test_lr_schedules():
@@ -149,3 +150,17 @@ def test_wall_clock_adds_the_earlier_processes(tmp_path):
     resumed = engine.WallClock(tmp_path, resume=True)
     assert resumed.before == saved and resumed.seconds() >= saved
     assert engine.WallClock(tmp_path, resume=False).before == 0.0  # a fresh run starts from zero
+
+
+def test_gpu_check_loader_checks_run_on_the_cpu(clean_cub_dir, tmp_path):
+    """The GPU check is run rarely: its loader checks run here on the CPU, on the generated tree (with its PNG named
+    .jpg, grayscale and CMYK files), so a broken check is found before a GPU session is spent on it."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+    ctx = gpu_check.Context(argparse.Namespace(cub_dir=str(clean_cub_dir), weights=None, out=str(tmp_path / "out")),
+                            tmp_path, device="cpu")
+    pixels = gpu_check.check_loader_pixels(ctx)
+    assert "nvjpeg: mean 0.0" in pixels
+    decode = gpu_check.check_gpu_decode(ctx)
+    assert "to PIL at scan time: " in decode and "not a JPEG" in decode and "grayscale" in decode

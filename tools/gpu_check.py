@@ -199,7 +199,7 @@ def check_loader_pixels(ctx):
 
     import data
     samples = data.load_cub(ctx.cub)[1][:128]
-    kw = dict(mean=[0.0] * 3, std=[1 / 255] * 3, device=torch.device("cuda"), workers=4)  # pixels in grey levels
+    kw = dict(mean=[0.0] * 3, std=[1 / 255] * 3, device=ctx.device, workers=4)  # pixels in grey levels
     pil = torch.cat([x for x, _ in data.TorchImageLoader(samples, 224, 64, False, **kw)])
     parts = []
     for kind in ["nvjpeg"] + (["dali"] if ctx.dali else []):
@@ -252,11 +252,11 @@ def check_gpu_decode(ctx):
     gpu = [s for i, s in enumerate(samples) if i not in pil and i not in broken]
     raw = [torchvision.io.read_file(s[0]) for s in gpu]
     rgb = torchvision.io.ImageReadMode.RGB
-    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=rgb)  # warm-up
-    torch.cuda.synchronize()
+    images = torchvision.io.decode_jpeg(raw, device=ctx.device, mode=rgb)  # warm-up
+    ctx.sync()
     t0 = time.perf_counter()
-    images = torchvision.io.decode_jpeg(raw, device="cuda", mode=rgb)
-    torch.cuda.synchronize()
+    images = torchvision.io.decode_jpeg(raw, device=ctx.device, mode=rgb)
+    ctx.sync()
     seconds = time.perf_counter() - t0
     diffs = []
     for image, s in zip(images[:32], gpu[:32], strict=False):
@@ -322,8 +322,14 @@ def check_ladder_jobs(ctx):
 # ----------------------------------------------------------------------------- main
 
 class Context:
-    def __init__(self, args, tmp):
+    """What every check shares: the data (generated where absent), the log folder and the device (cuda; the suite
+    runs the checks that allow it on the CPU, tests/test_engine.py)."""
+
+    def __init__(self, args, tmp, device="cuda"):
+        import torch
+
         import data
+        self.device = torch.device(device)
         self.tmp, self.out = Path(tmp), Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.dali = data.dali_available()
@@ -338,6 +344,11 @@ class Context:
 
     def log(self, name):
         return self.out / f"{name}.log"
+
+    def sync(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def main():
