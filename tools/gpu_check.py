@@ -18,12 +18,12 @@ one H100/H200 (--budget: a check that would start after it is skipped, saying so
   gpu-decode     the nvjpeg loader's scan + one batched decode_jpeg(device="cuda") of the files it sends to the GPU
   bench          python bench.py --sections 8,9: ResNet-50 img/s alone and end to end from JPEG per loader; the
                  batched crop+resize kernels (ours, roi_align, grid_sample)
+  suite          the suite's device-path tests (loaders, engine, DDP, models) on this machine's torch/torchvision
+  ddp-nccl       a 1-process torchrun run: NCCL process group, DDP wrapper, all-reduce on the GPU
   resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed equals the uninterrupted one
   deterministic  two --deterministic CUDA runs give bit-identical weights
-  ddp-nccl       a 1-process torchrun run: NCCL process group, DDP wrapper, all-reduce on the GPU
   birds-dali     finetune_birds.py with --loader dali (nvJPEG decoding); skipped, saying so, without DALI
   dali-stream    DALI outputs bound to torch's CUDA stream vs host-synchronous outputs (img/s of both)
-  suite          the suite's device-path tests (loaders, engine, DDP, models) on this machine's torch/torchvision
 Not in the default set (name them with --only):
   cifar-fast     train_cifar.py, 2 epochs of ResNet-18 with the CUDA defaults (bf16, channels-last, compile), EMA,
                  CutMix and flip+shift TTA
@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
-CHECKS = ["cifar-final", "birds-nvjpeg", "birds-torch", "loader-pixels", "gpu-decode", "bench", "resume",
-          "deterministic", "ddp-nccl", "birds-dali", "dali-stream", "suite"]
+CHECKS = ["cifar-final", "birds-nvjpeg", "birds-torch", "loader-pixels", "gpu-decode", "bench", "suite", "ddp-nccl",
+          "resume", "deterministic", "birds-dali", "dali-stream"]  # most wanted first: the --budget may cut the tail
 OPTIONAL = ["cifar-fast", "cifar-plain", "ladder-jobs", "suite-all"]
 SUITE_SUBSET = ["tests/test_data.py", "tests/test_engine.py", "tests/test_ddp.py", "tests/test_models.py"]
 DEADLINE = [None]  # time.monotonic() by which every subprocess must have ended (--budget)
