@@ -150,6 +150,7 @@ def check_args(args):
     engine.require(args.img_size >= 16, "--img-size", args.img_size, ">= 16")
     engine.require(args.backbone_lr_mult >= 0, "--backbone-lr-mult", args.backbone_lr_mult, ">= 0")
     engine.require(0 < args.rrc_min_scale <= 1, "--rrc-min-scale", args.rrc_min_scale, "in (0, 1]")
+    engine.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
     if args.cache_features and not args.freeze_backbone:
         raise engine.UsageError("--cache-features needs --freeze-backbone (a training backbone changes its features)")
     if args.lp_epochs is None:

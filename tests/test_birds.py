@@ -222,6 +222,7 @@ def test_malicious_weights_file_is_refused(cub_dir, tmp_path):
     (["--freeze-backbone", "--lp-epochs", "2"], "--freeze-backbone already freezes every stage"),
     (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1], got 1.5"),
     (["--lp-epochs", "-2"], "--lp-epochs must be >= 0, got -2"),
+    (["--workers", "-1"], "--workers must be >= 0, got -1"),
 ])
 def test_bad_bird_flags(cub_dir, tmp_path, flags, message):
     proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--out", tmp_path / "r", *QUICK,
