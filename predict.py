@@ -109,6 +109,7 @@ def load_model(ckpt, path, device, num_classes, data_dir):
 def run(argv=None):
     args = parse_args(argv)
     engine.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
+    engine.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
     tta = engine.parse_tta(args.tta)
     device = engine.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
