@@ -199,7 +199,7 @@ def check_loader_pixels(ctx):
 
     import data
     samples = data.load_cub(ctx.cub)[1][:128]
-    kw = dict(mean=[0.0] * 3, std=[1 / 255] * 3, device=ctx.device, workers=4)  # pixels in grey levels
+    kw = dict(mean=[0.0] * 3, std=[1 / 255] * 3, device=ctx.device, workers=data.default_workers())  # grey levels
     pil = torch.cat([x for x, _ in data.TorchImageLoader(samples, 224, 64, False, **kw)])
     parts = []
     for kind in ["nvjpeg"] + (["dali"] if ctx.dali else []):
