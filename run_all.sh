@@ -210,6 +210,15 @@ JOBS=${JOBS:-$((NGPU > 0 ? NGPU : 1))}
 CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 THREADS_PER_RUN=${THREADS:-$((CORES / JOBS > 0 ? CORES / JOBS : 1))}
 SLOW=$(( (JOBS + (NGPU > 0 ? NGPU : 1) - 1) / (NGPU > 0 ? NGPU : 1) ))   # runs sharing one GPU, or the CPU
+# With several runs at once, each slot gets its own THREADS_PER_RUN cores (taskset, where present): a run's image
+# loader workers, DALI threads and torch threads default to the cores it may use (data.default_workers), so the runs
+# split the machine instead of each starting one worker per core.
+mapfile -t CPU_IDS < <($PYTHON -c "import os; print(*sorted(os.sched_getaffinity(0)), sep='\n')")
+slot_cpus() {
+  local k ids=()
+  for ((k = 0; k < THREADS_PER_RUN; k++)); do ids+=("${CPU_IDS[$(( ($1 * THREADS_PER_RUN + k) % ${#CPU_IDS[@]} ))]}"); done
+  (IFS=,; echo "${ids[*]}")
+}
 
 if [ "$REPORT_ONLY" = 0 ]; then
   # The plan with a time estimate from a short measured step per network (bench.py --estimate), for --jobs runs at
@@ -243,16 +252,19 @@ progress() {  # "k of M runs done, elapsed, time left": the plan's estimate for 
   echo "$done of ${#KEYS[@]} done, $(clock $(($(date +%s) - T0))) elapsed, about $(clock "$left") left"
 }
 job() {  # job INDEX SLOT: one run in the background, its output in RUN/log.txt
-  local i=$1 slot=$2 key=${KEYS[$1]} start rc where
+  local i=$1 slot=$2 key=${KEYS[$1]} start rc where pin=()
   if [ "$NGPU" -gt 0 ]; then
     export CUDA_VISIBLE_DEVICES=${GPUS[$((slot % NGPU))]}; where="GPU $CUDA_VISIBLE_DEVICES"
   else
     export OMP_NUM_THREADS=$THREADS_PER_RUN; where="$THREADS_PER_RUN CPU thread(s)"
     [[ "${DEVICE:-}" == cuda:* ]] && where="$DEVICE"
   fi
+  if [ "$JOBS" -gt 1 ] && command -v taskset >/dev/null; then
+    pin=(taskset -c "$(slot_cpus "$slot")"); where="$where, CPUs ${pin[2]}"
+  fi
   echo "[$(progress)] start $key on $where"
   start=$(date +%s)
-  if bash -c "${LINES[$i]}"; then rc=0; else rc=$?; fi
+  if ${pin[@]+"${pin[@]}"} bash -c "${LINES[$i]}"; then rc=0; else rc=$?; fi
   printf '%s\t%s\t%s\n' "$rc" "$key" "$(($(date +%s) - start))" >> "$STATUS"
   if [ "$rc" = 0 ]; then
     echo "[$(progress)] done  $key in $(clock $(($(date +%s) - start)))"
