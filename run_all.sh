@@ -214,6 +214,8 @@ SLOW=$(( (JOBS + (NGPU > 0 ? NGPU : 1) - 1) / (NGPU > 0 ? NGPU : 1) ))   # runs 
 # loader workers, DALI threads and torch threads default to the cores it may use (data.default_workers), so the runs
 # split the machine instead of each starting one worker per core.
 mapfile -t CPU_IDS < <($PYTHON -c "import os; print(*sorted(os.sched_getaffinity(0)), sep='\n')")
+CAN_PIN=0   # taskset installed and allowed to set an affinity here (a container may forbid it)
+command -v taskset >/dev/null && taskset -c "${CPU_IDS[0]}" true 2>/dev/null && CAN_PIN=1
 slot_cpus() {
   local k ids=()
   for ((k = 0; k < THREADS_PER_RUN; k++)); do ids+=("${CPU_IDS[$(( ($1 * THREADS_PER_RUN + k) % ${#CPU_IDS[@]} ))]}"); done
@@ -259,7 +261,7 @@ job() {  # job INDEX SLOT: one run in the background, its output in RUN/log.txt
     export OMP_NUM_THREADS=$THREADS_PER_RUN; where="$THREADS_PER_RUN CPU thread(s)"
     [[ "${DEVICE:-}" == cuda:* ]] && where="$DEVICE"
   fi
-  if [ "$JOBS" -gt 1 ] && command -v taskset >/dev/null; then
+  if [ "$JOBS" -gt 1 ] && [ "$CAN_PIN" = 1 ]; then
     pin=(taskset -c "$(slot_cpus "$slot")"); where="$where, CPUs ${pin[2]}"
   fi
   echo "[$(progress)] start $key on $where"
