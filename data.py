@@ -264,6 +264,14 @@ class SampledLoader:
     def __len__(self):
         return len(self.sampler)
 
+    def _epoch_items(self):
+        """This epoch's batches from start_step on, each a list of (sample index, augmentation seed); start_step is
+        used once."""
+        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
+                   for pos, idx in self.sampler.batches(self.start_step)]
+        self.start_step = 0
+        return batches
+
 
 def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cutout=0, scale=1 / 255, bias=0.0):
     """Gather images[idx] with a random crop, mirror and cutout, and normalise, in one pass.
@@ -785,9 +793,7 @@ class TorchImageLoader(SampledLoader):
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
     def __iter__(self):
-        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
-                   for pos, idx in self.sampler.batches(self.start_step)]
-        self.start_step = 0
+        batches = self._epoch_items()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchList(batches), num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -796,7 +802,7 @@ class TorchImageLoader(SampledLoader):
         size = self.dataset.img_size
         for xb, yb in loader:
             if len(xb) == 0:  # every image of the batch was broken, or this rank's share was nothing
-                xb = torch.zeros(0, 3, size, size, dtype=torch.uint8 if self.device.type == "cuda" else torch.float32)
+                xb = torch.zeros(0, 3, size, size, dtype=torch.uint8 if self.dataset.scale_bias is None else torch.float32)
             xb = xb.to(self.device, non_blocking=True)  # every batch, the empty one too
             if xb.dtype == torch.uint8:
                 xb = (xb.float() - self.mean) / self.std
@@ -914,6 +920,13 @@ def sample_geometry(width, height, region, crops, size, crop_frac):
     return np.stack([start_x, scale_x, region[:, 0], hi_x, start_y, scale_y, region[:, 1], hi_y], 1)
 
 
+def pil_rgb(source):
+    """A file (path or file object) decoded by PIL, any mode to RGB, as uint8 (3, H, W)."""
+    from PIL import Image
+    with Image.open(source) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
 class FileItem(NamedTuple):
     """One sample as a BirdFiles worker hands it over."""
     index: int  # into the loader's samples
@@ -946,7 +959,6 @@ class BirdFiles(torch.utils.data.Dataset):
         return FileItem(index, torch.zeros(3, s, s, dtype=torch.uint8), True, label, (0, 0, s, s), None, False)
 
     def __getitem__(self, item):
-        from PIL import Image
         index, sample_seed = item
         path, label, box = self.samples[index]
         if index in self.broken:
@@ -959,8 +971,7 @@ class BirdFiles(torch.utils.data.Dataset):
         if index not in self.pil:
             return FileItem(index, torch.from_numpy(np.fromfile(path, dtype=np.uint8)), False, label, region, crop, mirror)
         try:
-            with Image.open(path) as im:
-                image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+            image = pil_rgb(path)
         except Exception as e:  # any decoder failure: never crash the epoch
             warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
             return self._black(index, label) if self.keep_broken else None
@@ -1009,10 +1020,10 @@ class NvjpegImageLoader(SampledLoader):
         self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
         self.img_size, self.crop_frac, self.keep_broken = img_size, crop_frac, keep_broken
         self.samples = samples
-        self.sizes, broken, pil, self.pil_reasons = scan_images(samples, pil_for_gpu_refused=True)
+        sizes, broken, pil, self.pil_reasons = scan_images(samples, pil_for_gpu_refused=True)
         for i, why in broken.items():  # as the torch loader does when PIL fails on them
             warn(f"{'black image for' if keep_broken else 'skipping'} {samples[i][0]}: {why}")
-        self.files = BirdFiles(samples, self.sizes, img_size, aug if train else (), scale, broken, pil, keep_broken)
+        self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, broken, pil, keep_broken)
         self.readers = None
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
                                     drop_last=train and len(samples) > batch_size, rank=rank, world=world)
@@ -1020,9 +1031,7 @@ class NvjpegImageLoader(SampledLoader):
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
 
     def __iter__(self):
-        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
-                   for pos, idx in self.sampler.batches(self.start_step)]
-        self.start_step = 0
+        batches = self._epoch_items()
         if self.readers is None:
             self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
         for items in self.readers.epoch(batches):
@@ -1041,7 +1050,6 @@ class NvjpegImageLoader(SampledLoader):
             return decode_jpeg([it.image for it in items], mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             pass
-        from PIL import Image
         out = []
         for it in items:  # only after a refused batch
             try:
@@ -1051,8 +1059,7 @@ class NvjpegImageLoader(SampledLoader):
                 pass
             path = self.samples[it.index][0]
             try:
-                with Image.open(io.BytesIO(it.image.numpy().tobytes())) as im:
-                    image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+                image = pil_rgb(io.BytesIO(it.image.numpy().tobytes()))
                 warn(f"{path}: the GPU decoder refused it, decoded by PIL")
                 out.append(image.to(self.device))
             except Exception as e:
@@ -1067,9 +1074,9 @@ class NvjpegImageLoader(SampledLoader):
         images, kept = [], []
         for it in items:
             image = it.image.to(self.device, non_blocking=True) if it.decoded else decoded[it.index]
-            if image is None and self.keep_broken:  # a black image, as BirdImages gives
-                image = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device)
-                it = it._replace(region=(0, 0, s, s), crop=None, mirror=False)
+            if image is None and self.keep_broken:  # the black stand-in BirdFiles gives a broken file
+                it = self.files._black(it.index, it.label)
+                image = it.image.to(self.device)
             if image is not None:
                 images.append(image)
                 kept.append(it)
@@ -1157,9 +1164,7 @@ class DaliImageLoader(SampledLoader):
                 [np.array(int(it.mirror), dtype=np.int32) for it in items], list(start), list(end))
 
     def __iter__(self):
-        batches = [list(zip(idx.tolist(), self.sampler.sample_seeds(pos), strict=True))
-                   for pos, idx in self.sampler.batches(self.start_step)]
-        self.start_step = 0
+        batches = self._epoch_items()
         # DALI needs full batches: a short one is padded (an empty one, on a rank whose share of the last global
         # batch is nothing, with sample 0) and the padding cut off afterwards.
         sizes = [len(b) for b in batches]
@@ -1223,9 +1228,11 @@ LOADER_HELP = ("dali: DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwi
 
 
 def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):
-    """kind: 'dali', 'nvjpeg', 'torch' or 'auto' (see default_loader)."""
+    """kind: 'dali', 'nvjpeg', 'torch' or 'auto' (see default_loader); workers=None: default_workers()."""
     if kind == "auto":
         kind = default_loader(device)
+    if "workers" in kw and kw["workers"] is None:
+        kw["workers"] = default_workers()
     if kind == "dali":
         if not dali_available():
             raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda130, or -cuda120 with torch's CUDA 12 wheels)")

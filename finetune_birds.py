@@ -86,8 +86,8 @@ def parse_args(argv=None):
     add("--rrc-min-scale", type=float, default=0.25, help="smallest area fraction a random-resized crop keeps")
     add("--loader", choices=data.LOADERS, default="auto", help=data.LOADER_HELP)
     add("--workers", type=int, default=None,
-        help="decoding processes (torch), threads (dali) or file readers (nvjpeg, at most 4) per process; "
-             "default: this process's share of the CPU cores, at most 16")
+        help="PIL decoding processes (torch) or DALI threads (dali) per process; on a CUDA device nvjpeg and dali "
+             "also read the files in min(4, N) processes; default: this process's share of the CPU cores, at most 16")
     add("--max-bad-frac", type=float, default=0.05, help="refuse the data when more than this fraction of images is broken")
     add("--tta", nargs="?", const="flip", default="none",
         help="test-time augmentation for the CSV: none, flip, or flip,shift (softmax averaged over the views)")
@@ -208,8 +208,7 @@ def run(argv=None):
         model = model.to(memory_format=torch.channels_last)
     mean, std = model.mean, model.std
     loader_kind = data.default_loader(device) if args.loader == "auto" else args.loader
-    workers = data.default_workers() if args.workers is None else args.workers
-    common = dict(mean=mean, std=std, device=device, workers=workers, rank=rank, world=world,
+    common = dict(mean=mean, std=std, device=device, workers=args.workers, rank=rank, world=world,
                   channels_last=args.channels_last, scale=(args.rrc_min_scale, 1.0))
     eval_batch = max(args.batch_size, 64 // world * world)
     train_aug = () if args.cache_features else args.aug_set

@@ -86,8 +86,7 @@ class TestSets:
             self._birds[boxes] = (test, len(classes))
         test, num_classes = self._birds[boxes]
         loader = data.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
-                                  device, workers=data.default_workers() if args.workers is None else args.workers,
-                                  keep_broken=True)
+                                  device, workers=args.workers, keep_broken=True)
         return loader, num_classes
 
 

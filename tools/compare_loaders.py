@@ -20,6 +20,25 @@ import data  # noqa: E402
 SHARED_CUB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "CUB_200_2011_subset100"
 
 
+def compare(samples, size, device, workers, train, batch=32):
+    """Every loader over the same samples (training: rrc + flip, seed 5): {loader: (pixels in grey levels, seconds)},
+    and [(loader, mean, share of values off, max)] of each against the PIL loader ('torch')."""
+    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
+    grey = dict(mean=[0.0] * 3, std=[1 / 255] * 3)  # normalised values are grey levels
+    kw = dict(aug={"rrc", "flip"}, seed=5) if train else {}
+    out = {}
+    for kind in kinds:
+        loader = data.bird_loader(kind, samples, size, batch, train, device=device, workers=workers, **grey, **kw)
+        loader.set_epoch(0)
+        t0 = time.perf_counter()
+        out[kind] = (torch.cat([x for x, _ in loader]).float().cpu(), time.perf_counter() - t0)
+    diffs = []
+    for kind in kinds[1:]:
+        diff = (out[kind][0] - out["torch"][0]).abs()
+        diffs.append((kind, diff.mean().item(), (diff > 0.5).float().mean().item(), diff.max().item()))
+    return out, diffs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cub-dir", default=str(SHARED_CUB), help="CUB_200_2011-layout birds")
@@ -29,22 +48,13 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="--workers of every loader")
     args = parser.parse_args()
     samples = data.load_cub(args.cub_dir)[0][:args.images]
-    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
-    grey = dict(mean=[0.0] * 3, std=[1 / 255] * 3)  # normalised values are grey levels
     for train in (False, True):
-        kw = dict(aug={"rrc", "flip"}, seed=5) if train else {}
-        out = {}
-        for kind in kinds:
-            loader = data.bird_loader(kind, samples, args.size, 32, train, device=args.device, workers=args.workers,
-                                      **grey, **kw)
-            loader.set_epoch(0)
-            t0 = time.perf_counter()
-            out[kind] = torch.cat([x for x, _ in loader]).float().cpu()
-            print(f"{'train' if train else 'eval'} {args.size} px, {kind}: {time.perf_counter() - t0:.2f} s", flush=True)
-        for kind in kinds[1:]:
-            diff = (out[kind] - out["torch"]).abs()
-            print(f"{'train' if train else 'eval'} {args.size} px, |{kind} - torch (PIL)|: mean {diff.mean():.4f}, "
-                  f"{(diff > 0.5).float().mean():.2%} of values off, max {diff.max():.0f}", flush=True)
+        what = f"{'train' if train else 'eval'} {args.size} px"
+        out, diffs = compare(samples, args.size, args.device, args.workers, train)
+        for kind, (_, seconds) in out.items():
+            print(f"{what}, {kind}: {seconds:.2f} s", flush=True)
+        for kind, mean, off, most in diffs:
+            print(f"{what}, |{kind} - torch (PIL)|: mean {mean:.4f}, {off:.2%} of values off, max {most:.0f}", flush=True)
 
 
 if __name__ == "__main__":

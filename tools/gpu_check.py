@@ -195,19 +195,15 @@ def check_birds(ctx, loader):
 
 def check_loader_pixels(ctx):
     """Every loader's eval images on the GPU against the PIL loader's, in grey levels (0-255)."""
-    import torch
+    import compare_loaders
 
     import data
     samples = data.load_cub(ctx.cub)[1][:128]
-    kw = dict(mean=[0.0] * 3, std=[1 / 255] * 3, device=ctx.device, workers=data.default_workers())  # grey levels
-    pil = torch.cat([x for x, _ in data.TorchImageLoader(samples, 224, 64, False, **kw)])
-    parts = []
-    for kind in ["nvjpeg"] + (["dali"] if ctx.dali else []):
-        x = torch.cat([x for x, _ in data.bird_loader(kind, samples, 224, 64, False, **kw)])
-        diff = (x - pil).abs()
-        parts.append(f"{kind}: mean {diff.mean():.3f}, {(diff > 0.5).float().mean():.2%} of values off, max {diff.max():.0f}")
-        if diff.mean() > 2.0:
-            raise RuntimeError(f"{kind} and PIL eval images differ by {diff.mean():.2f} grey levels on average")
+    _, diffs = compare_loaders.compare(samples, 224, ctx.device, data.default_workers(), train=False, batch=64)
+    for kind, mean, _, _ in diffs:
+        if mean > 2.0:
+            raise RuntimeError(f"{kind} and PIL eval images differ by {mean:.2f} grey levels on average")
+    parts = [f"{kind}: mean {mean:.3f}, {off:.2%} of values off, max {most:.0f}" for kind, mean, off, most in diffs]
     return f"|loader - PIL| in grey levels, 128 test images at 224 px: {'; '.join(parts)}"
 
 
