@@ -334,8 +334,11 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
     samples = bird_samples(cub_dir, n_images)
     samples = (samples * math.ceil(n_images / len(samples)))[:n_images]  # a small tree is read more than once
     on_gpu = device.type == "cuda"
-    model = models.TransferNet(arch, 100).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # the step the default fine-tune trains: finetune_birds.py's own model (BatchNorm statistics frozen) and optimizer
+    import finetune_birds
+    args = finetune_birds.parse_args(["--arch", arch, "--weights", "none", "--batch-size", str(batch)])
+    model = finetune_birds.build_model(args, 100).to(device).to(memory_format=torch.channels_last)
+    opt = engine.make_optimizer(model.param_groups(args.backbone_lr_mult, args.layer_decay), args)
     step_model = torch.compile(model) if on_gpu else model
     steps = len(samples) // batch
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -345,7 +348,8 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
     kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
     rows = [dict(id=8, figure=f"{arch} fine-tuning at {size} px, model alone (random tensors on the device), img/s",
                  value=alone, target="the ceiling for the loaders below", met=None,
-                 notes=f"batch {batch}, bf16 + channels-last{' + compile' if on_gpu else ''}, SGD; {steps} steps a pass")]
+                 notes=f"batch {batch}, bf16 + channels-last{' + compile' if on_gpu else ''}, the default fine-tune's "
+                       f"model (BatchNorm {args.bn_mode}) and optimizer ({args.optimizer}); {steps} steps a pass")]
     for kind in kinds:
         loader = data.bird_loader(kind, samples, size, batch, True, model.mean, model.std, device, aug={"rrc", "flip"},
                                   workers=workers, channels_last=True)

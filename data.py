@@ -15,6 +15,7 @@ Nothing here trains; `python data.py --help` offers the downloads.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import math
@@ -570,10 +571,38 @@ NVJPEG_SOF = {0xC0, 0xC1, 0xC2}
 SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC are not frame headers
 
 
+EXIF_ORIENTATION = 0x0112  # the TIFF tag: 1 upright, 2-8 mirrored and/or rotated (5-8 swap width and height)
+
+
+def exif_orientation(payload):
+    """The orientation tag of an APP1 Exif payload (1 where absent or unreadable)."""
+    if payload[:6] != b"Exif\0\0" or len(payload) < 14:
+        return 1
+    tiff = payload[6:]
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+        if len(entry) == 12 and int.from_bytes(entry[:2], order) == EXIF_ORIENTATION:
+            return int.from_bytes(entry[8:10], order)
+    return 1
+
+
+def oriented(im):
+    """A PIL image as it is meant to be seen: its EXIF orientation applied (as TorchCodec and DALI's
+    adjust_orientation do), so every loader sees the same pixels; images without one are returned as they are."""
+    from PIL import ImageOps
+    return ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im
+
+
 def jpeg_header(path):
     """(width, height, None) for a JPEG the GPU decoder takes, or (width, height, why PIL decodes it instead), read
-    from the markers up to the frame header; (None, None, why) when no frame header is found."""
-    adobe_transform = None
+    from the markers up to the frame header; (None, None, why) when no frame header is found. An EXIF-rotated JPEG
+    goes to PIL (torchvision's GPU decoder does not rotate), and its width and height are then PIL's, upright."""
+    adobe_transform, orientation = None, 1
     try:
         with open(path, "rb") as f:
             if f.read(2) != b"\xff\xd8":
@@ -600,6 +629,7 @@ def jpeg_header(path):
                     bits, height, width, channels = frame[0], int.from_bytes(frame[1:3], "big"), \
                         int.from_bytes(frame[3:5], "big"), frame[5]
                     why = (f"JPEG process SOF{m - 0xC0} (lossless, hierarchical or arithmetic)" if m not in NVJPEG_SOF
+                           else f"EXIF orientation {orientation}" if orientation in range(2, 9)
                            else f"{bits}-bit samples" if bits != 8
                            else "grayscale" if channels == 1
                            else "CMYK/YCCK" if channels == 4
@@ -611,6 +641,8 @@ def jpeg_header(path):
                 payload = f.read(length - 2)
                 if m == 0xEE and payload[:5] == b"Adobe" and len(payload) >= 12:
                     adobe_transform = payload[11]
+                if m == 0xE1:
+                    orientation = exif_orientation(payload)
     except OSError as e:
         return None, None, f"unreadable ({e.strerror})"
 
@@ -630,6 +662,8 @@ def scan_images(samples, pil_for_gpu_refused):
                 try:
                     with Image.open(path) as im:
                         width, height = im.size
+                        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: upright size
+                            width, height = height, width
                 except Exception as e:  # passed the byte check, yet its header is unreadable
                     why_broken = f"cannot read the image header ({type(e).__name__})"
             if why_broken is None and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # where PIL refuses to decode
@@ -729,7 +763,7 @@ class BirdImages(torch.utils.data.Dataset):
         path, label, box = self.samples[index]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = oriented(im).convert("RGB")
         except Exception as e:  # any decoder failure: never crash the epoch
             warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
             if not self.keep_broken:
@@ -873,8 +907,8 @@ def exact_float32(device):
 
 def _resample_batch(images, geometry, size, mirror, max_elements):
     dev = images[0].device
-    g = torch.from_numpy(np.ascontiguousarray(geometry)).to(dev)
-    flip = torch.from_numpy(np.asarray(mirror, dtype=bool)).to(dev)
+    g = to_device(torch.from_numpy(np.ascontiguousarray(geometry)), dev)
+    flip = to_device(torch.from_numpy(np.asarray(mirror, dtype=bool)), dev)
     out, begin = [], 0
     while begin < len(images):
         end, h_max, w_max = begin, 0, 0
@@ -924,18 +958,41 @@ def pil_rgb(source):
     """A file (path or file object) decoded by PIL, any mode to RGB, as uint8 (3, H, W)."""
     from PIL import Image
     with Image.open(source) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(oriented(im).convert("RGB")).copy()).permute(2, 0, 1)
 
 
 class FileItem(NamedTuple):
     """One sample as a BirdFiles worker hands it over."""
     index: int  # into the loader's samples
-    image: torch.Tensor  # uint8: the file's bytes, or (3, H, W) pixels where decoded already
+    image: torch.Tensor | None  # uint8: the file's bytes, or (3, H, W) pixels where decoded already; in a FileBatch
+    #                             an encoded item's bytes are in the batch's one tensor instead (None here)
     decoded: bool  # True: PIL decoded it (or it is the black stand-in for a broken file)
     label: int
     region: tuple  # (x0, y0, x1, y1) in source pixels: the crop box, or the whole image
     crop: tuple | None  # (x, y, w, h) of the random-resized crop within the region; None: the eval policy
     mirror: bool
+
+
+class FileBatch(NamedTuple):
+    """A batch as the reader workers hand it over: the encoded files' bytes one after another in one tensor (one
+    shared-memory segment and one file-descriptor handshake per batch, not one per file), and the items."""
+    items: list  # FileItems; an encoded one's image is None, its bytes are in `data`
+    data: torch.Tensor  # uint8 (total bytes,)
+    offsets: list  # the k-th encoded item's bytes are data[offsets[k]:offsets[k + 1]]
+
+    def encoded(self):
+        """(item, its bytes as a view of `data`) for each encoded item, in batch order."""
+        todo = [it for it in self.items if not it.decoded]
+        return [(it, self.data[a:b]) for it, a, b in zip(todo, self.offsets, self.offsets[1:], strict=False)]
+
+
+def collate_files(batch):
+    """BirdFiles items (None: a skipped broken file) into a FileBatch; runs in the worker, before the hand-over."""
+    items = [b for b in batch if b is not None]
+    blobs = [it.image for it in items if not it.decoded]
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    data = torch.cat(blobs) if blobs else torch.zeros(0, dtype=torch.uint8)
+    return FileBatch([it if it.decoded else it._replace(image=None) for it in items], data, offsets)
 
 
 class BirdFiles(torch.utils.data.Dataset):
@@ -978,10 +1035,6 @@ class BirdFiles(torch.utils.data.Dataset):
         return FileItem(index, image, True, label, region, crop, mirror)
 
 
-def _collate_files(batch):
-    return [b for b in batch if b is not None]
-
-
 class FileReaders:
     """DataLoader workers that read BirdFiles items, batch by batch, for the nvJPEG and DALI loaders. The workers
     persist across epochs (each epoch only swaps the list of batches), so a short epoch does not pay their start-up
@@ -996,7 +1049,7 @@ class FileReaders:
         self.batch_list = _BatchList([])
         workers = min(workers, self.MAX_READERS) if torch.device(device).type == "cuda" else 0
         self.loader = torch.utils.data.DataLoader(
-            files, batch_sampler=self.batch_list, num_workers=workers, collate_fn=_collate_files,
+            files, batch_sampler=self.batch_list, num_workers=workers, collate_fn=collate_files,
             prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
             generator=seed_generator)  # else DataLoader draws its base seed from the global RNG (dropout's)
 
@@ -1005,14 +1058,94 @@ class FileReaders:
         return iter(self.loader)
 
 
-class NvjpegImageLoader(SampledLoader):
-    """torchvision's batched nvJPEG decoder (`decode_jpeg(device=...)`) and batched resampling on the device.
+@functools.cache
+def jpeg_decoder():
+    """(name, decode): the batched JPEG decoder, decode(list of uint8 CPU tensors, device) -> list of RGB uint8
+    (3, H, W) on the device. TorchCodec's where it imports (the maintained one: torchvision 0.29 deprecates its own
+    image decoding in its favour), else torchvision's. On a CPU device both are libjpeg-turbo and give PIL's pixels."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+        return "torchcodec", lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
+    except Exception:  # not installed, or built for another torch (its wheels follow torch's versions)
+        from torchvision.io import ImageReadMode, decode_jpeg
+        return "torchvision", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
-    DataLoader workers only read file bytes and draw each sample's crop and mirror (`BirdFiles`). The device decodes
-    the batch in one call, then crops, resizes (Pillow's antialiased bilinear, as the torch loader's PIL), mirrors
-    and normalises it in two matmuls (`resample_batch`): no per-image loop. Files nvJPEG does not take (PNG under a
-    .jpg name, grayscale, CMYK, lossless/arithmetic JPEG) are found by `scan_images` and decoded by PIL in the
-    workers into the same batch. On a CPU device the same code runs with libjpeg-turbo (the tests' path)."""
+
+# How decode_jpegs orders a CUDA decode after the work already queued on the caller's stream: "stream" (a side
+# stream, no host wait) or "sync" (the host waits for the caller's stream first); "none" is the unordered call
+# this repo made before, kept only so that tools/gpu_check.py can show its decode-under-load check failing on it.
+DECODE_ORDER = "stream"
+_DECODE_STREAMS = {}  # one side stream per CUDA device
+
+
+@contextlib.contextmanager
+def no_uninitialized_fill():
+    """Under --deterministic torch fills every torch.empty with a fill kernel on the current stream
+    (torch.utils.deterministic.fill_uninitialized_memory); the decoders allocate their outputs so while decoding on
+    a stream of their own, which does not wait for that fill: it would land after the pixels and blank them (to the
+    same values every run, so a determinism check passes). Their outputs are written whole, so nothing needs it."""
+    import torch.utils.deterministic as deterministic
+    previous = deterministic.fill_uninitialized_memory
+    deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        deterministic.fill_uninitialized_memory = previous
+
+
+def decode_jpegs(datas, device):
+    """The one place that decodes JPEGs on the device (training, evaluation, the feature cache and predict.py all come
+    here through NvjpegImageLoader): a list of uint8 CPU tensors of file bytes -> RGB uint8 (3, H, W) on `device`.
+
+    On CUDA, torchvision 0.26's decode_jpeg allocates its outputs from PyTorch's caching allocator on the current
+    stream, then decodes on a private stream that does not wait for the work queued there; nvJPEG's hardware engine
+    also ignores stream order (TorchCodec's, too). The allocator hands out a block as soon as it is freed on its
+    stream, so the decoder can be given memory that a queued kernel of the running step (forward, backward,
+    evaluation) still reads or writes, and the images or the step come out wrong: reproduced upstream on an H100 in
+    199 runs of 200 (pytorch/vision PR 9606, TorchCodec PR 1634, neither in the torch 2.11 builds we run on). So the
+    decode runs with a side stream current: its outputs come from that stream's pool, which holds only blocks whose
+    every use is finished (the outputs of earlier decodes are recorded on the caller's stream below, so the allocator
+    keeps them until the caller's stream has passed their last use). Then the caller's stream waits for the side
+    stream (the decoder makes the side stream wait for its own), no host wait at all. DECODE_ORDER "sync" waits on
+    the host instead. No uninitialised-memory fill is queued either way (no_uninitialized_fill)."""
+    _, decode = jpeg_decoder()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return decode(datas, device)
+    if DECODE_ORDER == "none":  # the old, unordered call: a planted fault for gpu_check, never the default
+        return decode(datas, device)
+    current = torch.cuda.current_stream(device)
+    with no_uninitialized_fill():
+        if DECODE_ORDER == "sync":
+            current.synchronize()  # nothing is queued any more, so no block the allocator hands out is still in use
+            return decode(datas, device)
+        side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+        with torch.cuda.stream(side):
+            images = decode(datas, device)
+    current.wait_stream(side)
+    for image in images:
+        image.record_stream(current)  # freed later on the host: not reused before the caller's stream is past it
+    return images
+
+
+def to_device(tensor, device):
+    """A host tensor onto the device: pinned and non-blocking on CUDA (the pinned copy is held by PyTorch's host
+    allocator until the copy has run), a plain copy elsewhere."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class NvjpegImageLoader(SampledLoader):
+    """Batched JPEG decoding on the device (`decode_jpegs`: TorchCodec's or torchvision's nvJPEG decoder) and batched
+    resampling there.
+
+    DataLoader workers only read file bytes and draw each sample's crop and mirror (`BirdFiles`), and hand each batch
+    over as one tensor of bytes (`FileBatch`). The device decodes the batch in one call, then crops, resizes
+    (Pillow's antialiased bilinear, as the torch loader's PIL), mirrors and normalises it in two matmuls
+    (`resample_batch`): no per-image loop. Files nvJPEG does not take (PNG under a .jpg name, grayscale, CMYK,
+    lossless/arithmetic JPEG, EXIF-rotated) are found by `scan_images` and decoded by PIL in the workers into the same
+    batch. On a CPU device the same code runs with libjpeg-turbo (the tests' path)."""
     may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
@@ -1034,49 +1167,48 @@ class NvjpegImageLoader(SampledLoader):
         batches = self._epoch_items()
         if self.readers is None:
             self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
-        for items in self.readers.epoch(batches):
-            xb, yb = self._to_batch(items)
+        for batch in self.readers.epoch(batches):
+            xb, yb = self._to_batch(batch)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb
 
-    def _decode(self, items):
-        """Decode the items' JPEG bytes on the device in one batched call; a batch the decoder refuses is decoded file
-        by file, and what it still refuses goes to PIL here (None: not decodable at all)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-        if not items:
+    def _decode(self, encoded):
+        """Decode [(item, bytes)] on the device in one batched call; a batch the decoder refuses is decoded file by
+        file, and what it still refuses goes to PIL here (None: not decodable at all)."""
+        if not encoded:
             return []
         try:
-            return decode_jpeg([it.image for it in items], mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
+            return decode_jpegs([blob for _, blob in encoded], self.device)
+        except (RuntimeError, ValueError):
             pass
         out = []
-        for it in items:  # only after a refused batch
+        for it, blob in encoded:  # only after a refused batch
             try:
-                out.append(decode_jpeg(it.image, mode=ImageReadMode.RGB, device=self.device))
+                out.append(decode_jpegs([blob], self.device)[0])
                 continue
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 pass
             path = self.samples[it.index][0]
             try:
-                image = pil_rgb(io.BytesIO(it.image.numpy().tobytes()))
+                image = pil_rgb(io.BytesIO(blob.numpy().tobytes()))
                 warn(f"{path}: the GPU decoder refused it, decoded by PIL")
-                out.append(image.to(self.device))
+                out.append(to_device(image, self.device))
             except Exception as e:
                 warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
                 out.append(None)
         return out
 
-    def _to_batch(self, items):
+    def _to_batch(self, batch):
         s = self.img_size
-        encoded = [it for it in items if not it.decoded]
-        decoded = dict(zip((it.index for it in encoded), self._decode(encoded), strict=True))
+        encoded = batch.encoded()
+        decoded = dict(zip((it.index for it, _ in encoded), self._decode(encoded), strict=True))
         images, kept = [], []
-        for it in items:
-            image = it.image.to(self.device, non_blocking=True) if it.decoded else decoded[it.index]
+        for it in batch.items:
+            image = to_device(it.image, self.device) if it.decoded else decoded[it.index]
             if image is None and self.keep_broken:  # the black stand-in BirdFiles gives a broken file
                 it = self.files._black(it.index, it.label)
-                image = it.image.to(self.device)
+                image = to_device(it.image, self.device)
             if image is not None:
                 images.append(image)
                 kept.append(it)
@@ -1087,7 +1219,7 @@ class NvjpegImageLoader(SampledLoader):
                                    [it.region for it in kept], [it.crop or (math.nan,) * 4 for it in kept],
                                    s, self.crop_frac)
         x = resample_batch(images, geometry, s, [it.mirror for it in kept])
-        return (x.float() - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+        return (x.float() - self.mean) / self.std, to_device(labels, self.device)
 
 
 def dali_available():
@@ -1136,12 +1268,12 @@ class DaliImageLoader(SampledLoader):
             jpegs, labels, mirror, roi_start, roi_end = fn.external_source(
                 source=self._feed, num_outputs=5, batch=True,
                 dtype=[types.UINT8, types.INT64, types.INT32, types.FLOAT, types.FLOAT])
-            # EXIF orientation is ignored, as PIL's decoder does, so every loader sees the same pixels,
+            # EXIF orientation applied, as the other loaders do (`oriented`), so every loader sees the same pixels,
             # and fancy (smooth) chroma upsampling on the GPU too: nvJPEG's default differs from libjpeg's
             # The whole image is decoded (decoding only the crop's box measured no faster on the CPU, and its filter
             # cannot reach past the box as PIL's does: 14 grey levels off at box edges)
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                       adjust_orientation=False, jpeg_fancy_upsampling=True)
+                                       adjust_orientation=True, jpeg_fancy_upsampling=True)
             # the sample's source box (from sample_geometry) to img_size x img_size, antialiased as PIL's bilinear
             images = fn.resize(images, resize_x=img_size, resize_y=img_size, roi_start=roi_start, roi_end=roi_end,
                                roi_relative=False, antialias=True)
@@ -1154,13 +1286,14 @@ class DaliImageLoader(SampledLoader):
         return built
 
     def _feed(self, info=None):
-        items = next(self._batches)  # StopIteration ends DALI's epoch; the workers have read and drawn everything
+        batch = next(self._batches)  # StopIteration ends DALI's epoch; the workers have read and drawn everything
+        items, blobs = zip(*batch.encoded(), strict=True)  # DALI decodes every file, the black placeholder's too
         regions = [it.region for it in items]  # DALI decodes whole files: a region ends where the file does
         geometry = sample_geometry([r[2] for r in regions], [r[3] for r in regions], regions,
                                    [it.crop or (math.nan,) * 4 for it in items], self.img_size, self.crop_frac)
         start = np.stack([geometry[:, 4], geometry[:, 0]], 1).astype(np.float32)  # DALI's ROI is in shape order: (y, x)
         end = start + self.img_size * np.stack([geometry[:, 5], geometry[:, 1]], 1).astype(np.float32)
-        return ([it.image.numpy() for it in items], [np.array(it.label, dtype=np.int64) for it in items],
+        return ([blob.numpy() for blob in blobs], [np.array(it.label, dtype=np.int64) for it in items],
                 [np.array(int(it.mirror), dtype=np.int32) for it in items], list(start), list(end))
 
     def __iter__(self):

@@ -749,9 +749,8 @@ class Board:
         self.writer = None
 
     def _open(self):
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=self.first_step)  # hides older events from here on
-        if self.flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
+        self.writer = summary_writer(self.log_dir, purge_step=self.first_step)  # hides older events from here on
+        if self.writer is not None and self.flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
             self.writer.add_text("flags" if self.phase == "train" else f"flags/{self.phase}",
                                  "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())), self.first_step)
 
@@ -764,6 +763,9 @@ class Board:
             return
         if self.writer is None:
             self._open()
+        if self.writer is None:  # no tensorboard installed: summary_writer said so once
+            self.pending = []
+            return
         for at, r in self.pending:
             for key, tag in self.TAGS.items():
                 self.writer.add_scalar(tag, r[key], at)
@@ -775,13 +777,32 @@ class Board:
             self.writer.close()
 
 
+_TENSORBOARD_MISSING = []  # the warning below, once per process
+
+
+def summary_writer(log_dir, **kw):
+    """torch.utils.tensorboard's SummaryWriter on log_dir, or None where the tensorboard package does not import (the
+    CUDA 12 install line once lacked it): one warning, and the run goes on without event files."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        if not _TENSORBOARD_MISSING:
+            _TENSORBOARD_MISSING.append(e)
+            print(f"warning: no TensorBoard event files: tensorboard does not import ({e}); pip install tensorboard, "
+                  f"or pass --no-tensorboard", file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(str(log_dir), **kw)
+
+
 def log_final(log_dir, flags, final):
     """The run's flags and final figures as TensorBoard hparams, beside its curves (one row per run in a sweep)."""
-    from torch.utils.tensorboard import SummaryWriter
+    writer = summary_writer(log_dir)
+    if writer is None:
+        return
     hparams = {k: ("none" if v is None else v) for k, v in flags.items() if k not in ("out", "resume", "force", "quiet")}
     metrics = {f"final/{k}": v for k, v in final.items()
                if k in ("best_val_acc", "test_acc", "val_acc_tta", "train_seconds") and isinstance(v, (int, float))}
-    with SummaryWriter(str(log_dir)) as writer:
+    with writer:
         writer.add_hparams(hparams, metrics, run_name=".")
 
 

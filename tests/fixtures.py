@@ -42,8 +42,8 @@ def write_cifar100(root, per_class_train=60, per_class_test=10, num_classes=100,
 
 
 def write_cub(root, num_classes=3, per_class=8, size=48, seed=0, broken=True):
-    """A tiny CUB_200_2011 tree: text files + JPEG folders; includes a grayscale JPEG, a CMYK JPEG,
-    a PNG saved under a .jpg name and (with broken=True) a truncated JPEG."""
+    """A tiny CUB_200_2011 tree: text files + JPEG folders; includes a grayscale JPEG, a CMYK JPEG, a PNG saved
+    under a .jpg name, an EXIF-rotated JPEG, a progressive JPEG and (with broken=True) a truncated JPEG."""
     from PIL import Image
     root = Path(root) / "CUB_200_2011"
     rng = np.random.default_rng(seed)
@@ -65,6 +65,12 @@ def write_cub(root, num_classes=3, per_class=8, size=48, seed=0, broken=True):
                 im.convert("CMYK").save(path, "JPEG")
             elif image_id == 4:
                 im.save(path, "PNG")
+            elif image_id == 5:  # shown turned a quarter (EXIF orientation 6): every loader must see it upright
+                exif = Image.Exif()
+                exif[0x0112] = 6
+                im.save(path, "JPEG", quality=90, exif=exif)
+            elif image_id == 6:
+                im.save(path, "JPEG", quality=90, progressive=True)
             else:
                 im.save(path, "JPEG", quality=90)
             lines["images"].append(f"{image_id} {rel}")

@@ -1,6 +1,8 @@
 """CIFAR and CUB readers, the restricted unpickler, the split and the on-device augmentation."""
+import contextlib
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,7 +291,7 @@ def test_nvjpeg_sends_what_the_gpu_decoder_refuses_to_pil(cub_dir, tmp_path, mon
     train, test, _ = data.load_cub(cub_dir)
     loader = data.bird_loader("nvjpeg", train + test, 32, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0,
                               keep_broken=True)
-    assert set(loader.pil_reasons) == {"grayscale", "CMYK/YCCK", "not a JPEG"}
+    assert set(loader.pil_reasons) == {"grayscale", "CMYK/YCCK", "not a JPEG", "EXIF orientation 6"}
     progressive = tmp_path / "progressive.jpg"
     Image.new("RGB", (30, 20), (200, 10, 10)).save(progressive, "JPEG", progressive=True)
     assert data.jpeg_header(progressive) == (30, 20, None)  # progressive JPEGs stay on the GPU path
@@ -301,14 +303,13 @@ def test_nvjpeg_sends_what_the_gpu_decoder_refuses_to_pil(cub_dir, tmp_path, mon
     _, broken, _, _ = data.scan_images([(str(bomb), 0, None)], pil_for_gpu_refused=True)
     assert "decompression-bomb" in broken[0]
     before = torch.cat([x for x, _ in loader])
-    import torchvision.io
-    real = torchvision.io.decode_jpeg
+    name, real = data.jpeg_decoder()
 
-    def refuse_batches(data_, *a, **kw):
-        if isinstance(data_, list):
+    def refuse_batches(datas, device):
+        if len(datas) > 1:
             raise RuntimeError("nvjpeg: unsupported")
-        return real(data_, *a, **kw)
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse_batches)
+        return real(datas, device)
+    monkeypatch.setattr(data, "jpeg_decoder", lambda: (name, refuse_batches))
     after = torch.cat([x for x, _ in loader])
     assert len(before) == len(train + test) and torch.equal(before, after)
 
@@ -484,3 +485,105 @@ def test_resampling_is_exact_under_autocast_and_tf32_and_restores_them(clean_cub
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(plain, again) and plain.dtype == torch.uint8
     assert torch.equal(plain[1], data.resample_batch(images[1:2], geometry[1:2], 24, [False]).flip(-1)[0])
+
+
+def test_exif_rotated_jpegs_are_upright_in_every_loader(cub_dir):
+    """The fixture's image 5 is stored 48 x 56 with EXIF orientation 6 (turn it a quarter clockwise): each loader's
+    eval pixels are those of the upright 56 x 48 photo (TorchCodec and DALI rotate; the nvjpeg loader sends it to PIL)."""
+    from PIL import Image
+    train, _, _ = data.load_cub(cub_dir)
+    exif = [s for s in train if s[0].endswith("_0004.jpg") and "001." in s[0]]
+    assert data.jpeg_header(exif[0][0])[2] == "EXIF orientation 6"
+    with Image.open(exif[0][0]) as im:
+        upright = im.convert("RGB").transpose(Image.ROTATE_270)  # what orientation 6 means
+        assert data.oriented(im).size == upright.size == (48, 56)
+    short = round(40 / 0.875)  # the eval policy on the upright image, by hand
+    im = upright.resize((short, round(56 * short / 48)), Image.BILINEAR)
+    top = (im.height - 40) // 2
+    expected = torch.from_numpy(np.asarray(im.crop((3, top, 43, top + 40))).copy()).permute(2, 0, 1).float()
+    for kind in ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else []):
+        x, _ = _loader_pixels(kind, exif, 40, False)
+        assert (x[0] - expected).abs().mean() < 1.0, kind
+
+
+def test_decode_jpegs_orders_the_decode_after_the_callers_stream(monkeypatch):
+    """The CUDA ordering, recorded with fake streams on the CPU: the decode runs with a side stream current and no
+    uninitialised-memory fill, the caller's stream then waits for the side stream, and every output is recorded on
+    the caller's stream; with DECODE_ORDER 'sync' the host waits for the caller's stream before the decode."""
+    import torch.utils.deterministic as deterministic
+    calls = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(("wait", self.name, other.name))
+
+        def synchronize(self):
+            calls.append(("synchronize", self.name))
+
+    class Output:
+        def record_stream(self, stream):
+            calls.append(("record", stream.name))
+
+    current = [FakeStream("caller")]
+
+    @contextlib.contextmanager
+    def use(stream):
+        before, current[0] = current[0], stream
+        yield
+        current[0] = before
+
+    def fake_decode(datas, device):
+        calls.append(("decode", current[0].name, deterministic.fill_uninitialized_memory))
+        return [Output() for _ in datas]
+    monkeypatch.setattr(data, "jpeg_decoder", lambda: ("fake", fake_decode))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(data, "_DECODE_STREAMS", {})
+    cuda = torch.device("cuda", 0)
+    assert deterministic.fill_uninitialized_memory
+    data.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
+    assert calls == [("decode", "side", False), ("wait", "caller", "side"), ("record", "caller"), ("record", "caller")]
+    assert deterministic.fill_uninitialized_memory  # restored
+    calls.clear()
+    monkeypatch.setattr(data, "DECODE_ORDER", "sync")
+    data.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
+    assert calls == [("synchronize", "caller"), ("decode", "caller", False)]
+    calls.clear()
+    monkeypatch.setattr(data, "DECODE_ORDER", "none")  # the old call: what gpu_check's planted fault runs
+    data.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
+    assert calls == [("decode", "caller", True)]
+
+
+def test_reader_batches_carry_the_files_bytes_as_one_tensor(clean_cub_dir):
+    """What the reader workers hand over: one uint8 tensor of every encoded file's bytes, plus offsets, and PIL's
+    pixels only for the files sent to PIL; with reader processes (as on a GPU host) too."""
+    train, _, _ = data.load_cub(clean_cub_dir)
+    loader = data.NvjpegImageLoader(train, 32, 6, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"}, workers=0)
+    batches = [[(i, i) for i in range(k, k + 6)] for k in (0, 6)]
+    in_processes = torch.utils.data.DataLoader(  # FileReaders' DataLoader as on a CUDA device: 2 reader processes
+        loader.files, batch_sampler=data._BatchList(batches), num_workers=2, collate_fn=data.collate_files)
+    for epoch in (data.FileReaders(loader.files, 0, torch.Generator(), "cpu").epoch(batches), in_processes):
+        for batch in epoch:
+            assert isinstance(batch, data.FileBatch) and batch.data.dtype == torch.uint8 and batch.data.ndim == 1
+            assert all(it.image is None for it in batch.items if not it.decoded)
+            encoded = batch.encoded()
+            assert encoded and batch.offsets[-1] == len(batch.data)
+            for it, blob in encoded:
+                assert blob.untyped_storage().data_ptr() == batch.data.untyped_storage().data_ptr()  # a view
+                assert blob.numpy().tobytes() == Path(train[it.index][0]).read_bytes()
+
+
+def test_the_decode_raises_no_deprecation_warning(clean_cub_dir):
+    """Our decode calls go to TorchCodec where it is installed (requirements.txt has it), not to torchvision's
+    deprecated decoder."""
+    import warnings
+    train, _, _ = data.load_cub(clean_cub_dir)
+    loader = data.bird_loader("nvjpeg", train[:6], 32, 6, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert len(torch.cat([x for x, _ in loader])) == 6
+    assert data.jpeg_decoder()[0] == "torchcodec"

@@ -3,11 +3,12 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import engine
-from conftest import ROOT, run_script
+from conftest import ROOT, SHARED_CUB, run_script
 
 
 def test_lr_schedules():
@@ -164,3 +165,56 @@ def test_gpu_check_loader_checks_run_on_the_cpu(clean_cub_dir, tmp_path):
     assert "nvjpeg: mean 0.0" in pixels
     decode = gpu_check.check_gpu_decode(ctx)
     assert "to PIL at scan time: " in decode and "not a JPEG" in decode and "grayscale" in decode
+    assert "EXIF orientation 6" in decode and "progressive JPEGs" in decode
+    with pytest.raises(gpu_check.Skip, match="needs a CUDA device"):
+        gpu_check.check_decode_under_load(ctx)
+
+
+def test_gpu_check_default_set_fits_its_slot():
+    """--list prints every default check with its estimated seconds; they sum to at most 420 s, and --quick is a
+    subset of the checks that exist."""
+    proc = run_script("tools/gpu_check.py", "--list", env={"CUDA_VISIBLE_DEVICES": ""})
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+    listed = {line.split()[0]: int(line.split()[1]) for line in proc.stdout.splitlines()
+              if line.startswith("  ") and not line.strip().startswith("total")}
+    assert listed == gpu_check.ESTIMATES and list(listed) == gpu_check.CHECKS
+    assert sum(listed.values()) <= 420 and f"{sum(listed.values())} s" in proc.stdout
+    assert set(gpu_check.QUICK) <= set(gpu_check.CHECKS + gpu_check.OPTIONAL)
+    assert "cpu-tests" not in gpu_check.CHECKS  # the device-path tests pin the CPU: not a GPU check
+
+
+def test_every_difference_check_fails_on_a_shifted_image(clean_cub_dir):
+    """Each pixel limit of gpu_check passes an image against itself and fails it against the image shifted by one
+    pixel: a check that cannot fail would measure nothing."""
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+    real = sorted(SHARED_CUB.glob("images/*/*.jpg"))[:4] if SHARED_CUB.is_dir() else []
+    paths = real or sorted(clean_cub_dir.glob("images/*/*.jpg"))[4:8]
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64))).copy())
+                          for p in paths]).permute(0, 3, 1, 2)
+    shifted = images.roll(1, dims=3)
+    for name, limits in gpu_check.LIMITS.items():
+        if "mean" not in limits:
+            continue
+        assert gpu_check.compare_images(name, images, images, limits)[0] == 0
+        with pytest.raises(gpu_check.CheckFailed, match="over the limit"):
+            gpu_check.compare_images(name, shifted, images, limits)
+
+
+def test_a_run_without_tensorboard_warns_once_and_finishes(cub_dir, tmp_path):
+    """tensorboard missing (the CUDA 12 install line once lacked it): one warning, every other file of the run, and
+    no event files; on the nvjpeg loader with --deterministic, on the CPU."""
+    blocker = tmp_path / "site" / "tensorboard"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('tensorboard is blocked for this test')\n")
+    out = tmp_path / "run"
+    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--arch", "resnet18",
+                      "--device", "cpu", "--img-size", "32", "--batch-size", "4", "--val-frac", "0.25", "--epochs", "1",
+                      "--lp-epochs", "1", "--max-bad-frac", "0.2", "--quiet", "--workers", "0", "--loader", "nvjpeg",
+                      "--deterministic", "--out", out, env={"PYTHONPATH": str(tmp_path / "site")})
+    mentions = [line for line in proc.stderr.splitlines() if "tensorboard" in line.lower()]
+    assert len(mentions) == 1 and mentions[0].startswith("warning: no TensorBoard event files"), proc.stderr
+    assert (out / "final.json").is_file() and (out / "submission.csv").is_file()
+    assert not list(out.rglob("events.out.tfevents.*"))

@@ -1,43 +1,53 @@
 """Check the whole GPU path in one command, and print one table of the results.
 
-Each row: the check, pass/FAIL/skip, its figure, or the first error line of a failure. The table (and the
-per-check logs, in --out) is what goes into BENCHMARKS.md's GPU section.
+Each row: the check, pass/FAIL/skip/skip (budget), its seconds, its figure or the first error line of a failure. The
+table (and the per-check logs, in --out) is what goes into BENCHMARKS.md's GPU section. Every check that measures a
+difference compares it with a limit stated in LIMITS below, and fails past it.
 
-    bash tools/gpu_check.sh                                   # everything, data generated where absent
+    bash tools/gpu_check.sh --quick                           # first, whenever a GPU is at hand: about 3 minutes
+    bash tools/gpu_check.sh                                   # the default set: at most 420 s estimated (--list)
     bash tools/gpu_check.sh --cub-dir ../shared/data/CUB_200_2011_subset100 \
         --weights ../shared/weights/tf_efficientnet_lite0_in1k.pth --out gpu_check
-    bash tools/gpu_check.sh --only cifar-fast,resume --skip suite
+    bash tools/gpu_check.sh --only cifar-fast,resume --skip bench
+    python tools/gpu_check.py --list                          # every check with its estimated seconds
 
-Checks (names for --only/--skip), in the order they run; the default set is meant to end within 9 minutes on
-one H100/H200 (--budget: a check that would start after it is skipped, saying so, and a running one is stopped):
-  cifar-final    train_cifar.py --preset final (WRN-28-10, bf16, compile, EMA, CutMix, flip+shift TTA) on 50,000
-                 generated CIFAR-format images for 3 epochs; prints the projected wall time of the preset's 100 epochs
-  birds-nvjpeg   finetune_birds.py with --loader nvjpeg (torchvision's batched nvJPEG, batched crop/resize on the GPU)
-  birds-torch    finetune_birds.py with --loader torch (PIL workers, normalised on the GPU)
-  loader-pixels  each loader's GPU eval preprocessing against the PIL loader's (mean |difference| in grey levels)
-  gpu-decode     the nvjpeg loader's scan + one batched decode_jpeg(device="cuda") of the files it sends to the GPU
-  bench          python bench.py --sections 8,9: ResNet-50 img/s alone and end to end from JPEG per loader; the
-                 batched crop+resize kernels (ours, roi_align, grid_sample)
-  suite          the suite's device-path tests (loaders, engine, DDP, models) on this machine's torch/torchvision
+Checks (names for --only/--skip), in the order they run, with their estimated seconds on one H100/H200 (ESTIMATES;
+--budget: a check that would start after it is skipped, and a running one stopped, both reported as skip (budget)):
+  decode-under-load  the nvjpeg loader's batch decoded while a long kernel, and writes into blocks just freed, are
+                 queued on the current stream, against an idle decode of the same batch; with and without
+                 --deterministic. Must be identical; the old unordered call (DECODE_ORDER none) is run too, to show
+                 the check failing where the GPU has the fault, and the stream and sync orderings are timed
+  loader-pixels  each loader's GPU eval preprocessing against the PIL loader's (grey levels, LIMITS)
+  gpu-decode     the nvjpeg loader's scan + one batched decode of the files it sends to the GPU, against PIL
+                 (LIMITS), and progressive JPEGs decoded on the GPU against PIL in worker processes (which is faster)
+  birds-nvjpeg   finetune_birds.py --loader nvjpeg (LP-FT default, 1 fine-tuning epoch, --no-compile)
+  birds-torch    the same with --loader torch; with real weights its test accuracy must agree with every other
+                 loader's within LIMITS
+  birds-dali     the same with --loader dali; skipped, saying so, without DALI
+  bench          python bench.py --sections 8,9: ResNet-50 img/s alone (built as the default fine-tune builds it) and
+                 end to end from JPEG per loader; the batched crop+resize kernels (ours, roi_align, grid_sample)
+  cifar-final    train_cifar.py --preset final on 50,000 generated CIFAR-format images for 3 epochs; prints the
+                 projected wall time of the preset's 100 epochs
   ddp-nccl       a 1-process torchrun run: NCCL process group, DDP wrapper, all-reduce on the GPU
-  resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed equals the uninterrupted one
+  resume         a --deterministic run killed with SIGKILL in epoch 2 and resumed, and one stopped by SIGTERM
+                 mid-epoch (the step-level save) and resumed, each equal to the uninterrupted run
   deterministic  two --deterministic CUDA runs give bit-identical weights
-  birds-dali     finetune_birds.py with --loader dali (nvJPEG decoding); skipped, saying so, without DALI
-  dali-stream    DALI outputs bound to torch's CUDA stream vs host-synchronous outputs (img/s of both)
+--quick runs decode-under-load, loader-pixels, one bird run per loader and bench figure 8 on 1,024 images.
 Not in the default set (name them with --only):
+  dali-stream    DALI outputs bound to torch's CUDA stream vs host-synchronous outputs (img/s of both)
   cifar-fast     train_cifar.py, 2 epochs of ResNet-18 with the CUDA defaults (bf16, channels-last, compile), EMA,
                  CutMix and flip+shift TTA
   cifar-plain    the same with --no-compile --no-amp
-  ladder-jobs    run_all.sh's CIFAR ladder (generated data, 3 epochs a run) with --jobs 1 and --jobs 4 on one GPU:
-                 the wall time of several small runs sharing a GPU (several minutes)
+  ladder-jobs    run_all.sh's CIFAR ladder (generated data, 3 epochs a run) with --jobs 1 and --jobs 4 on one GPU
+  cpu-tests      the suite's device-path test files on this machine's torch/torchvision; they pin the CPU, so they
+                 check this torch build, not CUDA
   suite-all      the whole test suite (python -m pytest -q)
 
 Needs, beyond requirements.txt: a CUDA GPU and its driver; torchrun (part of torch). Without DALI the DALI
-checks say so and the nvjpeg and torch loaders are checked instead. Without --cub-dir the shared real subset
-(../shared) is used where present, else a generated CUB tree (600 images of 448 px, about a CUB photo's area; with
-a grayscale JPEG, a CMYK JPEG and a PNG named .jpg); without --weights the bird runs start from random weights
-(accuracy is then meaningless, speed is not). CIFAR data is always generated (CIFAR-format pickles), so no download
-is needed.
+checks say so. Without --cub-dir the shared real subset (../shared) is used where present, else a generated CUB tree
+(600 images of 448 px, about a CUB photo's area; with a grayscale JPEG, a CMYK JPEG, a PNG named .jpg, an
+EXIF-rotated and a progressive JPEG); without --weights the bird runs start from random weights (accuracy is then
+meaningless, speed is not, and the accuracy agreement is not checked). CIFAR data is always generated.
 """
 import argparse
 import json
@@ -54,15 +64,53 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
-CHECKS = ["cifar-final", "birds-nvjpeg", "birds-torch", "loader-pixels", "gpu-decode", "bench", "suite", "ddp-nccl",
-          "resume", "deterministic", "birds-dali", "dali-stream"]  # most wanted first: the --budget may cut the tail
-OPTIONAL = ["cifar-fast", "cifar-plain", "ladder-jobs", "suite-all"]
-SUITE_SUBSET = ["tests/test_data.py", "tests/test_engine.py", "tests/test_ddp.py", "tests/test_models.py"]
+# The default set, most wanted first (the --budget cuts the tail), with each check's estimated seconds on one
+# H100/H200. The estimates come from the 2026-11-25 H100 run (BENCHMARKS.md: compile 17-26 s, Lite0 fine-tuning at
+# 1,084 img/s, 15,000 img/s batched decode, WRN-28-10 at 11,851 img/s) and the sizes chosen here; the next GPU run's
+# table replaces them. They sum to at most 420 s, so the set fits a 15-minute slot with its start-up.
+ESTIMATES = {"decode-under-load": 20, "loader-pixels": 20, "gpu-decode": 10, "birds-nvjpeg": 45, "birds-torch": 45,
+             "birds-dali": 40, "bench": 50, "cifar-final": 100, "ddp-nccl": 20, "resume": 40, "deterministic": 20}
+CHECKS = list(ESTIMATES)
+QUICK = ["decode-under-load", "loader-pixels", "birds-nvjpeg", "birds-torch", "birds-dali", "bench-quick"]
+OPTIONAL = ["dali-stream", "cifar-fast", "cifar-plain", "ladder-jobs", "cpu-tests", "suite-all", "bench-quick"]
+DEVICE_PATH_TESTS = ["tests/test_data.py", "tests/test_engine.py", "tests/test_ddp.py", "tests/test_models.py"]
+# What a difference check allows, in grey levels (0-255); past it the check fails. A one-pixel shift of a real photo
+# moves its pixels by several grey levels on average (tests/test_engine.py hands each check one and sees it fail).
+LIMITS = {
+    "decode-under-load": dict(mean=0.0, max=0.0),  # the same bytes, the same decoder: bit for bit
+    "loader-pixels": dict(mean=1.0, max=None),  # nvJPEG's IDCT is not libjpeg's (0.16 measured on an H100)
+    "gpu-decode": dict(mean=1.0, max=None),
+    "birds-accuracy": dict(accuracy=0.01),  # test accuracy of one bird run per loader, real weights
+}
 DEADLINE = [None]  # time.monotonic() by which every subprocess must have ended (--budget)
 
 
 class Skip(Exception):
     """A check that cannot run here; the message says why."""
+
+
+class BudgetSpent(Skip):
+    """The --budget ran out before or during the check."""
+
+
+class CheckFailed(Exception):
+    """A figure past its limit: the message names the figure, its value and the limit."""
+
+
+def compare_images(what, images, reference, limits):
+    """Mean and max |images - reference| in grey levels, checked against limits (a LIMITS entry); raises CheckFailed
+    naming the figure past its limit. Returns (mean, share of values off by more than half a level, max)."""
+    import torch
+    images, reference = torch.as_tensor(images).float().cpu(), torch.as_tensor(reference).float().cpu()
+    if images.shape != reference.shape:
+        raise CheckFailed(f"{what}: shape {tuple(images.shape)} against {tuple(reference.shape)}")
+    diff = (images - reference).abs()
+    mean, most = diff.mean().item(), diff.max().item()
+    if mean > limits["mean"]:
+        raise CheckFailed(f"{what}: mean |difference| {mean:.3f} grey levels, over the limit {limits['mean']}")
+    if limits.get("max") is not None and most > limits["max"]:
+        raise CheckFailed(f"{what}: max |difference| {most:.0f} grey levels, over the limit {limits['max']}")
+    return mean, (diff > 0.5).float().mean().item(), most
 
 
 def run(cmd, log, timeout=600, env=None):
@@ -78,7 +126,9 @@ def run(cmd, log, timeout=600, env=None):
             proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"stopped after {timeout:.0f} s (its limit, or the --budget deadline)") from None
+            if DEADLINE[0] is not None and time.monotonic() >= DEADLINE[0] - 1:
+                raise BudgetSpent(f"stopped after {timeout:.0f} s: the --budget ran out") from None
+            raise RuntimeError(f"stopped after {timeout:.0f} s, its limit") from None
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {first_error(log)}")
 
@@ -137,31 +187,43 @@ def check_deterministic(ctx):
 def check_resume(ctx):
     args = [*cifar_common(ctx, None, epochs=3), "--model", "convnet", "--bn", "--deterministic", "--no-compile",
             "--batch-size", "64"]
-    full, killed = ctx.tmp / "resume-full", ctx.tmp / "resume-killed"
-    args[args.index("--out") + 1] = str(full)
-    run([sys.executable, *args], ctx.log("resume"))
-    args[args.index("--out") + 1] = str(killed)
-    cmd = [sys.executable, *map(str, args)]
-    with open(ctx.log("resume"), "a") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while not (killed / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3 * metrics(full)["epoch_seconds"].iloc[1])  # into epoch 2
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    if proc.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"the run ended (exit {proc.returncode}) before it could be killed")
-    run([sys.executable, *args, "--resume"], ctx.log("resume"))
+    full = ctx.tmp / "resume-full"
+    run([sys.executable, *with_out(args, full)], ctx.log("resume"))
+    seconds = metrics(full)["epoch_seconds"].iloc[1]
     columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
-    if not metrics(full)[columns].equals(metrics(killed)[columns]):
-        raise RuntimeError("metrics.csv after kill + resume differs from the uninterrupted run's")
-    if not same_weights(full, killed):
-        raise RuntimeError("weights after kill + resume differ from the uninterrupted run's")
-    same_csv = (full / "submission.csv").read_bytes() == (killed / "submission.csv").read_bytes()
-    if not same_csv:
-        raise RuntimeError("submission.csv after kill + resume differs")
-    return "SIGKILL in epoch 2, --resume: metrics, weights and submission.csv identical to the uninterrupted run"
+    stops = []
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        out = ctx.tmp / f"resume-{sig.name.lower()}"
+        cmd = [sys.executable, *with_out(args, out)]
+        with open(ctx.log("resume"), "a") as f:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            deadline = time.time() + 300
+            while not (out / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.4 * seconds)  # into epoch 2
+            proc.send_signal(sig)
+            proc.wait()
+        if proc.poll() == 0:
+            raise RuntimeError(f"the run ended before {sig.name} reached it")
+        import torch
+        step = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step_in_epoch"]
+        if sig == signal.SIGTERM and not step:
+            raise RuntimeError("SIGTERM landed on an epoch boundary: the mid-epoch save was not exercised")
+        run([sys.executable, *with_out(args, out), "--resume"], ctx.log("resume"))
+        if not metrics(full)[columns].equals(metrics(out)[columns]):
+            raise RuntimeError(f"metrics.csv after {sig.name} + resume differs from the uninterrupted run's")
+        if not same_weights(full, out):
+            raise RuntimeError(f"weights after {sig.name} + resume differ from the uninterrupted run's")
+        if (full / "submission.csv").read_bytes() != (out / "submission.csv").read_bytes():
+            raise RuntimeError(f"submission.csv after {sig.name} + resume differs")
+        stops.append(f"{sig.name} in epoch 2" + (f" (saved at step {step})" if step else ""))
+    return f"{' and '.join(stops)}, --resume: metrics, weights and submission.csv identical to the uninterrupted run"
+
+
+def with_out(args, out):
+    args = list(map(str, args))
+    args[args.index("--out") + 1] = str(out)
+    return args
 
 
 def check_ddp(ctx):
@@ -177,20 +239,30 @@ def check_ddp(ctx):
 def birds_args(ctx, out, loader):
     arch, weights = ("tf_efficientnet_lite0", ctx.weights) if ctx.weights else ("resnet18", "none")
     return [sys.executable, "finetune_birds.py", "--data-dir", ctx.cub, "--out", out, "--device", "cuda", "--quiet",
-            "--arch", arch, "--weights", weights, "--loader", loader, "--epochs", "2", "--batch-size", "64",
-            "--img-size", "224", "--lr", "0.01"]  # --workers: the default, this machine's cores
+            "--arch", arch, "--weights", weights, "--loader", loader, "--epochs", "1", "--batch-size", "64",
+            "--img-size", "224", "--no-compile"]  # the default recipe (LP-FT); --workers: this machine's cores
 
 
 def check_birds(ctx, loader):
     if loader == "dali" and not ctx.dali:
-        raise Skip("DALI is not installed (pip install nvidia-dali-cuda130); the torch loader and "
-                   "torchvision GPU decoding are checked instead")
+        raise Skip("DALI is not installed (pip install nvidia-dali-cuda130); the nvjpeg and torch loaders are checked")
     out = ctx.tmp / f"birds-{loader}"
     run(birds_args(ctx, out, loader), ctx.log(f"birds-{loader}"))
     m, f = metrics(out), final(out)
+    ctx.birds[loader] = f["test_acc"]
     acc = "n/a" if f["test_acc"] is None else f"{f['test_acc']:.3f}"
-    return (f"{m['images_per_second'].iloc[-1]:,.0f} img/s fine-tuning in epoch 2 "
-            f"({'Lite0 ImageNet' if ctx.weights else 'ResNet-18 random init'}), test acc {acc}")
+    figure = (f"{m['images_per_second'].iloc[-1]:,.0f} img/s fine-tuning (eager) "
+              f"({'Lite0 ImageNet' if ctx.weights else 'ResNet-18 random init'}), test acc {acc}")
+    if ctx.weights and f["test_acc"] is not None:  # one preprocessing for every loader: the same accuracy
+        limit = LIMITS["birds-accuracy"]["accuracy"]
+        for other, acc_other in ctx.birds.items():
+            if other != loader and acc_other is not None and abs(acc_other - f["test_acc"]) > limit:
+                raise CheckFailed(f"test accuracy {f['test_acc']:.4f} with --loader {loader} against {acc_other:.4f} "
+                                  f"with --loader {other}: more than {limit} apart")
+        others = [k for k in ctx.birds if k != loader and ctx.birds[k] is not None]
+        if others:
+            figure += f"; within {limit} of --loader {', '.join(others)}"
+    return figure
 
 
 def check_loader_pixels(ctx):
@@ -199,11 +271,13 @@ def check_loader_pixels(ctx):
 
     import data
     samples = data.load_cub(ctx.cub)[1][:128]
-    _, diffs = compare_loaders.compare(samples, 224, ctx.device, data.default_workers(), train=False, batch=64)
-    for kind, mean, _, _ in diffs:
-        if mean > 2.0:
-            raise RuntimeError(f"{kind} and PIL eval images differ by {mean:.2f} grey levels on average")
-    parts = [f"{kind}: mean {mean:.3f}, {off:.2%} of values off, max {most:.0f}" for kind, mean, off, most in diffs]
+    out, _ = compare_loaders.compare(samples, 224, ctx.device, data.default_workers(), train=False, batch=64)
+    parts = []
+    for kind in out:
+        if kind != "torch":
+            mean, off, most = compare_images(f"--loader {kind} against PIL", out[kind][0], out["torch"][0],
+                                             LIMITS["loader-pixels"])
+            parts.append(f"{kind}: mean {mean:.3f}, {off:.2%} of values off, max {most:.0f}")
     return f"|loader - PIL| in grey levels, 128 test images at 224 px: {'; '.join(parts)}"
 
 
@@ -236,36 +310,139 @@ def check_dali_stream(ctx):
 
 def check_gpu_decode(ctx):
     """What the nvjpeg loader does before resampling: scan the files (the generated tree holds a PNG named .jpg, a
-    grayscale and a CMYK JPEG: those go to PIL), then decode the rest in one batched call on the GPU."""
+    grayscale, a CMYK and an EXIF-rotated JPEG: those go to PIL), then decode the rest in one batched call on the GPU
+    (data.decode_jpegs), against PIL. Then progressive JPEGs (the real images re-encoded so): the GPU decoder against
+    PIL in worker processes, the measurement behind where data.scan_images sends them."""
     import numpy as np
     import torch
-    import torchvision
     from PIL import Image
 
     import data
     samples = data.load_cub(ctx.cub)[0][:256]
     _, broken, pil, reasons = data.scan_images(samples, pil_for_gpu_refused=True)
     gpu = [s for i, s in enumerate(samples) if i not in pil and i not in broken]
-    raw = [torchvision.io.read_file(s[0]) for s in gpu]
-    rgb = torchvision.io.ImageReadMode.RGB
-    images = torchvision.io.decode_jpeg(raw, device=ctx.device, mode=rgb)  # warm-up
+    raw = [torch.from_numpy(np.fromfile(s[0], dtype=np.uint8)) for s in gpu]
+    rate = decode_rate(raw, ctx)
+    images = data.decode_jpegs(raw[:32], ctx.device)
+    ref = [torch.from_numpy(np.array(Image.open(s[0]).convert("RGB"))).permute(2, 0, 1) for s in gpu[:32]]
+    mean, _, _ = compare_images(f"{data.jpeg_decoder()[0]} decode against PIL", torch.cat([i.flatten() for i in images]),
+                                torch.cat([r.flatten() for r in ref]), LIMITS["gpu-decode"])
+    routed = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
+    progressive = progressive_rates(gpu[:128], ctx)
+    return (f"{rate:,.0f} img/s batched {data.jpeg_decoder()[0]} decode of {len(raw)} files; to PIL at scan time: "
+            f"{routed}; mean |decode - PIL| {mean:.2f} of 255 (32 images, before any resize); {progressive}")
+
+
+def decode_rate(raw, ctx, repeats=3):
+    import data
+    data.decode_jpegs(raw, ctx.device)  # warm-up: the decoder's handles and buffers
     ctx.sync()
     t0 = time.perf_counter()
-    images = torchvision.io.decode_jpeg(raw, device=ctx.device, mode=rgb)
+    for _ in range(repeats):
+        data.decode_jpegs(raw, ctx.device)
     ctx.sync()
-    seconds = time.perf_counter() - t0
-    diffs = []
-    for image, s in zip(images[:32], gpu[:32], strict=False):
-        ref = torch.from_numpy(np.array(Image.open(s[0]).convert("RGB"))).permute(2, 0, 1)
-        diffs.append((image.cpu().float() - ref.float()).abs().mean().item())
-    routed = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
-    return (f"{len(raw) / seconds:,.0f} img/s batched decode of {len(raw)} files; to PIL at scan time: {routed}; "
-            f"mean |nvJPEG - PIL| {sum(diffs) / len(diffs):.2f} of 255 (32 images, before any resize)")
+    return repeats * len(raw) / (time.perf_counter() - t0)
 
 
-def check_bench(ctx):
+def progressive_rates(samples, ctx):
+    """img/s of progressive JPEGs through the GPU decoder (one batched call) and through PIL in default_workers()
+    processes, as BirdFiles decodes the files it is given: which path is faster for them."""
+    import io
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import data
+    blobs = []
+    for path, _, _ in samples:
+        buf = io.BytesIO()
+        Image.open(path).convert("RGB").save(buf, "JPEG", quality=90, progressive=True)
+        blobs.append(buf.getvalue())
+    gpu = decode_rate([torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in blobs], ctx)
+    workers = data.default_workers()
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_pil_decode, blobs[:workers]))  # start-up
+        t0 = time.perf_counter()
+        list(pool.map(_pil_decode, blobs, chunksize=8))
+        cpu = len(blobs) / (time.perf_counter() - t0)
+    faster = "the GPU decoder" if gpu >= cpu else "PIL in the workers"
+    return (f"progressive JPEGs ({len(blobs)}): {gpu:,.0f} img/s GPU decoder, {cpu:,.0f} img/s PIL in {workers} "
+            f"processes: {faster} is faster")
+
+
+def _pil_decode(blob):
+    import io
+
+    import data
+    return data.pil_rgb(io.BytesIO(blob)).shape
+
+
+def check_decode_under_load(ctx, batch_size=64, trials=5):
+    """The nvjpeg loader's batch (decode + resample, `_to_batch`) decoded while the current stream is busy: a long
+    kernel (torch.cuda._sleep) and then writes into blocks of the decoded images' sizes, freed at once, so that the
+    caching allocator holds blocks with writes still pending when the decoder asks for memory. The result must equal
+    an idle decode of the same batch bit for bit, with and without --deterministic (whose uninitialised-memory fill
+    would otherwise land after the decode). The old unordered call (DECODE_ORDER 'none') runs the same way, to show
+    the check can fail; the stream and sync orderings are timed behind the same queued work."""
+    import torch
+
+    import data
+    if ctx.device.type != "cuda":
+        raise Skip("needs a CUDA device (torch.cuda._sleep and a second stream)")
+    samples = data.load_cub(ctx.cub)[1][:batch_size]
+    loader = data.NvjpegImageLoader(samples, 224, batch_size, False, [0.5] * 3, [0.5] * 3, ctx.device, workers=0)
+    batch = data.collate_files([loader.files[(i, 0)] for i in range(len(samples))])
+    shapes = [loader.files.sizes[it.index] for it in batch.items if not it.decoded]
+    order, determinism = data.DECODE_ORDER, torch.are_deterministic_algorithms_enabled()
+    ctx.sync()
+    reference = loader._to_batch(batch)[0].clone()
+    ctx.sync()
+    results, timing, last = {}, {}, {}
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            for mode in ("none", "stream", "sync"):
+                data.DECODE_ORDER = mode
+                bad, seconds = 0, 0.0
+                for _ in range(trials):
+                    ctx.sync()
+                    t0 = time.perf_counter()
+                    torch.cuda._sleep(20_000_000)  # tens of milliseconds: a training step still running
+                    for w, h in shapes:  # blocks the decoder will ask for, with writes still queued on them
+                        fill = torch.empty(3, h, w, dtype=torch.uint8, device=ctx.device)
+                        fill.fill_(77)
+                        del fill
+                    x = loader._to_batch(batch)[0]
+                    ctx.sync()
+                    seconds += time.perf_counter() - t0
+                    bad += not torch.equal(x, reference)
+                results[(deterministic, mode)], last[(deterministic, mode)] = bad, x
+                timing[(deterministic, mode)] = 1000 * seconds / trials
+    finally:
+        data.DECODE_ORDER = order
+        torch.use_deterministic_algorithms(determinism)
+    for deterministic in (False, True):
+        what = f"DECODE_ORDER {order}{' with --deterministic' if deterministic else ''}"
+        if results[(deterministic, order)]:
+            raise CheckFailed(f"{what}: {results[(deterministic, order)]} of {trials} batches decoded under load "
+                              f"differ from the idle decode")
+        compare_images(what, last[(deterministic, order)], reference, LIMITS["decode-under-load"])
+    unordered = ", ".join(f"{results[(d, 'none')]}/{trials}{' deterministic' if d else ''}" for d in (False, True))
+    shows = ("the check fails on it here" if any(results[(d, "none")] for d in (False, True))
+             else "this GPU does not show the fault (A100s do not), so the check could not fail here")
+    times = "; ".join(f"{mode} {timing[(False, mode)]:.1f} ms" for mode in ("none", "stream", "sync"))
+    return (f"{order} ordering: {batch_size} images identical to the idle decode in {trials} of {trials} batches, "
+            f"with and without --deterministic; the unordered call differed in {unordered} ({shows}); per batch "
+            f"behind a queued step: {times}")
+
+
+def check_bench(ctx, quick=False):
     out_json = ctx.tmp / "bench.json"
-    cmd = [sys.executable, "bench.py", "--sections", "8,9", "--repeats", "2", "--json", out_json, "--cub-dir", ctx.cub]
+    sizes = ["--sections", "8", "--repeats", "1", "--bird-images", "1024"] if quick else \
+        ["--sections", "8,9", "--repeats", "2", "--bird-images", "2048"]
+    cmd = [sys.executable, "bench.py", *sizes, "--json", out_json, "--cub-dir", ctx.cub]
     run(cmd, ctx.log("bench"), timeout=900)
     report = json.loads(out_json.read_text())
     ctx.bench = report
@@ -275,8 +452,8 @@ def check_bench(ctx):
     return "; ".join(parts) + (f"; skipped: {', '.join(report['skipped'])}" if report["skipped"] else "")
 
 
-def check_suite(ctx, files=()):
-    log = ctx.log("suite")
+def check_suite(ctx, files=(), name="suite-all"):
+    log = ctx.log(name)
     try:
         run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files], log, timeout=1500)
     finally:
@@ -331,6 +508,7 @@ class Context:
         self.dali = data.dali_available()
         self.weights = args.weights if args.weights and Path(args.weights).is_file() else None
         self.bench = None
+        self.birds = {}  # test accuracy per loader, for the agreement check
         import fixtures
         self.cifar = fixtures.write_cifar100(self.tmp / "cifar", per_class_train=100, per_class_test=20)
         cub = Path(args.cub_dir) if args.cub_dir else SHARED_CUB
@@ -347,23 +525,42 @@ class Context:
             torch.cuda.synchronize(self.device)
 
 
+def list_checks():
+    """--list: the default set with each check's estimated seconds and their sum, then the quick and optional sets."""
+    lines = [f"  {name:18s} {ESTIMATES[name]:4d} s" for name in CHECKS]
+    lines.append(f"  {'total':18s} {sum(ESTIMATES.values()):4d} s (estimated, one H100/H200; the default set)")
+    lines.append(f"--quick: {', '.join(QUICK)}")
+    lines.append(f"not in the default set: {', '.join(OPTIONAL)}")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("Checks"):])
     parser.add_argument("--cub-dir", default=None, help="CUB_200_2011-layout birds (default: ../shared's subset, else generated)")
     parser.add_argument("--weights", default=None, help="tf_efficientnet_lite0 ImageNet state dict for the bird runs")
     parser.add_argument("--out", default="gpu_check", help="folder for the per-check logs, the table and bench.json")
-    parser.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")
+    parser.add_argument("--only", default=None, help="comma-separated checks to run (default: the default set)")
     parser.add_argument("--skip", default="", help="comma-separated checks to leave out")
-    parser.add_argument("--budget", type=float, default=540,
-                        help="seconds the whole check may take: later checks are skipped, a running one stopped")
+    parser.add_argument("--quick", action="store_true",
+                        help="about three minutes: decode-under-load, loader-pixels, one bird run per loader, bench "
+                             "figure 8 on 1,024 images; run it first whenever a GPU is at hand")
+    parser.add_argument("--list", action="store_true", help="print every check with its estimated seconds and exit")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds the whole check may take: later checks are skipped and a running one stopped, "
+                             "as skip (budget) (default: 540, or 240 with --quick)")
     args = parser.parse_args()
+    if args.list:
+        print(list_checks())
+        return
+    budget = args.budget if args.budget is not None else (240 if args.quick else 540)
     t_start = time.monotonic()
-    DEADLINE[0] = t_start + args.budget
+    DEADLINE[0] = t_start + budget
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # decode-under-load runs deterministic kernels too
     import torch
     if not torch.cuda.is_available():
         sys.exit("error: tools/gpu_check.sh checks the CUDA path and needs a CUDA GPU; none is visible here")
-    wanted = CHECKS if not args.only else args.only.split(",")
+    wanted = QUICK if args.quick else CHECKS if not args.only else args.only.split(",")
     unknown = sorted(set(wanted + [s for s in args.skip.split(",") if s]) - set(CHECKS + OPTIONAL))
     if unknown:
         sys.exit(f"error: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS + OPTIONAL)}")
@@ -376,11 +573,14 @@ def main():
         "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
         "birds-nvjpeg": lambda ctx: check_birds(ctx, "nvjpeg"), "cifar-final": check_cifar_final,
         "loader-pixels": check_loader_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
-        "bench": check_bench, "suite": lambda ctx: check_suite(ctx, SUITE_SUBSET), "suite-all": check_suite,
+        "decode-under-load": check_decode_under_load, "bench": check_bench,
+        "bench-quick": lambda ctx: check_bench(ctx, quick=True),
+        "cpu-tests": lambda ctx: check_suite(ctx, DEVICE_PATH_TESTS, "cpu-tests"), "suite-all": check_suite,
         "ladder-jobs": check_ladder_jobs,
     }
+    import data
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
-              f"{time.strftime('%Y-%m-%d %H:%M')} | ")
+              f"{time.strftime('%Y-%m-%d %H:%M')} | decoder {data.jpeg_decoder()[0]}, DECODE_ORDER {data.DECODE_ORDER} | ")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(args, tmp)
@@ -391,17 +591,19 @@ def main():
             t0 = time.perf_counter()
             try:
                 if time.monotonic() > DEADLINE[0] - 5:
-                    raise Skip(f"the --budget of {args.budget:.0f} s was spent before this check")
+                    raise BudgetSpent(f"the --budget of {budget:.0f} s was spent before this check")
                 status, figure = "pass", functions[name](ctx)
+            except BudgetSpent as e:
+                status, figure = "skip (budget)", str(e)
             except Skip as e:
                 status, figure = "skip", str(e)
             except Exception as e:  # any failure: keep going, report its first line
                 status, figure = "FAIL", str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             rows.append((name, status, figure, time.perf_counter() - t0))
-            print(f"{name:14s} {status:5s} {rows[-1][3]:6.1f}s  {figure}", flush=True)
-    header += f" | total {time.monotonic() - t_start:.0f} s of a {args.budget:.0f} s budget"
-    table = ["| check | result | seconds | figure or first error line |", "|---|---|---:|---|"]
-    table += [f"| {n} | {s} | {sec:.0f} | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
+            print(f"{name:18s} {status:13s} {rows[-1][3]:6.1f}s  {figure}", flush=True)
+    header += f" | total {time.monotonic() - t_start:.0f} s of a {budget:.0f} s budget"
+    table = ["| check | result | seconds (estimate) | figure or first error line |", "|---|---|---:|---|"]
+    table += [f"| {n} | {s} | {sec:.0f} ({ESTIMATES.get(n, '-')}) | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
     text = f"{header}\n\n" + "\n".join(table) + "\n"
     (ctx.out / "gpu_check.md").write_text(text)
     if ctx.bench:
