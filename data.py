@@ -44,6 +44,17 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+_WARNED_BROKEN = set()  # the files this process has warned about
+
+
+def warn_broken(path, why, keep):
+    """The one warning for a broken image file, once per file and process, saying what happens to it: skipped (a
+    training image) or, with keep (a test image, which must keep its row), replaced by a black image."""
+    if path not in _WARNED_BROKEN:
+        _WARNED_BROKEN.add(path)
+        warn(f"{'black image for' if keep else 'skipping'} {path}: {why}")
+
+
 # ----------------------------------------------------------------------------- downloads
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -462,7 +473,7 @@ def find_cub_root(data_dir):
 
 
 def _read_table(path, n_fields):
-    rows = {}
+    rows, first_line = {}, {}
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             parts = line.split()
@@ -470,7 +481,11 @@ def _read_table(path, n_fields):
                 continue
             if len(parts) < n_fields:
                 raise DataError(f"{path} line {line_no} has {len(parts)} fields, expected {n_fields}")
-            rows[int(parts[0])] = parts[1:n_fields] if n_fields > 2 else parts[1]
+            image_id = int(parts[0])
+            if image_id in rows:
+                raise DataError(f"{path} lists id {image_id} twice (lines {first_line[image_id]} and {line_no})")
+            first_line[image_id] = line_no
+            rows[image_id] = parts[1:n_fields] if n_fields > 2 else parts[1]
     return rows
 
 
@@ -685,7 +700,7 @@ def scan_images(samples, pil_for_gpu_refused):
 def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
     bad = [(s, reason) for s in samples if (reason := check_image_file(s[0]))]
     for (path, _, _), reason in bad[:20]:
-        warn(f"skipping {path}: {reason}")
+        warn_broken(path, reason, keep=False)
     if len(bad) > 20:
         warn(f"skipping {len(bad) - 20} more broken {what}")
     if samples and len(bad) > max_bad_frac * len(samples):
@@ -765,7 +780,7 @@ class BirdImages(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 im = oriented(im).convert("RGB")
         except Exception as e:  # any decoder failure: never crash the epoch
-            warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
+            warn_broken(path, f"cannot decode ({e})", self.keep_broken)
             if not self.keep_broken:
                 return None
             im = Image.new("RGB", (self.img_size, self.img_size))
@@ -1030,7 +1045,7 @@ class BirdFiles(torch.utils.data.Dataset):
         try:
             image = pil_rgb(path)
         except Exception as e:  # any decoder failure: never crash the epoch
-            warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
+            warn_broken(path, f"cannot decode ({e})", self.keep_broken)
             return self._black(index, label) if self.keep_broken else None
         return FileItem(index, image, True, label, region, crop, mirror)
 
@@ -1155,7 +1170,7 @@ class NvjpegImageLoader(SampledLoader):
         self.samples = samples
         sizes, broken, pil, self.pil_reasons = scan_images(samples, pil_for_gpu_refused=True)
         for i, why in broken.items():  # as the torch loader does when PIL fails on them
-            warn(f"{'black image for' if keep_broken else 'skipping'} {samples[i][0]}: {why}")
+            warn_broken(samples[i][0], why, keep_broken)
         self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, broken, pil, keep_broken)
         self.readers = None
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
@@ -1195,7 +1210,7 @@ class NvjpegImageLoader(SampledLoader):
                 warn(f"{path}: the GPU decoder refused it, decoded by PIL")
                 out.append(to_device(image, self.device))
             except Exception as e:
-                warn(f"{'black image for' if self.keep_broken else 'skipping'} {path}: cannot decode ({e})")
+                warn_broken(path, f"cannot decode ({e})", self.keep_broken)
                 out.append(None)
         return out
 
@@ -1250,7 +1265,7 @@ class DaliImageLoader(SampledLoader):
                             f"{f' (and {len(bad) - 1} more broken images)' if len(bad) > 1 else ''}; remove it, or use "
                             f"--loader torch or nvjpeg, which skip such files")
         for i, why in bad.items():
-            warn(f"black image for {samples[i][0]}: {why}")
+            warn_broken(samples[i][0], why, keep=True)
         placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8).copy()  # writable: workers wrap it in a tensor
         self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, bad, (), keep_broken, placeholder)
         self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,

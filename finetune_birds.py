@@ -193,7 +193,6 @@ def run(argv=None):
     train_idx, val_idx = data.stratified_split([s[1] for s in train_all], val_frac=args.val_frac, seed=args.split_seed)
     train_samples, val_samples = [train_all[i] for i in train_idx], [train_all[i] for i in val_idx]
     engine.check_training_args(args, len(train_samples))
-    data.drop_bad_images(test_samples, 1.0, "test images")  # only warns: broken test images become black
     out, lp_dir = Path(args.out), Path(args.out) / "lp"
     engine.prepare_run_dir(out, engine.run_config(args, {"data": args.dataset, "classes": len(classes)}),
                            args.resume, args.force, rank)

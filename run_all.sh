@@ -48,6 +48,13 @@ case "$ONLY" in all|cifar|birds) ;; *) echo "run_all.sh: --only takes cifar or b
 [[ -z "${THREADS:-}" || "${THREADS:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: THREADS must be a positive integer" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python}
+# Before anything else: a Python that has the requirements (a shell without the venv active has none of them).
+if ! "$PYTHON" -c "import torch, torchvision, timm, pandas" >/dev/null 2>&1; then
+  echo "run_all.sh: '$PYTHON' cannot import torch (or torchvision, timm, pandas): activate the venv (. .venv/bin/activate)," \
+       "or install the requirements (python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt)," \
+       "or set PYTHON to a Python that has them" >&2
+  exit 1
+fi
 RESULTS=${RESULTS:-results}
 CIFAR_DATA=${CIFAR_DATA:-data}
 BIRDS_DATA=${BIRDS_DATA:-data/CUB_200_2011}

@@ -99,6 +99,23 @@ def test_submission_follows_images_txt(cub_dir, tmp_path, resnet18_weights):
     assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
 
 
+def test_a_broken_test_image_gets_one_warning_and_keeps_its_row(tmp_path):
+    """A zero-byte test image: one warning, which says it becomes black, and its row in the CSV; a broken training
+    image: one warning, which says it is skipped."""
+    from fixtures import write_cub
+    root = write_cub(tmp_path, num_classes=2, per_class=6, broken=False)
+    train, test, _ = data.load_cub(root)
+    Path(test[1][0]).write_bytes(b"")
+    Path(train[6][0]).write_bytes(b"")
+    out = tmp_path / "r"
+    proc = run_script("finetune_birds.py", "--data-dir", root, "--weights", "none", "--out", out, *QUICK,
+                      "--epochs", "1", "--lp-epochs", "1", "--max-bad-frac", "0.5")
+    for path, what in ((test[1][0], "black image for"), (train[6][0], "skipping")):
+        lines = [line for line in proc.stderr.splitlines() if path in line]
+        assert len(lines) == 1 and lines[0].startswith(f"warning: {what} {path}: "), proc.stderr
+    assert len((out / "submission.csv").read_text().splitlines()) == 1 + len(test)
+
+
 def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, resnet18_weights):
     """Two probes at 32 and 48 px: the ensemble CSV is the argmax of their softmax averaged, each model fed its own
     image size (computed here image by image with PIL); a checkpoint of another data set is refused."""

@@ -421,6 +421,15 @@ def test_cub_labels_must_name_defined_classes(tmp_path):
         data.load_cub(root)
 
 
+@pytest.mark.parametrize("table", ["images.txt", "image_class_labels.txt", "train_test_split.txt"])
+def test_an_id_listed_twice_is_one_sentence(tmp_path, table):
+    root = fixtures.write_cub(tmp_path, num_classes=2, per_class=3, broken=False)
+    lines = (root / table).read_text().splitlines()
+    (root / table).write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(data.DataError, match=rf"{table} lists id 3 twice \(lines 3 and 7\)$"):
+        data.load_cub(root)
+
+
 def test_validation_cannot_swallow_a_class():
     labels = np.repeat(np.arange(3), 5)
     with pytest.raises(data.DataError, match="--val-per-class 5 leaves no training images for class 0, which has 5"):

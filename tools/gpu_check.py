@@ -71,6 +71,7 @@ SHARED_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011_subset100"
 ESTIMATES = {"decode-under-load": 20, "loader-pixels": 20, "gpu-decode": 10, "birds-nvjpeg": 45, "birds-torch": 45,
              "birds-dali": 40, "bench": 50, "cifar-final": 100, "ddp-nccl": 20, "resume": 40, "deterministic": 20}
 CHECKS = list(ESTIMATES)
+ESTIMATES_MORE = {"bench-quick": 40}  # outside the default set, where --quick needs an estimate
 QUICK = ["decode-under-load", "loader-pixels", "birds-nvjpeg", "birds-torch", "birds-dali", "bench-quick"]
 OPTIONAL = ["dali-stream", "cifar-fast", "cifar-plain", "ladder-jobs", "cpu-tests", "suite-all", "bench-quick"]
 DEVICE_PATH_TESTS = ["tests/test_data.py", "tests/test_engine.py", "tests/test_ddp.py", "tests/test_models.py"]
@@ -161,7 +162,7 @@ def same_weights(a, b):
 # ----------------------------------------------------------------------------- the checks
 
 def cifar_common(ctx, out, epochs=2):
-    return ["train_cifar.py", "--data-dir", ctx.cifar, "--out", out, "--device", "cuda", "--quiet", "--epochs", epochs,
+    return ["train_cifar.py", "--data-dir", ctx.cifar, "--out", out, "--device", ctx.device, "--quiet", "--epochs", epochs,
             "--val-per-class", "20", "--normalize", "--aug", "flip,crop,cutout", "--batch-size", "256"]
 
 
@@ -231,6 +232,8 @@ def check_ddp(ctx):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
          *cifar_common(ctx, out), "--model", "convnet", "--bn", "--no-compile"], ctx.log("ddp-nccl"),
         env={"NCCL_DEBUG": "INFO"})
+    if ctx.device.type != "cuda":
+        return f"dry run: torchrun, 1 process, gloo on the CPU; val acc {final(out)['best_val_acc']:.3f}"
     if "NCCL INFO" not in Path(ctx.log("ddp-nccl")).read_text(errors="replace"):
         raise RuntimeError("the run finished but NCCL never initialised (no NCCL INFO lines)")
     return f"torchrun, 1 process: NCCL group, DDP, all-reduce; val acc {final(out)['best_val_acc']:.3f}"
@@ -238,7 +241,7 @@ def check_ddp(ctx):
 
 def birds_args(ctx, out, loader):
     arch, weights = ("tf_efficientnet_lite0", ctx.weights) if ctx.weights else ("resnet18", "none")
-    return [sys.executable, "finetune_birds.py", "--data-dir", ctx.cub, "--out", out, "--device", "cuda", "--quiet",
+    return [sys.executable, "finetune_birds.py", "--data-dir", ctx.cub, "--out", out, "--device", ctx.device, "--quiet",
             "--arch", arch, "--weights", weights, "--loader", loader, "--epochs", "1", "--batch-size", "64",
             "--img-size", "224", "--no-compile"]  # the default recipe (LP-FT); --workers: this machine's cores
 
@@ -283,6 +286,8 @@ def check_loader_pixels(ctx):
 
 def check_dali_stream(ctx):
     """An epoch of DALI batches feeding a small GPU workload, outputs bound to torch's stream vs host-synchronous."""
+    if ctx.device.type != "cuda":
+        raise Skip("needs a CUDA device (it times the hand-over to torch's CUDA stream)")
     if not ctx.dali:
         raise Skip("DALI is not installed")
     import torch
@@ -440,9 +445,9 @@ def check_decode_under_load(ctx, batch_size=64, trials=5):
 
 def check_bench(ctx, quick=False):
     out_json = ctx.tmp / "bench.json"
-    sizes = ["--sections", "8", "--repeats", "1", "--bird-images", "1024"] if quick else \
-        ["--sections", "8,9", "--repeats", "2", "--bird-images", "2048"]
-    cmd = [sys.executable, "bench.py", *sizes, "--json", out_json, "--cub-dir", ctx.cub]
+    sizes = ["--sections", "8", "--repeats", "1", "--fig8-images", "1024"] if quick else \
+        ["--sections", "8,9", "--repeats", "2", "--fig8-images", "2048"]
+    cmd = [sys.executable, "bench.py", *sizes, "--json", out_json, "--cub-dir", ctx.cub, "--device", ctx.device.type]
     run(cmd, ctx.log("bench"), timeout=900)
     report = json.loads(out_json.read_text())
     ctx.bench = report
@@ -464,11 +469,14 @@ def check_suite(ctx, files=(), name="suite-all"):
 def check_cifar_final(ctx, epochs=3):
     """The final preset on a CIFAR-100-sized generated set: a few epochs, and the full 100 projected from them."""
     import fixtures
-    cifar = fixtures.write_cifar100(ctx.tmp / "cifar50k", per_class_train=500, per_class_test=100)
+    dry = ctx.device.type != "cuda"  # a CPU dry run: the same command on 1,000 images and a WRN-10-1
+    cifar = fixtures.write_cifar100(ctx.tmp / "cifar50k", per_class_train=10 if dry else 500,
+                                    per_class_test=2 if dry else 100)
     out = ctx.tmp / "cifar-final"
     t0 = time.perf_counter()
-    run([sys.executable, "train_cifar.py", "--preset", "final", "--data-dir", cifar, "--out", out, "--device", "cuda",
-         "--quiet", "--epochs", epochs], ctx.log("cifar-final"), timeout=480)
+    run([sys.executable, "train_cifar.py", "--preset", "final", "--data-dir", cifar, "--out", out, "--device", ctx.device,
+         "--quiet", "--epochs", epochs, *(["--depth", "10", "--widen", "1", "--val-per-class", "2"] if dry else [])],
+        ctx.log("cifar-final"), timeout=480)
     wall = time.perf_counter() - t0  # the whole command: start-up, data, compile, epochs, TTA, the test CSV
     m = metrics(out)
     steady = float(m["epoch_seconds"].iloc[1:].median())
@@ -529,7 +537,8 @@ def list_checks():
     """--list: the default set with each check's estimated seconds and their sum, then the quick and optional sets."""
     lines = [f"  {name:18s} {ESTIMATES[name]:4d} s" for name in CHECKS]
     lines.append(f"  {'total':18s} {sum(ESTIMATES.values()):4d} s (estimated, one H100/H200; the default set)")
-    lines.append(f"--quick: {', '.join(QUICK)}")
+    quick = sum({**ESTIMATES, **ESTIMATES_MORE}[name] for name in QUICK)
+    lines.append(f"--quick: {', '.join(QUICK)} ({quick} s estimated, birds-dali only where DALI is installed)")
     lines.append(f"not in the default set: {', '.join(OPTIONAL)}")
     return "\n".join(lines)
 
@@ -546,6 +555,9 @@ def main():
                         help="about three minutes: decode-under-load, loader-pixels, one bird run per loader, bench "
                              "figure 8 on 1,024 images; run it first whenever a GPU is at hand")
     parser.add_argument("--list", action="store_true", help="print every check with its estimated seconds and exit")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: a dry run of the checks' own code on this machine (figures meaningless, the CUDA-only "
+                             "checks skipped), so that a broken check is found before a GPU slot is spent on it")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds the whole check may take: later checks are skipped and a running one stopped, "
                              "as skip (budget) (default: 540, or 240 with --quick)")
@@ -558,8 +570,9 @@ def main():
     DEADLINE[0] = t_start + budget
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # decode-under-load runs deterministic kernels too
     import torch
-    if not torch.cuda.is_available():
-        sys.exit("error: tools/gpu_check.sh checks the CUDA path and needs a CUDA GPU; none is visible here")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: tools/gpu_check.sh checks the CUDA path and needs a CUDA GPU; none is visible here "
+                 "(--device cpu dry-runs the checks)")
     wanted = QUICK if args.quick else CHECKS if not args.only else args.only.split(",")
     unknown = sorted(set(wanted + [s for s in args.skip.split(",") if s]) - set(CHECKS + OPTIONAL))
     if unknown:
@@ -579,11 +592,12 @@ def main():
         "ladder-jobs": check_ladder_jobs,
     }
     import data
-    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run (figures meaningless)"
+    header = (f"{machine} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
               f"{time.strftime('%Y-%m-%d %H:%M')} | decoder {data.jpeg_decoder()[0]}, DECODE_ORDER {data.DECODE_ORDER} | ")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(args, tmp)
+        ctx = Context(args, tmp, args.device)
         header += (f"DALI {'yes' if ctx.dali else 'not installed'} | birds: {ctx.cub if ctx.cub_is_real else 'generated'}"
                    f" | weights: {ctx.weights or 'none (random init)'}")
         print(header, flush=True)
@@ -603,7 +617,7 @@ def main():
             print(f"{name:18s} {status:13s} {rows[-1][3]:6.1f}s  {figure}", flush=True)
     header += f" | total {time.monotonic() - t_start:.0f} s of a {budget:.0f} s budget"
     table = ["| check | result | seconds (estimate) | figure or first error line |", "|---|---|---:|---|"]
-    table += [f"| {n} | {s} | {sec:.0f} ({ESTIMATES.get(n, '-')}) | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
+    table += [f"| {n} | {s} | {sec:.0f} ({ESTIMATES.get(n, ESTIMATES_MORE.get(n, '-'))}) | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
     text = f"{header}\n\n" + "\n".join(table) + "\n"
     (ctx.out / "gpu_check.md").write_text(text)
     if ctx.bench:
