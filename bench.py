@@ -489,19 +489,23 @@ def estimate_plan(plan_path, device_name=None, jobs=1, gpus=0, times_path=None):
             rates[key] = train_rate(make(), device, min(args.batch_size, 256 if gpu else 8), size, 2 if gpu else 1,
                                     gpu, True, False, classes, warmup_steps=2 if gpu else 1)[0]
         rate = rates[key]
+        epochs = args.epochs
         if frozen and getattr(args, "cache_features", False):
             seconds = (n_all + n_test) / (3 * rate)  # the one feature pass; the head's epochs cost next to nothing
         else:
             seconds = args.epochs * (n_train / rate + n_val / (3 * rate)) + n_test / (3 * rate)
-        rows.append((f"{study}/{name}", args.epochs, n_train, rate, seconds * int(seeds), change, seconds, int(seeds)))
+        if args.time_budget:  # the run chooses its epochs to end within its budget: the budget is its time
+            seconds, epochs = args.time_budget, f"{args.time_budget:g}s"
+        rows.append((f"{study}/{name}", epochs, n_train, rate, seconds * int(seeds), change, seconds, int(seeds)))
     total = sum(r[4] for r in rows)
     wall = schedule_seconds([r[6] for r in rows for _ in range(r[7])], jobs, gpus)
     if times_path:
         Path(times_path).write_text("".join(f"{r[0]}\t{r[6]:.0f}\n" for r in rows))
     print(f"plan on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}):")
-    print(f"  {'run':34s} {'epochs':>6s} {'train':>7s} {'img/s':>8s} {'minutes':>8s}  change")
+    print(f"  {'run':34s} {'epochs':>6s} {'train':>7s} {'img/s':>8s} {'minutes':>8s}  change (epochs Ns: as many as "
+          f"N seconds hold)")
     for name, epochs, n, rate, seconds, change, *_ in rows:
-        print(f"  {name:34s} {epochs:6d} {n:7d} {rate:8.0f} {seconds / 60:8.1f}  {change}")
+        print(f"  {name:34s} {epochs!s:>6s} {n:7d} {rate:8.0f} {seconds / 60:8.1f}  {change}")
     print(f"estimated total: {total / 3600:.1f} hours ({total / 60:.0f} minutes), from a short measured step per network")
     if jobs > 1:
         where = f"{gpus} GPUs" if gpus else "the CPU cores, shared"

@@ -14,8 +14,10 @@ scaler, epoch, step and every RNG, so `--resume` continues a killed run exactly;
 loaded with `weights_only=True`. Not run directly.
 """
 import argparse
+import copy
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -61,6 +63,13 @@ def add_training_args(parser, defaults):
     opt("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
         help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
     opt("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
+    opt("--time-budget", type=float, default=defaults.get("time_budget"), metavar="SECONDS",
+        help="choose the epochs for the machine this runs on: time a few real training steps (compiled where "
+             "--compile), one validation pass and a checkpoint save first, then train as many epochs as end, with "
+             "their evaluation and the final predictions, within SECONDS of the command's start; the schedule and "
+             "warm-up are laid over those epochs. --epochs given too is the most it may choose. config.json records "
+             "the budget, the measured times and the chosen epochs, and --resume keeps them (0 or unset: off, "
+             "--epochs decides)")
     reg = parser.add_argument_group("regularisation").add_argument
     reg("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
     reg("--ema", type=float, default=0.0, metavar="DECAY",
@@ -105,8 +114,22 @@ def require(ok, flag, value, what):
         raise UsageError(f"{flag} must be {what}, got {value}")
 
 
+def epochs_cap(args, argv):
+    """With --time-budget, an --epochs given on the command line caps the epochs the budget chooses (a default or a
+    preset's epochs do not)."""
+    argv = sys.argv[1:] if argv is None else argv
+    given = any(a == "--epochs" or a.startswith("--epochs=") for a in argv)
+    return args.epochs if args.time_budget and given else None
+
+
+def tta_view_count(tta):
+    """How many views tta_views makes of a batch."""
+    return (5 if "shift" in tta else 1) * (2 if "flip" in tta else 1)
+
+
 def check_training_args(args, train_size):
     require(args.epochs >= 1, "--epochs", args.epochs, "at least 1")
+    require(args.time_budget is None or args.time_budget >= 0, "--time-budget", args.time_budget, ">= 0 (0: off)")
     require(args.lr > 0 and math.isfinite(args.lr), "--lr", args.lr, "a positive number")
     require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     if args.batch_size > train_size:
@@ -322,7 +345,7 @@ def plot_curves(path, history, title=""):
 
 # Flags that may differ when a run is resumed: they change how, not what, it trains.
 RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download",
-                     "tensorboard"}
+                     "tensorboard", "epochs_cap"}
 
 
 def prepare_run_dir(out, config, resume, force, rank=0):
@@ -580,6 +603,107 @@ def write_error_analysis(out, classes, val, test):
     atomic_write_text(out / "per_class.csv", buf.getvalue())
 
 
+# ----------------------------------------------------------------------------- time budget
+
+CALIBRATION_STEPS = 8  # timed training steps, after 2 warm-up steps (compilation, cuDNN's autotuning, the loader's start)
+
+
+def now():
+    """The clock the time budget measures with: a function, so that a test can hand it a fake clock."""
+    return time.perf_counter()
+
+
+def epochs_for_budget(budget, elapsed, epoch_seconds, eval_seconds, final_seconds, cap=None):
+    """The most epochs whose training and per-epoch evaluation, after `elapsed` seconds already spent, end with the
+    final predictions within `budget` seconds: at least 1, at most `cap` (an --epochs given too)."""
+    epochs = max(1, int((budget - elapsed - final_seconds) // (epoch_seconds + eval_seconds)))
+    return min(epochs, cap) if cap else epochs
+
+
+def fit_budget(model, raw_model, ema, optimizer, scaler, run, train_loader, val_loader, eval_model, args, device,
+               start, final_images, save):
+    """--time-budget: time real steps of this run (its model, compiled where --compile, its loader and augmentation,
+    its precision, its optimizer and EMA), one validation pass and one checkpoint save, then put the weights, the
+    optimizer, the scaler, the EMA and every RNG back as they were, and choose the epochs (epochs_for_budget). Every
+    rank takes rank 0's choice. Returns the record config.json and last.pt keep."""
+    saved = {"model": {k: v.detach().clone() for k, v in raw_model.state_dict().items()},
+             "optimizer": copy.deepcopy(optimizer.state_dict()), "scaler": scaler.state_dict(),
+             "ema": {k: v.detach().clone() for k, v in ema.module.state_dict().items()} if ema is not None else None,
+             "rng": rng_state(device), "skipped": run.skipped_steps}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    may_be_empty = getattr(train_loader, "may_yield_empty", False)
+    train_loader.set_epoch(0)
+    train_loader.start_step = 0
+    model.train()
+    batches = iter(train_loader)
+    t0 = now()
+    first = next(batches)  # the loader's start-up (workers, pipelines), paid again every epoch
+    startup = now() - t0
+    warm = 2  # the first steps compile, autotune and fill the loader's queue: not timed
+    step, t_warm = 0, now()
+    for x, y in itertools.chain([first], batches):
+        if may_be_empty and not all_ranks_nonempty(y.shape[0]):
+            continue
+        if step == warm:
+            sync()
+            t_timed = now()
+        train_step(model, raw_model, ema, optimizer, scaler, run, x, y, 0, step)
+        step += 1
+        if step == warm + CALIBRATION_STEPS:
+            break
+    sync()
+    timed = step - warm  # an epoch of `warm` steps or fewer: the warm-up steps are all there is to time
+    step_seconds = (now() - t_timed) / timed if timed > 0 else (now() - t_warm) / max(1, step)
+    del batches
+    t0 = now()
+    evaluate(eval_model, val_loader, device, args.amp)
+    eval_seconds = now() - t0
+    raw_model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(saved["ema"])
+    set_rng_state(saved["rng"], device)
+    run.skipped_steps = saved["skipped"]
+    t0 = now()
+    save()  # the weights as they were, epoch 0 step 0: a checkpoint a resume can start from
+    save_seconds = 2 * (now() - t0)  # last.pt and, when validation improves, best.pt, every epoch
+    val_images = max(1, getattr(val_loader.sampler, "n", 1))
+    final_seconds = eval_seconds * final_images / val_images
+    epoch_seconds = startup + run.steps_per_epoch * step_seconds + save_seconds
+    elapsed = now() - start
+    record = {"budget_seconds": args.time_budget, "elapsed_seconds": round(elapsed, 3),
+              "step_seconds": step_seconds, "timed_steps": max(timed, 0), "startup_seconds": round(startup, 3),
+              "eval_seconds": round(eval_seconds, 3), "save_seconds": round(save_seconds, 3),
+              "final_seconds": round(final_seconds, 3), "steps_per_epoch": run.steps_per_epoch,
+              "images_per_second": round(args.batch_size / max(step_seconds, 1e-9), 1),
+              "fits_epochs": epochs_for_budget(args.time_budget, elapsed, epoch_seconds, eval_seconds, final_seconds),
+              "epochs": epochs_for_budget(args.time_budget, elapsed, epoch_seconds, eval_seconds, final_seconds,
+                                          getattr(args, "epochs_cap", None))}
+    if dist.is_initialized():  # the ranks timed slightly different steps: all follow rank 0
+        shared = [record]
+        dist.broadcast_object_list(shared, src=0)
+        record = shared[0]
+    return record
+
+
+def budget_line(record):
+    return (f"time budget {record['budget_seconds']:g} s: {record['images_per_second']:,.0f} img/s training "
+            f"({1000 * record['step_seconds']:.1f} ms a step, {record['steps_per_epoch']} steps an epoch), "
+            f"{record['eval_seconds']:.1f} s a validation pass, {record['elapsed_seconds']:.0f} s spent before "
+            f"training, {record['final_seconds']:.0f} s of final predictions: {record['epochs']} epochs"
+            + (f" (the budget holds {record['fits_epochs']}; --epochs caps them)"
+               if record["fits_epochs"] != record["epochs"] else ""))
+
+
+def update_config(out, record):
+    """config.json gains the time budget's record: the budget, the measured times and the chosen epochs."""
+    path = Path(out) / "config.json"
+    config = json.loads(path.read_text())
+    config["time_budget"] = record
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def unwrap(model):
@@ -590,7 +714,8 @@ def unwrap(model):
 
 
 def fit(model, train_loader, val_loader, args, out, model_config, data_config, device, rank=0, world=1,
-        param_groups=None, title="", phase="train", prior_history=(), clock=None, board_dir=None):
+        param_groups=None, title="", phase="train", prior_history=(), clock=None, board_dir=None, final_images=0,
+        budget_start=None):
     """Train `model` for args.epochs, resuming from OUT/last.pt with --resume. Returns a summary dict.
 
     The best model (by validation accuracy; the EMA weights with --ema) is in OUT/best.pt afterwards.
@@ -598,7 +723,9 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     Each metrics row is labelled with `phase` (train; for birds lp = linear probe, ft = fine-tuning), and
     `prior_history` (an earlier phase's rows) is written above this phase's rows in metrics.csv and the curves.
     A `WallClock` is saved with every last.pt, so a resumed run's wall time counts every process. With
-    --tensorboard the epochs are logged to `board_dir` (default OUT) too.
+    --tensorboard the epochs are logged to `board_dir` (default OUT) too. With --time-budget the epochs are chosen
+    here (`fit_budget`), from `budget_start` (the now() the budget counts from; default: now) and the `final_images`
+    the script evaluates after training; a resumed run keeps the epochs its checkpoint chose.
     """
     out = Path(out)
     main = is_main(rank)
@@ -612,7 +739,8 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     run = Run(steps_per_epoch=len(train_loader), warmup=args.warmup, args=args, device=device,
               num_classes=model_config.get("num_classes"), rank=rank)
     history, best_val_acc, best_epoch, start_epoch, start_step = [], -1.0, 0, 0, 0
-    partial, train_seconds = None, 0.0
+    partial, train_seconds, budget = None, 0.0, None
+    budget_start = now() if budget_start is None else budget_start
 
     if args.resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt")  # to the CPU: load_state_dict places the weights
@@ -626,6 +754,9 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("partial")
         train_seconds = ckpt.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"], device)
+        budget = ckpt.get("budget")
+        if budget is not None and getattr(args, "time_budget", None):  # the epochs the first process chose
+            args.epochs = run.set_epochs(budget["epochs"])
         if main:
             where = f"epoch {start_epoch + 1} step {start_step}" if start_step else f"epoch {start_epoch + 1}"
             print(f"resuming {out} at {where}")
@@ -656,9 +787,21 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                 "config": run_config_plain(args), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "history": history, "best_val_acc": best_val_acc, "best_epoch": best_epoch,
                 "partial": partial_sums, "rng": rngs if world > 1 else rngs[0], "train_seconds": train_seconds,
+                "budget": budget,
             }, out / "last.pt")
             if clock is not None:
                 clock.save()
+
+    if getattr(args, "time_budget", None) and budget is None:
+        budget = fit_budget(model, raw_model, ema, optimizer, scaler, run, train_loader, val_loader, eval_model, args,
+                            device, budget_start, final_images, lambda: save_last(0, 0))
+        args.epochs = run.set_epochs(budget["epochs"])
+        if main:
+            line = budget_line(budget)
+            print(line, flush=True)
+            update_config(out, budget)
+            if board is not None:
+                board.note("time_budget", line)
 
     # Ctrl-C and SIGTERM only raise a flag; the loop stops at the next step boundary and saves there.
     def on_signal(signum, frame):
@@ -746,13 +889,19 @@ class Board:
     def __init__(self, log_dir, first_step, flags=None, phase="train", resumed_row=None):
         self.log_dir, self.first_step, self.flags, self.phase = log_dir, first_step, flags, phase
         self.pending = [(first_step, resumed_row)] if resumed_row is not None else []
-        self.writer = None
+        self.writer, self.notes = None, {}
 
     def _open(self):
         self.writer = summary_writer(self.log_dir, purge_step=self.first_step)  # hides older events from here on
         if self.writer is not None and self.flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
             self.writer.add_text("flags" if self.phase == "train" else f"flags/{self.phase}",
                                  "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())), self.first_step)
+        for tag, text in self.notes.items() if self.writer is not None else ():
+            self.writer.add_text(tag, text, self.first_step)
+
+    def note(self, tag, text):
+        """A text entry (the time budget's calibration), written when the event file opens."""
+        self.notes[tag] = text
 
     def epoch(self, step=None, row=None):
         """Log one finished epoch's row (after the resumed checkpoint's last row, if not logged yet); no row: only
@@ -830,6 +979,11 @@ class Run:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.interrupted, self.first_step_seconds, self.skipped_steps = False, None, 0
 
+    def set_epochs(self, epochs):
+        """The run's length, chosen by --time-budget before the first step: the schedule is laid over all of it."""
+        self.total_steps = self.steps_per_epoch * epochs
+        return epochs
+
     def lr_factor(self, step):
         return lr_factor(step, self.total_steps, self.warmup_steps, self.args.schedule)
 
@@ -891,7 +1045,6 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
                disable=not show_bar, leave=False, unit="step")
     t0 = time.perf_counter()
     step = checked = sums.step = start_step
-    current_factor = None
     may_be_empty = getattr(loader, "may_yield_empty", False)  # image loaders skip broken files
     try:
         for x, y in loader:
@@ -900,26 +1053,8 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
             if may_be_empty and not all_ranks_nonempty(y.shape[0]):  # every image of a rank's share was broken
                 step = sums.step = step + 1
                 continue
-            run_step = epoch * run.steps_per_epoch + step  # optimizer steps taken in the run before this one
-            factor = run.lr_factor(run_step)
-            if factor != current_factor:
-                for group in optimizer.param_groups:
-                    group["lr"] = run.args.lr * group["lr_mult"] * factor
-                current_factor = factor
             t_step = time.perf_counter() if run.first_step_seconds is None else None
-            loss, hits = run.loss_and_hits(model, x, y, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            if use_scaler:
-                scale = scaler.get_scale()
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                run.skipped_steps += scaler.get_scale() < scale
-            else:
-                loss.backward()
-                optimizer.step()
-            if ema is not None:  # timm reads a step as "warm up" (step 1 copies) only when it is given one
-                ema.update(raw_model, step=run_step + 1 if ema.use_warmup else None)
+            loss, hits = train_step(model, raw_model, ema, optimizer, scaler, run, x, y, epoch, step)
             if t_step is not None:
                 if run.device.type == "cuda":
                     torch.cuda.synchronize(run.device)
@@ -939,6 +1074,30 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
         check_finite(sums.loss, checked, step, epoch, use_scaler)
     finally:
         bar.close()
+
+
+def train_step(model, raw_model, ema, optimizer, scaler, run, x, y, epoch, step):
+    """One optimizer step on one batch, the whole of it: the learning rate of this step of the schedule, forward (mixed
+    and autocast, Run.loss_and_hits), backward (loss-scaled under fp16), the optimizer, the EMA. Returns (loss, correct
+    count) as device tensors (no host sync)."""
+    run_step = epoch * run.steps_per_epoch + step  # optimizer steps taken in the run before this one
+    factor = run.lr_factor(run_step)
+    for group in optimizer.param_groups:
+        group["lr"] = run.args.lr * group["lr_mult"] * factor
+    loss, hits = run.loss_and_hits(model, x, y, epoch, step)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        run.skipped_steps += scaler.get_scale() < scale
+    else:
+        loss.backward()
+        optimizer.step()
+    if ema is not None:  # timm reads a step as "warm up" (step 1 copies) only when it is given one
+        ema.update(raw_model, step=run_step + 1 if ema.use_warmup else None)
+    return loss, hits
 
 
 def check_finite(step_loss, start, stop, epoch, use_scaler):

@@ -97,6 +97,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.cache_features is None:
         args.cache_features = args.freeze_backbone
+    args.epochs_cap = engine.epochs_cap(args, argv)
     return args
 
 
@@ -181,7 +182,7 @@ def describe(args):
 
 
 def run(argv=None):
-    t_start = time.perf_counter()
+    t_start, budget_start = time.perf_counter(), engine.now()  # the run's wall clock; --time-budget counts from here
     args = parse_args(argv)
     check_args(args)
     device = engine.resolve_device(args)
@@ -256,7 +257,7 @@ def run(argv=None):
             loaders, cache_seconds = cache(("train", "val"))
             lp_args = argparse.Namespace(**{**vars(args), "epochs": args.lp_epochs, "optimizer": args.lp_optimizer,
                                             "lr": args.lp_lr, "schedule": "cosine", "warmup": 0.0, "ema": 0.0,
-                                            "mixup": 0.0, "cutmix": 0.0, "compile": False})
+                                            "mixup": 0.0, "cutmix": 0.0, "compile": False, "time_budget": None})
             grads = {p: p.requires_grad for p in model.backbone.parameters()}
             model.backbone.requires_grad_(False)  # unused by cached features; DDP requires every trainable one used
             engine.seed_everything(args.seed, rank)
@@ -289,9 +290,11 @@ def run(argv=None):
         train, val, test = loaders["train"], loaders["val"], loaders["test"]
     param_groups = head_only if args.freeze_backbone else model.param_groups(args.backbone_lr_mult, args.layer_decay)
     engine.seed_everything(args.seed, rank)
+    views = 1 if args.cache_features else engine.tta_view_count(engine.parse_tta(args.tta))
     summary = engine.fit(model, train, val, args, out, model_config, data_config, device, rank, world,
                          param_groups=param_groups, title=f"birds {args.arch}: {describe(args)}",
-                         phase="lp" if args.freeze_backbone else "ft", prior_history=prior, clock=clock)
+                         phase="lp" if args.freeze_backbone else "ft", prior_history=prior, clock=clock,
+                         final_images=len(test_samples) * views + len(val_samples), budget_start=budget_start)
 
     if engine.is_main(rank):
         engine.load_best(model, out)

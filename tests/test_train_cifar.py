@@ -344,3 +344,74 @@ def test_predict_averages_an_ensemble_across_preprocessing(trained, cifar_dir, t
     expected = probs.argmax(1).tolist()
     got = [int(line.split(",")[1].strip('"')) for line in (tmp_path / "e.csv").read_text().splitlines()[1:]]
     assert got == expected
+
+
+def fake_clock(dt):
+    """engine.now for the time budget: each call is dt seconds after the one before, so each interval the budget
+    measures (a block of steps, a validation pass, a save) lasts dt."""
+    t = [0.0]
+
+    def now():
+        t[0] += dt
+        return t[0]
+    return now
+
+
+class Crash(Exception):
+    pass
+
+
+def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_path, monkeypatch):
+    """The epochs come from the measured step time (a fake clock: 8 timed steps in dt seconds), the schedule is laid
+    over them from the start, config.json records it all, and a resumed budgeted run, on a clock twice as fast, keeps
+    the chosen epochs and ends as the uninterrupted run does."""
+    import engine
+    import fixtures
+    import train_cifar
+    small = fixtures.write_cifar100(tmp_path / "data", per_class_train=15, per_class_test=2)  # 10 steps an epoch
+    argv = ["--data-dir", str(small), "--device", "cpu", "--val-per-class", "5", "--quiet", "--batch-size", "100",
+            "--schedule", "onecycle", "--lr", "0.05", "--time-budget", "24", "--deterministic"]
+    chosen = {}
+    for dt in (1.0, 0.7):
+        monkeypatch.setattr(engine, "now", fake_clock(dt))
+        engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / f"dt{dt}")])
+        record = json.loads((tmp_path / f"dt{dt}" / "config.json").read_text())["time_budget"]
+        assert record["step_seconds"] == pytest.approx(dt / engine.CALIBRATION_STEPS) and record["timed_steps"] == 8
+        assert (record["eval_seconds"], record["startup_seconds"], record["save_seconds"]) == (dt, dt, 2 * dt)
+        assert record["final_seconds"] == pytest.approx(dt * (200 + 500) / 500)  # test + validation images
+        epoch = dt + record["steps_per_epoch"] * record["step_seconds"] + 2 * dt
+        assert record["epochs"] == engine.epochs_for_budget(24, record["elapsed_seconds"], epoch, dt,
+                                                            record["final_seconds"]) >= 2
+        rows = pd.read_csv(tmp_path / f"dt{dt}" / "metrics.csv")
+        assert len(rows) == record["epochs"] and rows["lr"].iloc[-1] < 0.05 * 0.1  # one-cycle over all of them
+        chosen[dt] = record["epochs"]
+    assert chosen[0.7] > chosen[1.0]  # a faster step, more epochs
+    calls, real = [0], engine.write_metrics
+
+    def write_then_crash(*a, **kw):
+        real(*a, **kw)
+        calls[0] += 1
+        if calls[0] == 1:
+            raise Crash
+    monkeypatch.setattr(engine, "now", fake_clock(1.0))
+    monkeypatch.setattr(engine, "write_metrics", write_then_crash)
+    with pytest.raises(Crash):
+        engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(engine, "write_metrics", real)
+    monkeypatch.setattr(engine, "now", fake_clock(0.25))  # a resume does not measure again
+    engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / "cut"), "--resume"])
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "metrics.csv")[cols],
+                                  pd.read_csv(tmp_path / "dt1.0" / "metrics.csv")[cols])
+    assert (tmp_path / "cut" / "submission.csv").read_bytes() == (tmp_path / "dt1.0" / "submission.csv").read_bytes()
+
+
+def test_time_budget_with_epochs_caps_and_help_says_so():
+    import engine
+    import train_cifar
+    assert train_cifar.parse_args(["--time-budget", "60", "--epochs", "3"]).epochs_cap == 3
+    assert train_cifar.parse_args(["--time-budget", "60"]).epochs_cap is None  # the default's 15 does not cap
+    assert train_cifar.parse_args(["--preset", "cpu5"]).time_budget == 300
+    assert engine.epochs_for_budget(100, 10, 20, 5, 15, cap=2) == 2 and engine.epochs_for_budget(10, 10, 20, 5, 15) == 1
+    text = run_script("train_cifar.py", "--help").stdout
+    assert "--epochs given too is the most it may choose" in " ".join(text.split())
