@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import bird_data
+import bird_loaders
 import data
+import device_images
+import devices
 import engine
+import flags
+import run_files
 import models
 
 ROOT = Path(__file__).resolve().parent
@@ -158,7 +164,7 @@ def bench_basenet_epoch(cifar_root, device, repeats):
 
 def engine_defaults():
     p = argparse.ArgumentParser()
-    engine.add_training_args(p, dict(epochs=1, batch_size=64, optimizer="sgd", lr=0.01, wd=0.0, schedule="none", out="x"))
+    flags.add_training_args(p, dict(epochs=1, batch_size=64, optimizer="sgd", lr=0.01, wd=0.0, schedule="none", out="x"))
     return {**vars(p.parse_args([])), "quiet": True, "dropout": 0.0}
 
 
@@ -171,7 +177,7 @@ def train_pass(model, opt, batches, device, amp=False):
     sync(device)
     t0, n = time.perf_counter(), 0
     for xb, yb in batches:
-        with engine.autocast(device, amp):
+        with devices.autocast(device, amp):
             loss = loss_fn(model(xb).float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,7 +267,7 @@ def bench_loader_vs_model(cifar_root, device, repeats, model_rate):
 # ----------------------------------------------------------------------------- 4. birds input pipeline
 
 def bird_samples(cub_dir, limit):
-    train, _, _ = data.load_cub(cub_dir)
+    train, _, _ = bird_data.load_cub(cub_dir)
     return train[:limit]
 
 
@@ -272,13 +278,13 @@ def bench_bird_loaders(cub_dir, device, repeats, n_images, workers=2):
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     rates = {}
 
-    ours = data.TorchImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
+    ours = bird_loaders.TorchImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
     rates["ours: PIL workers (--loader torch)"] = median_rate(lambda: time_loader(ours, device), repeats)
-    nvjpeg = data.NvjpegImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
+    nvjpeg = bird_loaders.NvjpegImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
     rates[f"ours: batched {'nvJPEG' if device.type == 'cuda' else 'libjpeg-turbo'} decode + resample (--loader nvjpeg)"] = \
         median_rate(lambda: time_loader(nvjpeg, device), repeats)
-    if data.dali_available():
-        dali = data.DaliImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
+    if bird_loaders.dali_available():
+        dali = bird_loaders.DaliImageLoader(samples, 224, 64, True, mean, std, device, aug={"rrc", "flip"}, workers=workers)
         rates[f"ours: DALI ({'nvJPEG' if device.type == 'cuda' else 'CPU'} decoder) (--loader dali)"] = \
             median_rate(lambda: time_loader(dali, device), repeats)
 
@@ -296,7 +302,7 @@ def bench_bird_loaders(cub_dir, device, repeats, n_images, workers=2):
     reference = torch.utils.data.DataLoader(Folder(), batch_size=64, shuffle=True, num_workers=workers)
 
     ref = median_rate(lambda: time_loader(reference, device), repeats)
-    default = data.default_loader(device)
+    default = bird_loaders.default_loader(device)
     default_rate = next(v for k, v in rates.items() if f"--loader {default}" in k)
     notes = "; ".join(f"{k}: {v:.0f} img/s" for k, v in rates.items())
     return [dict(id=4, figure="birds train input pipeline at 224 px (random-resized crop + flip + normalise), img/s",
@@ -313,7 +319,7 @@ def bench_feature_cache(cub_dir, weights, device, repeats, n_images):
     model = models.TransferNet("tf_efficientnet_lite0", 100, freeze_backbone=True).to(device)
     models.load_backbone_weights(model.backbone, weights)
     opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
-    loader = data.TorchImageLoader(samples, 224, 64, True, model.mean, model.std, device, aug=(), workers=2)
+    loader = bird_loaders.TorchImageLoader(samples, 224, 64, True, model.mean, model.std, device, aug=(), workers=2)
     uncached = median_rate(lambda: train_pass(model, opt, loader, device), repeats)
     with torch.inference_mode():
         feats = [(model.features(xb).clone(), yb.clone()) for xb, yb in loader]
@@ -345,13 +351,13 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
     y = torch.randint(0, 100, (batch,), device=device)
     train_pass(step_model, opt, [(x, y)] * 3, device, amp=True)  # compile + warm-up
     alone = median_rate(lambda: train_pass(step_model, opt, [(x, y)] * steps, device, amp=True), repeats)
-    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
+    kinds = ["torch", "nvjpeg"] + (["dali"] if bird_loaders.dali_available() else [])
     rows = [dict(id=8, figure=f"{arch} fine-tuning at {size} px, model alone (random tensors on the device), img/s",
                  value=alone, target="the ceiling for the loaders below", met=None,
                  notes=f"batch {batch}, bf16 + channels-last{' + compile' if on_gpu else ''}, the default fine-tune's "
                        f"model (BatchNorm {args.bn_mode}) and optimizer ({args.optimizer}); {steps} steps a pass")]
     for kind in kinds:
-        loader = data.bird_loader(kind, samples, size, batch, True, model.mean, model.std, device, aug={"rrc", "flip"},
+        loader = bird_loaders.bird_loader(kind, samples, size, batch, True, model.mean, model.std, device, aug={"rrc", "flip"},
                                   workers=workers, channels_last=True)
         epoch = lambda loader=loader: train_pass(step_model, opt, loader, device, amp=True)  # noqa: E731
         epoch()  # warm-up: worker start, DALI's pipeline, the decoder's buffers
@@ -370,7 +376,7 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
 
 def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
     """The nvjpeg loader's choice of batched crop + resize, on decoded real images with their draw_augmentation boxes:
-    its Pillow-exact separable matmuls (data.resample_batch) against torchvision.ops.roi_align (averages
+    its Pillow-exact separable matmuls (device_images.resample_batch) against torchvision.ops.roi_align (averages
     ceil(scale)^2 bilinear samples per output pixel) and one F.grid_sample (bilinear, no antialiasing): ms per batch,
     and mean |difference| to PIL's output in grey levels."""
     import numpy as np
@@ -379,11 +385,11 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.ops import roi_align
     samples = bird_samples(cub_dir, n_images)
-    sizes, _, pil_files, _ = data.scan_images(samples, pil_for_gpu_refused=True)
+    sizes, _, pil_files, _ = bird_data.scan_images(samples, pil_for_gpu_refused=True)
     keep = [i for i in range(len(samples)) if i not in pil_files]
     raw = [torch.from_numpy(np.fromfile(samples[i][0], dtype=np.uint8)) for i in keep]
     images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-    boxes = [data.draw_augmentation(i, *sizes[i], {"rrc"}, (0.25, 1.0))[0] for i in keep]
+    boxes = [bird_loaders.draw_augmentation(i, *sizes[i], {"rrc"}, (0.25, 1.0))[0] for i in keep]
     reference = []
     for i, (x, y, w, h) in zip(keep, boxes, strict=True):
         with Image.open(samples[i][0]) as im:
@@ -392,10 +398,10 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
     reference = torch.stack(reference).permute(0, 3, 1, 2).float().to(device)
     width = [im.shape[2] for im in images]
     height = [im.shape[1] for im in images]
-    geometry = data.sample_geometry(width, height, [(0, 0, w, h) for w, h in zip(width, height, strict=True)],
+    geometry = device_images.sample_geometry(width, height, [(0, 0, w, h) for w, h in zip(width, height, strict=True)],
                                     boxes, size, 0.875)
     no_flip = np.zeros(len(images), dtype=bool)
-    padded = data.pad_batch(images).float()
+    padded = device_images.pad_batch(images).float()
     rois = torch.tensor([(k, x, y, x + w, y + h) for k, (x, y, w, h) in enumerate(boxes)], dtype=torch.float32,
                         device=device)
     hp, wp = padded.shape[2:]
@@ -408,7 +414,7 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
         return torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
 
     kernels = {
-        "resample_batch (ours: Pillow's bilinear, antialiased)": lambda: data.resample_batch(images, geometry, size, no_flip).float(),
+        "resample_batch (ours: Pillow's bilinear, antialiased)": lambda: device_images.resample_batch(images, geometry, size, no_flip).float(),
         "torchvision.ops.roi_align (aligned, adaptive sampling)": lambda: roi_align(padded, rois, size, aligned=True),
         "F.grid_sample (bilinear, no antialiasing)": lambda: F.grid_sample(padded, grid(), align_corners=False),
     }
@@ -458,7 +464,7 @@ def estimate_plan(plan_path, device_name=None, jobs=1, gpus=0, times_path=None):
 
     import finetune_birds
     import train_cifar
-    device = engine.pick_device(device_name)
+    device = devices.pick_device(device_name)
     rows, rates, sizes = [], {}, {}
     for line in Path(plan_path).read_text().splitlines()[1:]:
         study, name, change, seeds, command = line.split("\t")
@@ -553,7 +559,7 @@ def main():
     if args.estimate:
         try:
             estimate_plan(args.estimate, args.device, max(1, args.jobs), args.gpus, args.times)
-        except (engine.UsageError, data.DataError) as e:
+        except (flags.UsageError, data.DataError) as e:
             sys.exit(f"error: {e}")
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -578,9 +584,9 @@ def main():
             (7, lambda: bench_loader_vs_model(cifar_root, device, args.repeats,
                                               next((r["value"] for r in rows if r["id"] == 6), None) or
                                               bench_gpu_models(device, 1, steps)[0]["value"])),
-            (8, lambda: (bench_resnet50_jpeg(cub_dir, device, args.repeats, args.fig8_images, data.default_workers())
+            (8, lambda: (bench_resnet50_jpeg(cub_dir, device, args.repeats, args.fig8_images, bird_loaders.default_workers())
                          if device.type == "cuda" else
-                         bench_resnet50_jpeg(cub_dir, device, args.repeats, min(args.bird_images, 64), data.default_workers(),
+                         bench_resnet50_jpeg(cub_dir, device, args.repeats, min(args.bird_images, 64), bird_loaders.default_workers(),
                                              arch="resnet18", size=64, batch=16))
              if has_birds and (device.type == "cuda" or args.sections != "all")
              else f"needs birds in {cub_dir}" if not has_birds else "ResNet-50 at 224 px needs a GPU (ask for --sections 8 to run it small here)"),
@@ -603,7 +609,7 @@ def main():
                       + f"  ({r['notes']})", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(device), "device": str(device),
               "command": " ".join(["python"] + sys.argv), "results": rows, "skipped": skipped}
-    engine.atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    run_files.atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     for s in skipped:
         print(f"skipped {s}")
     print(f"wrote {args.json}")

@@ -1,23 +1,19 @@
-"""Data for both jobs: CIFAR-100 and Caltech-UCSD Birds, from disk to batches on the device.
+"""Finding and downloading both data sets, and CIFAR-100 from disk to batches on the device.
 
-CIFAR-100 (official `cifar-100-python` pickles) is read with a restricted unpickler, split
-45k/5k (stratified, seeded), and kept on the device as one uint8 tensor; crop/flip/cutout
-and normalisation run batched on the device (`DeviceLoader`). Birds (CUB-200-2011, the
-2010 edition or any train/ test/ image folder) are decoded by DALI (nvJPEG on the GPU, or
-DALI's CPU decoder; `DaliImageLoader`), by torchvision's batched nvJPEG with batched resampling
-on the device (`NvjpegImageLoader`), or by PIL in DataLoader workers (`TorchImageLoader`); all
-three draw their sample order from the same `EpochSampler`, each crop and mirror from the same
-`draw_augmentation`, and resize as Pillow does, so they apply the same preprocessing.
+Downloads (md5-checked, resumed, unpacked atomically) and one find-or-download function per data set, which takes the
+data set's own folder or its parent (`find_or_download_cifar`, `find_or_download_cub`). CIFAR-100 (the official
+`cifar-100-python` pickles) is read with a restricted unpickler, split 45k/5k (stratified, seeded), and kept on the
+device as one uint8 tensor; crop/flip/cutout and normalisation run batched on the device (`DeviceLoader`). What every
+loader of both jobs shares is here too: the seeded sample order (`EpochSampler`, `stream_seed`), `SampledLoader`,
+MixUp/CutMix on the device (`mix_batch`) and the list-flag type of `--aug` and `--tta` (`ListFlag`). The birds are in
+bird_data.py (files on disk) and bird_loaders.py (batches).
 
-Every loader yields `(images, labels)` already on the device, float and normalised, and
-has `set_epoch(epoch)`, `len()` (batches per epoch) and `start_step` (to resume mid-epoch).
-Nothing here trains; `python data.py --help` offers the downloads.
+    python data.py cifar100 --data-dir data           # fetch CIFAR-100 into data/cifar-100-python
+    python data.py cub2011 --data-dir data            # fetch CUB-200-2011 into data/CUB_200_2011
+    python data.py prepare --cifar-dir data ...        # what run_all.sh needs, fetched where missing
 """
 import argparse
-import contextlib
-import functools
 import hashlib
-import io
 import math
 import os
 import pickle
@@ -27,9 +23,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,17 +36,6 @@ class DataError(Exception):
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-_WARNED_BROKEN = set()  # the files this process has warned about
-
-
-def warn_broken(path, why, keep):
-    """The one warning for a broken image file, once per file and process, saying what happens to it: skipped (a
-    training image) or, with keep (a test image, which must keep its row), replaced by a black image."""
-    if path not in _WARNED_BROKEN:
-        _WARNED_BROKEN.add(path)
-        warn(f"{'black image for' if keep else 'skipping'} {path}: {why}")
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -107,6 +90,32 @@ def extract_atomically(archive, into, top_name):
             tar.extractall(tmp, filter="data")  # 'data' filter refuses absolute paths, links out, devices
         os.replace(Path(tmp) / top_name, into / top_name)
     return into / top_name
+
+
+def find_or_download(data_dir, download, find, fetch, top_name):
+    """The data set's folder: `data_dir` itself or its subfolder `top_name`, whichever holds it (`find`). Only where
+    neither does and `download` is asked for, fetch it into the folder that is to hold `top_name` (the parent of a
+    `data_dir` named `top_name`), then find it there."""
+    try:
+        return find(data_dir)
+    except DataError:
+        if not download:
+            raise
+    data_dir = Path(data_dir)
+    into = data_dir.parent if data_dir.name == top_name else data_dir
+    into.mkdir(parents=True, exist_ok=True)
+    fetch(into)
+    return find(data_dir)
+
+
+def find_or_download_cifar(data_dir, download=False):
+    """The cifar-100-python folder in data_dir (or data_dir itself), downloaded there first where it is missing."""
+    return find_or_download(data_dir, download, find_cifar_dir, download_cifar100, "cifar-100-python")
+
+
+def find_or_download_cub(data_dir, download=False):
+    """The CUB_200_2011 folder (data_dir itself or its subfolder), downloaded first where it is missing."""
+    return find_or_download(data_dir, download, find_cub_root, download_cub2011, "CUB_200_2011")
 
 
 def download_cifar100(data_dir):
@@ -167,6 +176,18 @@ def find_cifar_dir(data_dir):
                     f"{CIFAR100_URL} and unpack it there, or pass --download")
 
 
+def find_cub_root(data_dir):
+    data_dir = Path(data_dir)
+    for candidate in (data_dir, data_dir / "CUB_200_2011"):
+        if (candidate / "images.txt").is_file():
+            return candidate
+    if not data_dir.exists():
+        raise DataError(f"data directory {data_dir} does not exist; pass --download to fetch CUB-200-2011 "
+                        f"or point --data-dir at the CUB_200_2011 folder")
+    raise DataError(f"{data_dir} is not a CUB_200_2011 folder (no images.txt); download {CUB2011_URL} and "
+                    f"unpack it, or use --dataset folder for a train/ test/ image tree")
+
+
 def _cifar_split(path, num_classes):
     d = safe_unpickle(path)
     if "data" not in d or "fine_labels" not in d:
@@ -184,11 +205,7 @@ def _cifar_split(path, num_classes):
 
 def load_cifar100(data_dir, download_if_missing=False):
     """Return dict with train/test uint8 images (N,3,32,32), int64 labels and class names."""
-    if download_if_missing:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        if not (Path(data_dir) / "cifar-100-python").exists():
-            download_cifar100(data_dir)
-    root = find_cifar_dir(data_dir)
+    root = find_or_download_cifar(data_dir, download_if_missing)
     meta = safe_unpickle(root / "meta")
     names = list(meta.get("fine_label_names", [str(i) for i in range(100)]))
     train_x, train_y = _cifar_split(root / "train", len(names))
@@ -226,7 +243,16 @@ def labels_are_real(labels):
     return len(labels) > 0 and bool(np.any(np.asarray(labels) != 0))
 
 
-# ----------------------------------------------------------------------------- device loader
+# ----------------------------------------------------------------------------- sample order, shared by every loader
+
+def stream_seed(seed, epoch, index, salt=0):
+    """The seed of one random stream of a run: sample `index`'s augmentation in `epoch` (salt 0); an epoch's order,
+    crop draws and reader workers (index 0, salt 0, 1, 2); training step `index`'s MixUp/CutMix (salt: the rank times
+    104,729). seed x 1,000,003 + epoch x 7,919 + index + salt: multipliers that are primes larger than any salt or
+    index used together, so that neighbouring seeds and epochs do not share a stream in practice. They are the
+    constants every recorded run used, and stay: changing them would change every draw of a resumed or rerun run."""
+    return seed * 1_000_003 + epoch * 7919 + index + salt
+
 
 class EpochSampler:
     """The order of samples for an epoch: a permutation drawn from (seed, epoch), cut into global
@@ -241,7 +267,7 @@ class EpochSampler:
         self.epoch = 0
 
     def generator(self, salt=0):
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + salt)
+        return torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, 0, salt))
 
     def order(self):
         if self.shuffle:
@@ -253,7 +279,7 @@ class EpochSampler:
 
     def sample_seeds(self, pos):
         """Seeds for the augmentation of the samples at these positions of this epoch's order."""
-        return [self.seed * 1_000_003 + self.epoch * 7919 + int(p) for p in pos]
+        return [stream_seed(self.seed, self.epoch, int(p)) for p in pos]
 
     def batches(self, start_step=0):
         """Yield (positions in the epoch order, sample indices) of this rank, batch by batch."""
@@ -284,6 +310,8 @@ class SampledLoader:
         self.start_step = 0
         return batches
 
+
+# ----------------------------------------------------------------------------- augmentation on the device
 
 def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cutout=0, scale=1 / 255, bias=0.0):
     """Gather images[idx] with a random crop, mirror and cutout, and normalise, in one pass.
@@ -362,15 +390,31 @@ def mix_batch(x, y, num_classes, seed, mixup=0.0, cutmix=0.0, prob=1.0, smoothin
     return mixed, target
 
 
-AUGMENTATIONS = ("flip", "crop", "cutout")
+class ListFlag:
+    """The argparse type of a comma-separated list flag (--aug flip,crop, --tta flip,shift): a name outside `choices`
+    is argparse's own usage error (exit 2), naming the flag and the values it takes. The flag's value stays text, as
+    given (spaces dropped; none for an empty list), so config.json reads as the command line did; `names` reads it
+    back as a set."""
+
+    def __init__(self, choices, what):
+        self.choices, self.what = tuple(choices), what
+        self.__name__ = what  # what argparse calls the type in its messages
+
+    def names(self, text):
+        return {n for n in (text or "none").replace(" ", "").split(",") if n and n != "none"}
+
+    def __call__(self, text):
+        unknown = sorted(self.names(text) - set(self.choices))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {self.what} {', '.join(unknown)}; choose none or a "
+                                             f"comma-separated list of {', '.join(self.choices)}")
+        return text.replace(" ", "") or "none"
+
+    def help(self):
+        return f"none, or a comma-separated list of {', '.join(self.choices)}"
 
 
-def parse_aug(text):
-    names = [a for a in (text or "").replace(" ", "").split(",") if a and a != "none"]
-    unknown = [a for a in names if a not in AUGMENTATIONS]
-    if unknown:
-        raise DataError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
-    return set(names)
+AUG = ListFlag(("flip", "crop", "cutout"), "augmentation")  # CIFAR's --aug
 
 
 class DeviceLoader(SampledLoader):
@@ -439,7 +483,7 @@ def cifar_loaders(data, args, device, rank=0, world=1, split=None):
     train_idx, val_idx = split or stratified_split(data["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
     train_x = data["train_x"][train_idx]
     mean, std = channel_stats(train_x) if args.normalize else (None, None)
-    aug = parse_aug(args.aug)
+    aug = AUG.names(args.aug)
 
     def on_device(x, y):
         return torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device)
@@ -458,964 +502,19 @@ def cifar_loaders(data, args, device, rank=0, world=1, split=None):
     return train, val, test, dict(mean=mean, std=std, train_size=len(train_idx), val_size=len(val_idx), val_all=val_all)
 
 
-# ----------------------------------------------------------------------------- birds: reading
-
-def find_cub_root(data_dir):
-    data_dir = Path(data_dir)
-    for candidate in (data_dir, data_dir / "CUB_200_2011"):
-        if (candidate / "images.txt").is_file():
-            return candidate
-    if not data_dir.exists():
-        raise DataError(f"data directory {data_dir} does not exist; pass --download to fetch CUB-200-2011 "
-                        f"or point --data-dir at the CUB_200_2011 folder")
-    raise DataError(f"{data_dir} is not a CUB_200_2011 folder (no images.txt); download {CUB2011_URL} and "
-                    f"unpack it, or use --dataset folder for a train/ test/ image tree")
-
-
-def _read_table(path, n_fields):
-    rows, first_line = {}, {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) < n_fields:
-                raise DataError(f"{path} line {line_no} has {len(parts)} fields, expected {n_fields}")
-            image_id = int(parts[0])
-            if image_id in rows:
-                raise DataError(f"{path} lists id {image_id} twice (lines {first_line[image_id]} and {line_no})")
-            first_line[image_id] = line_no
-            rows[image_id] = parts[1:n_fields] if n_fields > 2 else parts[1]
-    return rows
-
-
-def load_cub(data_dir, crop_boxes=False):
-    """CUB-200-2011: lists of (path, label 0-based, box or None) for train and test, in images.txt order."""
-    root = find_cub_root(data_dir)
-    needed = ["images.txt", "image_class_labels.txt", "classes.txt", "train_test_split.txt"]
-    missing = [n for n in needed if not (root / n).is_file()]
-    if missing:
-        raise DataError(f"{root} lacks {', '.join(missing)} of the CUB_200_2011 layout")
-    try:
-        images = _read_table(root / "images.txt", 2)
-        labels = _read_table(root / "image_class_labels.txt", 2)
-        classes = _read_table(root / "classes.txt", 2)
-        is_train = _read_table(root / "train_test_split.txt", 2)
-        boxes = _read_table(root / "bounding_boxes.txt", 5) if crop_boxes and (root / "bounding_boxes.txt").is_file() else {}
-        labels = {image_id: int(c) for image_id, c in labels.items()}
-    except ValueError as e:
-        raise DataError(f"{root} has a malformed text file ({e})") from None
-    if crop_boxes and not boxes:
-        warn(f"--crop-boxes: {root}/bounding_boxes.txt is missing, using whole images")
-    for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
-        if set(table) != set(images):
-            raise DataError(f"{root}/{name} lists {len(table)} images but images.txt lists {len(images)}")
-    class_ids = sorted(classes)
-    index_of = {cid: i for i, cid in enumerate(class_ids)}
-    bad = sorted(set(labels.values()) - set(index_of))
-    if bad:
-        raise DataError(f"{root}/image_class_labels.txt uses class ids {bad[:5]} that classes.txt does not define")
-    split = {"train": [], "test": []}
-    for image_id in sorted(images):
-        box = _parse_box(root, image_id, boxes[image_id]) if image_id in boxes else None
-        sample = (str(root / "images" / images[image_id]), index_of[labels[image_id]], box)
-        split["train" if is_train[image_id] == "1" else "test"].append(sample)
-    return split["train"], split["test"], [classes[c] for c in class_ids]
-
-
-def _parse_box(root, image_id, fields):
-    """(x, y, w, h) of bounding_boxes.txt: finite numbers, a box of positive size, not left of or above the image."""
-    try:
-        box = tuple(float(v) for v in fields)
-    except ValueError:
-        box = None
-    if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0 or min(box[:2]) < 0:
-        raise DataError(f"{root}/bounding_boxes.txt has an invalid box for image {image_id}: {' '.join(fields)}")
-    return box
-
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def load_image_folder(data_dir):
-    """A train/ and test/ tree of class folders (ImageFolder layout, e.g. CUB-200-2010 re-packed)."""
-    data_dir = Path(data_dir)
-    if not (data_dir / "train").is_dir():
-        raise DataError(f"{data_dir} has no train/ folder of class sub-folders")
-    classes = sorted(p.name for p in (data_dir / "train").iterdir() if p.is_dir())
-    index_of = {c: i for i, c in enumerate(classes)}
-
-    def listing(split):
-        out = []
-        if not (data_dir / split).is_dir():
-            return out
-        for cls_dir in sorted(p for p in (data_dir / split).iterdir() if p.is_dir()):
-            if cls_dir.name not in index_of:
-                raise DataError(f"{cls_dir} is a class that {data_dir}/train does not have")
-            for f in sorted(cls_dir.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    out.append((str(f), index_of[cls_dir.name], None))
-        return out
-
-    return listing("train"), listing("test"), classes
-
-
-def check_image_file(path):
-    """Cheap sanity check (first and last bytes) that catches truncated and non-image files
-    before a decoder meets them mid-epoch. Returns None when fine, else the reason."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(16)
-            f.seek(max(0, size - 12))
-            tail = f.read()
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    if head[:3] == b"\xff\xd8\xff":
-        return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in tail else "truncated PNG"
-    if head[:2] == b"BM" or head[:4] in (b"GIF8", b"RIFF") or head[:4] in (b"II*\x00", b"MM\x00*"):
-        return None
-    return "not an image"
-
-
-# JPEG coding processes nvJPEG decodes: baseline, extended sequential and progressive Huffman (SOF0-2).
-# Lossless, hierarchical and arithmetic-coded files (the other SOF markers) go to PIL.
-NVJPEG_SOF = {0xC0, 0xC1, 0xC2}
-SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC are not frame headers
-
-
-EXIF_ORIENTATION = 0x0112  # the TIFF tag: 1 upright, 2-8 mirrored and/or rotated (5-8 swap width and height)
-
-
-def exif_orientation(payload):
-    """The orientation tag of an APP1 Exif payload (1 where absent or unreadable)."""
-    if payload[:6] != b"Exif\0\0" or len(payload) < 14:
-        return 1
-    tiff = payload[6:]
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None:
-        return 1
-    ifd = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[ifd:ifd + 2], order)
-    for k in range(count):
-        entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
-        if len(entry) == 12 and int.from_bytes(entry[:2], order) == EXIF_ORIENTATION:
-            return int.from_bytes(entry[8:10], order)
-    return 1
-
-
-def oriented(im):
-    """A PIL image as it is meant to be seen: its EXIF orientation applied (as TorchCodec and DALI's
-    adjust_orientation do), so every loader sees the same pixels; images without one are returned as they are."""
-    from PIL import ImageOps
-    return ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im
-
-
-def jpeg_header(path):
-    """(width, height, None) for a JPEG the GPU decoder takes, or (width, height, why PIL decodes it instead), read
-    from the markers up to the frame header; (None, None, why) when no frame header is found. An EXIF-rotated JPEG
-    goes to PIL (torchvision's GPU decoder does not rotate), and its width and height are then PIL's, upright."""
-    adobe_transform, orientation = None, 1
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) != b"\xff\xd8":
-                return None, None, "not a JPEG"
-            while True:
-                byte = f.read(1)
-                if byte != b"\xff":
-                    return None, None, "no frame header before the image data"
-                marker = f.read(1)
-                while marker == b"\xff":  # fill bytes
-                    marker = f.read(1)
-                if not marker:
-                    return None, None, "no frame header"
-                m = marker[0]
-                if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-                    continue
-                length = int.from_bytes(f.read(2), "big")
-                if m == 0xDA or length < 2:  # start of scan before any frame header, or a broken length
-                    return None, None, "no frame header before the image data"
-                if m in SOF_MARKERS:
-                    frame = f.read(6)
-                    if len(frame) < 6:
-                        return None, None, "truncated frame header"
-                    bits, height, width, channels = frame[0], int.from_bytes(frame[1:3], "big"), \
-                        int.from_bytes(frame[3:5], "big"), frame[5]
-                    why = (f"JPEG process SOF{m - 0xC0} (lossless, hierarchical or arithmetic)" if m not in NVJPEG_SOF
-                           else f"EXIF orientation {orientation}" if orientation in range(2, 9)
-                           else f"{bits}-bit samples" if bits != 8
-                           else "grayscale" if channels == 1
-                           else "CMYK/YCCK" if channels == 4
-                           else "RGB-coded (Adobe, no YCbCr transform)" if channels == 3 and adobe_transform == 0
-                           else f"{channels} channels" if channels != 3
-                           else "no height in the frame header (DNL)" if not (width and height)
-                           else None)
-                    return width, height, why
-                payload = f.read(length - 2)
-                if m == 0xEE and payload[:5] == b"Adobe" and len(payload) >= 12:
-                    adobe_transform = payload[11]
-                if m == 0xE1:
-                    orientation = exif_orientation(payload)
-    except OSError as e:
-        return None, None, f"unreadable ({e.strerror})"
-
-
-def scan_images(samples, pil_for_gpu_refused):
-    """What the nvJPEG and DALI loaders learn before the first epoch: each sample's (width, height) after its crop box,
-    {index: why} of the broken files and, with pil_for_gpu_refused, the indices PIL decodes on the CPU (not a JPEG
-    nvJPEG takes), with a count of the reasons. Headers are read, never the image data."""
-    from PIL import Image
-    sizes, broken, pil, reasons = [], {}, set(), {}
-    for i, (path, _, box) in enumerate(samples):
-        why_broken = check_image_file(path)
-        width = height = None
-        if why_broken is None:
-            width, height, why_cpu = jpeg_header(path)
-            if why_cpu is not None or width is None:
-                try:
-                    with Image.open(path) as im:
-                        width, height = im.size
-                        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: upright size
-                            width, height = height, width
-                except Exception as e:  # passed the byte check, yet its header is unreadable
-                    why_broken = f"cannot read the image header ({type(e).__name__})"
-            if why_broken is None and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # where PIL refuses to decode
-                why_broken = f"{width} x {height} pixels: larger than PIL's decompression-bomb limit"
-            if why_broken is None and why_cpu is not None and pil_for_gpu_refused:
-                pil.add(i)
-                reasons[why_cpu] = reasons.get(why_cpu, 0) + 1
-        if why_broken is not None:
-            broken[i] = why_broken
-            sizes.append((8, 8))
-            continue
-        if box is not None:  # PIL's crop: whole pixels, and at least one of them
-            x0, y0, x1, y1 = int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])
-            width, height = max(1, x1 - x0), max(1, y1 - y0)
-        sizes.append((width, height))
-    return sizes, broken, pil, reasons
-
-
-def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
-    bad = [(s, reason) for s in samples if (reason := check_image_file(s[0]))]
-    for (path, _, _), reason in bad[:20]:
-        warn_broken(path, reason, keep=False)
-    if len(bad) > 20:
-        warn(f"skipping {len(bad) - 20} more broken {what}")
-    if samples and len(bad) > max_bad_frac * len(samples):
-        raise DataError(f"{len(bad)} of {len(samples)} {what} are broken (more than {max_bad_frac:.0%}); "
-                        f"first: {bad[0][0][0]} ({bad[0][1]})")
-    bad_paths = {s[0] for s, _ in bad}
-    return [s for s in samples if s[0] not in bad_paths], [s[0] for s, _ in bad]
-
-
-# ----------------------------------------------------------------------------- birds: loaders
-
-def sample_crop(width, height, rng, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (x, y, w, h) for an image, drawn from a numpy Generator."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side, side
-
-
-def draw_augmentation(sample_seed, width, height, aug, scale):
-    """One sample's random-resized-crop box (x, y, w, h), or None without 'rrc', and its mirror flag.
-    A pure function of the sample's seed, so both bird loaders draw the same and resume at any step."""
-    rng = np.random.default_rng(sample_seed)
-    box = sample_crop(width, height, rng, scale) if "rrc" in aug else None
-    return box, "flip" in aug and rng.random() < 0.5
-
-
-BIRD_AUGMENTATIONS = ("rrc", "flip")
-
-
-def parse_bird_aug(text):
-    names = [a for a in (text or "").replace(" ", "").split(",") if a and a != "none"]
-    unknown = [a for a in names if a not in BIRD_AUGMENTATIONS]
-    if unknown:
-        raise DataError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(BIRD_AUGMENTATIONS)}")
-    return set(names)
-
-
-def placeholder_jpeg(size=8):
-    """A small black JPEG fed in place of a broken test image, so every test id still gets a row."""
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-class BirdImages(torch.utils.data.Dataset):
-    """Decodes one image with PIL (any mode to RGB) and returns it as uint8 CHW at img_size.
-
-    aug 'rrc': random-resized crop, else resize the shorter side to img_size/crop_frac and centre crop
-    (the eval policy); aug 'flip': mirror half the images. Randomness is seeded per sample by the
-    sampler, so any number of workers gives the same epoch. A file that fails to decode is reported
-    and dropped (None), or replaced by a black image where `keep_broken` (test sets: one row per id).
-    """
-
-    def __init__(self, samples, img_size, aug=(), scale=(0.25, 1.0), crop_frac=0.875, keep_broken=False,
-                 mean=None, std=None):
-        self.samples, self.img_size, self.aug = samples, img_size, set(aug)
-        self.scale, self.crop_frac, self.keep_broken = scale, crop_frac, keep_broken
-        # With mean/std the worker also normalises (CPU training: spreads the work over the workers).
-        self.scale_bias = None if mean is None else (1 / (255 * torch.tensor(std).view(3, 1, 1)),
-                                                       -torch.tensor(mean).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1))
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, item):
-        from PIL import Image
-        index, sample_seed = item
-        path, label, box = self.samples[index]
-        try:
-            with Image.open(path) as im:
-                im = oriented(im).convert("RGB")
-        except Exception as e:  # any decoder failure: never crash the epoch
-            warn_broken(path, f"cannot decode ({e})", self.keep_broken)
-            if not self.keep_broken:
-                return None
-            im = Image.new("RGB", (self.img_size, self.img_size))
-            box = None
-        if box is not None:
-            x, y, w, h = box
-            im = im.crop((int(x), int(y), int(x + w), int(y + h)))
-        s = self.img_size
-        crop, mirror = draw_augmentation(sample_seed, im.width, im.height, self.aug, self.scale)
-        if crop is not None:
-            x, y, w, h = crop
-            im = im.resize((s, s), Image.BILINEAR, box=(x, y, x + w, y + h))
-        else:
-            short = int(round(s / self.crop_frac))
-            ratio = short / min(im.width, im.height)
-            im = im.resize((max(s, round(im.width * ratio)), max(s, round(im.height * ratio))), Image.BILINEAR)
-            left, top = (im.width - s) // 2, (im.height - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-        if mirror:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-        if self.scale_bias is not None:
-            image = torch.addcmul(self.scale_bias[1], image.float(), self.scale_bias[0])
-        return image, label
-
-
-def _collate(batch):
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-
-
-class _BatchList(torch.utils.data.Sampler):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-class TorchImageLoader(SampledLoader):
-    """PIL decoding in DataLoader workers; normalisation on the GPU (uint8 crosses the bus), or in the
-    workers when training on the CPU."""
-    may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
-
-    def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
-                 rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
-        self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
-        on_gpu = self.device.type == "cuda"
-        self.dataset = BirdImages(samples, img_size, aug if train else (), scale, crop_frac, keep_broken,
-                                  None if on_gpu else mean, None if on_gpu else std)
-        self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
-                                    drop_last=train and len(samples) > batch_size, rank=rank, world=world)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-
-    def __iter__(self):
-        batches = self._epoch_items()
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_BatchList(batches), num_workers=self.workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if self.workers else None,
-            generator=self.sampler.generator(salt=2))  # else DataLoader draws from the global RNG (dropout's)
-        size = self.dataset.img_size
-        for xb, yb in loader:
-            if len(xb) == 0:  # every image of the batch was broken, or this rank's share was nothing
-                xb = torch.zeros(0, 3, size, size, dtype=torch.uint8 if self.dataset.scale_bias is None else torch.float32)
-            xb = xb.to(self.device, non_blocking=True)  # every batch, the empty one too
-            if xb.dtype == torch.uint8:
-                xb = (xb.float() - self.mean) / self.std
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb.to(self.device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------- birds: batched nvJPEG
-
-PIL_PRECISION_BITS = 22  # Pillow's fixed-point precision for the resize coefficients of 8-bit images (32 - 8 - 2)
-
-
-def pil_bilinear_weights(start, scale, lo, hi, out_size, in_max):
-    """(B, out_size, in_max) float32: the weights of Pillow's bilinear resize along one axis, one row per output pixel.
-
-    Sample b's output pixel i is centred at start + (i + 0.5) * scale source pixels; it averages the source pixels
-    within max(scale, 1) of that centre with a triangle filter (the antialiasing of Pillow and of torchvision's
-    antialias=True), restricted to lo..hi-1, normalised, and rounded to Pillow's fixed point. Written here because
-    Pillow's is one image at a time and F.interpolate cannot take one box per sample; as a matrix it batches."""
-    dev = start.device
-    start, scale, lo, hi = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (start, scale, lo, hi))
-    support = scale.clamp(min=1.0)
-    centre = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=dev) + 0.5) * scale[:, None]
-    first = torch.maximum(torch.trunc(centre - support[:, None] + 0.5), lo[:, None])
-    last = torch.minimum(torch.trunc(centre + support[:, None] + 0.5), hi[:, None])  # exclusive
-    j = torch.arange(in_max, dtype=torch.float64, device=dev).view(1, 1, -1)
-    w = (1 - ((j - centre[..., None] + 0.5) / support.view(-1, 1, 1)).abs()).clamp(min=0)
-    w = w * ((j >= first[..., None]) & (j < last[..., None]))
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
-    return (torch.round(w * 2 ** PIL_PRECISION_BITS) / 2 ** PIL_PRECISION_BITS).float()
-
-
-def pad_batch(images):
-    """A list of (C, H_i, W_i) tensors as one (B, C, H_max, W_max) batch, zero-padded at the bottom and right, in one
-    library call (torch.nested: its strided layout is marked prototype, but its padding is exactly this)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.nested.as_nested_tensor(list(images)).to_padded_tensor(0)
-
-
-def resample_batch(images, geometry, size, mirror, max_elements=1 << 27):
-    """Crop, resize (Pillow's bilinear, antialiased) and mirror a list of uint8 (3, H_i, W_i) images on their device, as
-    a batch: uint8 (B, 3, size, size). geometry: float64 numpy (B, 8) of per-sample (start, scale, lo, hi) for x then y
-    (see pil_bilinear_weights); mirror: bool numpy (B,).
-
-    Two batched matmuls per chunk (width first, rounded to uint8 in between, then height), as Pillow resizes, so
-    the pixels equal Pillow's up to float rounding. The images are zero-padded to the chunk's largest; chunks keep
-    that padded copy under max_elements floats, so a batch of large photos does not claim the whole GPU."""
-    with exact_float32(images[0].device):
-        return _resample_batch(images, geometry, size, mirror, max_elements)
-
-
-@contextlib.contextmanager
-def exact_float32(device):
-    """float32 matmuls at full precision and no autocast, for resample_batch: TF32 (on in fast CUDA runs, engine.py)
-    keeps 10 mantissa bits and bf16 autocast 8, either of which would round Pillow's weights and move pixels by a
-    grey level. The matmul precision is a process-wide setting: it is restored on the way out (kernels already
-    launched keep the precision they were launched with)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(torch.device(device).type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _resample_batch(images, geometry, size, mirror, max_elements):
-    dev = images[0].device
-    g = to_device(torch.from_numpy(np.ascontiguousarray(geometry)), dev)
-    flip = to_device(torch.from_numpy(np.asarray(mirror, dtype=bool)), dev)
-    out, begin = [], 0
-    while begin < len(images):
-        end, h_max, w_max = begin, 0, 0
-        while end < len(images):  # grow the chunk while its padded copy stays under the cap (at least one image)
-            h, w = max(h_max, images[end].shape[1]), max(w_max, images[end].shape[2])
-            if end > begin and (end + 1 - begin) * 3 * h * w > max_elements:
-                break
-            end, h_max, w_max = end + 1, h, w
-        padded = pad_batch(images[begin:end])
-        wx = pil_bilinear_weights(*g[begin:end, :4].unbind(1), size, padded.shape[3])
-        wx = torch.where(flip[begin:end].view(-1, 1, 1), wx.flip(1), wx)  # mirrored: the output columns reversed
-        wy = pil_bilinear_weights(*g[begin:end, 4:].unbind(1), size, padded.shape[2])
-        b, c, h, w = padded.shape
-        # each pass is one bmm per sample, the channels stacked into its rows or columns (no broadcast copies)
-        rows = torch.bmm(padded.float().view(b, c * h, w), wx.transpose(1, 2))  # (b, c*H, size)
-        rows = torch.floor(rows + 0.5).clamp_(0, 255).view(b, c, h, size).permute(0, 2, 1, 3).reshape(b, h, c * size)
-        cols = torch.floor(torch.bmm(wy, rows) + 0.5).clamp_(0, 255)  # (b, size, c*size)
-        out.append(cols.view(b, size, c, size).permute(0, 2, 1, 3).to(torch.uint8))
-        begin = end
-    return torch.cat(out)
-
-
-def sample_geometry(width, height, region, crops, size, crop_frac):
-    """Per-sample source geometry for resample_batch, numpy (B, 8), vectorised over the batch.
-
-    width/height: the decoded images' sizes; region: (B, 4) x0, y0, x1, y1 of each sample's crop box (the whole image
-    without one); crops: (B, 4) x, y, w, h of the random-resized crop within the region, or NaN rows for the eval
-    policy (shorter side to size / crop_frac, centre crop), computed as BirdImages computes it with PIL."""
-    region = np.asarray(region, dtype=np.float64)
-    crops = np.asarray(crops, dtype=np.float64)
-    rw, rh = region[:, 2] - region[:, 0], region[:, 3] - region[:, 1]
-    short = round(size / crop_frac)
-    ratio = short / np.minimum(rw, rh)
-    resized_w, resized_h = np.maximum(size, np.round(rw * ratio)), np.maximum(size, np.round(rh * ratio))
-    eval_x = np.floor((resized_w - size) / 2) * rw / resized_w
-    eval_y = np.floor((resized_h - size) / 2) * rh / resized_h
-    is_eval = np.isnan(crops[:, 0])
-    start_x = region[:, 0] + np.where(is_eval, eval_x, crops[:, 0])
-    start_y = region[:, 1] + np.where(is_eval, eval_y, crops[:, 1])
-    scale_x = np.where(is_eval, rw / resized_w, crops[:, 2] / size)
-    scale_y = np.where(is_eval, rh / resized_h, crops[:, 3] / size)
-    hi_x, hi_y = np.minimum(region[:, 2], width), np.minimum(region[:, 3], height)
-    return np.stack([start_x, scale_x, region[:, 0], hi_x, start_y, scale_y, region[:, 1], hi_y], 1)
-
-
-def pil_rgb(source):
-    """A file (path or file object) decoded by PIL, any mode to RGB, as uint8 (3, H, W)."""
-    from PIL import Image
-    with Image.open(source) as im:
-        return torch.from_numpy(np.asarray(oriented(im).convert("RGB")).copy()).permute(2, 0, 1)
-
-
-class FileItem(NamedTuple):
-    """One sample as a BirdFiles worker hands it over."""
-    index: int  # into the loader's samples
-    image: torch.Tensor | None  # uint8: the file's bytes, or (3, H, W) pixels where decoded already; in a FileBatch
-    #                             an encoded item's bytes are in the batch's one tensor instead (None here)
-    decoded: bool  # True: PIL decoded it (or it is the black stand-in for a broken file)
-    label: int
-    region: tuple  # (x0, y0, x1, y1) in source pixels: the crop box, or the whole image
-    crop: tuple | None  # (x, y, w, h) of the random-resized crop within the region; None: the eval policy
-    mirror: bool
-
-
-class FileBatch(NamedTuple):
-    """A batch as the reader workers hand it over: the encoded files' bytes one after another in one tensor (one
-    shared-memory segment and one file-descriptor handshake per batch, not one per file), and the items."""
-    items: list  # FileItems; an encoded one's image is None, its bytes are in `data`
-    data: torch.Tensor  # uint8 (total bytes,)
-    offsets: list  # the k-th encoded item's bytes are data[offsets[k]:offsets[k + 1]]
-
-    def encoded(self):
-        """(item, its bytes as a view of `data`) for each encoded item, in batch order."""
-        todo = [it for it in self.items if not it.decoded]
-        return [(it, self.data[a:b]) for it, a, b in zip(todo, self.offsets, self.offsets[1:], strict=False)]
-
-
-def collate_files(batch):
-    """BirdFiles items (None: a skipped broken file) into a FileBatch; runs in the worker, before the hand-over."""
-    items = [b for b in batch if b is not None]
-    blobs = [it.image for it in items if not it.decoded]
-    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
-    data = torch.cat(blobs) if blobs else torch.zeros(0, dtype=torch.uint8)
-    return FileBatch([it if it.decoded else it._replace(image=None) for it in items], data, offsets)
-
-
-class BirdFiles(torch.utils.data.Dataset):
-    """What a DataLoader worker does for the nvJPEG and DALI loaders: read one file's bytes and draw its augmentation
-    (`draw_augmentation`, from the size found by `scan_images`). The few files in `pil` (not a JPEG the GPU decoder
-    takes) are decoded here by PIL, to full size, and join the same batch; broken files give None (skipped) or, with
-    keep_broken, a black image. Returns a FileItem."""
-
-    def __init__(self, samples, sizes, img_size, aug=(), scale=(0.25, 1.0), broken=(), pil=(), keep_broken=False,
-                 placeholder=None):
-        self.samples, self.sizes, self.img_size, self.aug, self.scale = samples, sizes, img_size, set(aug), scale
-        self.broken, self.pil, self.keep_broken, self.placeholder = set(broken), set(pil), keep_broken, placeholder
-
-    def __len__(self):
-        return len(self.samples)
-
-    def _black(self, index, label):
-        s = self.img_size
-        if self.placeholder is not None:  # DALI decodes a placeholder JPEG
-            return FileItem(index, torch.from_numpy(self.placeholder), False, label, (0, 0, 8, 8), None, False)
-        return FileItem(index, torch.zeros(3, s, s, dtype=torch.uint8), True, label, (0, 0, s, s), None, False)
-
-    def __getitem__(self, item):
-        index, sample_seed = item
-        path, label, box = self.samples[index]
-        if index in self.broken:
-            return self._black(index, label) if self.keep_broken else None
-        width, height = self.sizes[index]
-        crop, mirror = draw_augmentation(sample_seed, width, height, self.aug, self.scale)
-        region = (0, 0, width, height)
-        if box is not None:
-            region = (int(box[0]), int(box[1]), int(box[0]) + width, int(box[1]) + height)
-        if index not in self.pil:
-            return FileItem(index, torch.from_numpy(np.fromfile(path, dtype=np.uint8)), False, label, region, crop, mirror)
-        try:
-            image = pil_rgb(path)
-        except Exception as e:  # any decoder failure: never crash the epoch
-            warn_broken(path, f"cannot decode ({e})", self.keep_broken)
-            return self._black(index, label) if self.keep_broken else None
-        return FileItem(index, image, True, label, region, crop, mirror)
-
-
-class FileReaders:
-    """DataLoader workers that read BirdFiles items, batch by batch, for the nvJPEG and DALI loaders. The workers
-    persist across epochs (each epoch only swaps the list of batches), so a short epoch does not pay their start-up
-    again; they touch no device, so forking them after CUDA or DALI started is safe. At most 4: reading a file and
-    drawing its crop take about 60 us (BENCHMARKS.md), so 4 processes feed far more images per second than any GPU
-    trains on; the decoding itself is the device's (or DALI's threads'). None for a CPU device: there those 60 us
-    are nothing next to the model's milliseconds per image, and reader processes would take cores from the decoder
-    and the model (DALI's CPU loader alone: 846 img/s with 2 readers on 2 cores, 1,288 without; BENCHMARKS.md)."""
-    MAX_READERS = 4
-
-    def __init__(self, files, workers, seed_generator, device):
-        self.batch_list = _BatchList([])
-        workers = min(workers, self.MAX_READERS) if torch.device(device).type == "cuda" else 0
-        self.loader = torch.utils.data.DataLoader(
-            files, batch_sampler=self.batch_list, num_workers=workers, collate_fn=collate_files,
-            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
-            generator=seed_generator)  # else DataLoader draws its base seed from the global RNG (dropout's)
-
-    def epoch(self, batches):
-        self.batch_list.batches = batches
-        return iter(self.loader)
-
-
-@functools.cache
-def jpeg_decoder():
-    """(name, decode): the batched JPEG decoder, decode(list of uint8 CPU tensors, device) -> list of RGB uint8
-    (3, H, W) on the device. TorchCodec's where it imports (the maintained one: torchvision 0.29 deprecates its own
-    image decoding in its favour), else torchvision's. On a CPU device both are libjpeg-turbo and give PIL's pixels."""
-    try:
-        from torchcodec.decoders import decode_jpeg
-        return "torchcodec", lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
-    except Exception:  # not installed, or built for another torch (its wheels follow torch's versions)
-        from torchvision.io import ImageReadMode, decode_jpeg
-        return "torchvision", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-
-
-# How decode_jpegs orders a CUDA decode after the work already queued on the caller's stream: "stream" (a side
-# stream, no host wait) or "sync" (the host waits for the caller's stream first); "none" is the unordered call
-# this repo made before, kept only so that tools/gpu_check.py can show its decode-under-load check failing on it.
-DECODE_ORDER = "stream"
-_DECODE_STREAMS = {}  # one side stream per CUDA device
-
-
-@contextlib.contextmanager
-def no_uninitialized_fill():
-    """Under --deterministic torch fills every torch.empty with a fill kernel on the current stream
-    (torch.utils.deterministic.fill_uninitialized_memory); the decoders allocate their outputs so while decoding on
-    a stream of their own, which does not wait for that fill: it would land after the pixels and blank them (to the
-    same values every run, so a determinism check passes). Their outputs are written whole, so nothing needs it."""
-    import torch.utils.deterministic as deterministic
-    previous = deterministic.fill_uninitialized_memory
-    deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        deterministic.fill_uninitialized_memory = previous
-
-
-def decode_jpegs(datas, device):
-    """The one place that decodes JPEGs on the device (training, evaluation, the feature cache and predict.py all come
-    here through NvjpegImageLoader): a list of uint8 CPU tensors of file bytes -> RGB uint8 (3, H, W) on `device`.
-
-    On CUDA, torchvision 0.26's decode_jpeg allocates its outputs from PyTorch's caching allocator on the current
-    stream, then decodes on a private stream that does not wait for the work queued there; nvJPEG's hardware engine
-    also ignores stream order (TorchCodec's, too). The allocator hands out a block as soon as it is freed on its
-    stream, so the decoder can be given memory that a queued kernel of the running step (forward, backward,
-    evaluation) still reads or writes, and the images or the step come out wrong: reproduced upstream on an H100 in
-    199 runs of 200 (pytorch/vision PR 9606, TorchCodec PR 1634, neither in the torch 2.11 builds we run on). So the
-    decode runs with a side stream current: its outputs come from that stream's pool, which holds only blocks whose
-    every use is finished (the outputs of earlier decodes are recorded on the caller's stream below, so the allocator
-    keeps them until the caller's stream has passed their last use). Then the caller's stream waits for the side
-    stream (the decoder makes the side stream wait for its own), no host wait at all. DECODE_ORDER "sync" waits on
-    the host instead. No uninitialised-memory fill is queued either way (no_uninitialized_fill)."""
-    _, decode = jpeg_decoder()
-    device = torch.device(device)
-    if device.type != "cuda":
-        return decode(datas, device)
-    if DECODE_ORDER == "none":  # the old, unordered call: a planted fault for gpu_check, never the default
-        return decode(datas, device)
-    current = torch.cuda.current_stream(device)
-    with no_uninitialized_fill():
-        if DECODE_ORDER == "sync":
-            current.synchronize()  # nothing is queued any more, so no block the allocator hands out is still in use
-            return decode(datas, device)
-        side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
-        with torch.cuda.stream(side):
-            images = decode(datas, device)
-    current.wait_stream(side)
-    for image in images:
-        image.record_stream(current)  # freed later on the host: not reused before the caller's stream is past it
-    return images
-
-
-def to_device(tensor, device):
-    """A host tensor onto the device: pinned and non-blocking on CUDA (the pinned copy is held by PyTorch's host
-    allocator until the copy has run), a plain copy elsewhere."""
-    if torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-class NvjpegImageLoader(SampledLoader):
-    """Batched JPEG decoding on the device (`decode_jpegs`: TorchCodec's or torchvision's nvJPEG decoder) and batched
-    resampling there.
-
-    DataLoader workers only read file bytes and draw each sample's crop and mirror (`BirdFiles`), and hand each batch
-    over as one tensor of bytes (`FileBatch`). The device decodes the batch in one call, then crops, resizes
-    (Pillow's antialiased bilinear, as the torch loader's PIL), mirrors and normalises it in two matmuls
-    (`resample_batch`): no per-image loop. Files nvJPEG does not take (PNG under a .jpg name, grayscale, CMYK,
-    lossless/arithmetic JPEG, EXIF-rotated) are found by `scan_images` and decoded by PIL in the workers into the same
-    batch. On a CPU device the same code runs with libjpeg-turbo (the tests' path)."""
-    may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
-
-    def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
-                 rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
-        self.device, self.workers, self.channels_last = torch.device(device), workers, channels_last
-        self.img_size, self.crop_frac, self.keep_broken = img_size, crop_frac, keep_broken
-        self.samples = samples
-        sizes, broken, pil, self.pil_reasons = scan_images(samples, pil_for_gpu_refused=True)
-        for i, why in broken.items():  # as the torch loader does when PIL fails on them
-            warn_broken(samples[i][0], why, keep_broken)
-        self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, broken, pil, keep_broken)
-        self.readers = None
-        self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
-                                    drop_last=train and len(samples) > batch_size, rank=rank, world=world)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-
-    def __iter__(self):
-        batches = self._epoch_items()
-        if self.readers is None:
-            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
-        for batch in self.readers.epoch(batches):
-            xb, yb = self._to_batch(batch)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
-
-    def _decode(self, encoded):
-        """Decode [(item, bytes)] on the device in one batched call; a batch the decoder refuses is decoded file by
-        file, and what it still refuses goes to PIL here (None: not decodable at all)."""
-        if not encoded:
-            return []
-        try:
-            return decode_jpegs([blob for _, blob in encoded], self.device)
-        except (RuntimeError, ValueError):
-            pass
-        out = []
-        for it, blob in encoded:  # only after a refused batch
-            try:
-                out.append(decode_jpegs([blob], self.device)[0])
-                continue
-            except (RuntimeError, ValueError):
-                pass
-            path = self.samples[it.index][0]
-            try:
-                image = pil_rgb(io.BytesIO(blob.numpy().tobytes()))
-                warn(f"{path}: the GPU decoder refused it, decoded by PIL")
-                out.append(to_device(image, self.device))
-            except Exception as e:
-                warn_broken(path, f"cannot decode ({e})", self.keep_broken)
-                out.append(None)
-        return out
-
-    def _to_batch(self, batch):
-        s = self.img_size
-        encoded = batch.encoded()
-        decoded = dict(zip((it.index for it, _ in encoded), self._decode(encoded), strict=True))
-        images, kept = [], []
-        for it in batch.items:
-            image = to_device(it.image, self.device) if it.decoded else decoded[it.index]
-            if image is None and self.keep_broken:  # the black stand-in BirdFiles gives a broken file
-                it = self.files._black(it.index, it.label)
-                image = to_device(it.image, self.device)
-            if image is not None:
-                images.append(image)
-                kept.append(it)
-        labels = torch.tensor([it.label for it in kept], dtype=torch.long)
-        if not kept:  # every image of the batch was broken: an empty batch, on the device like any other
-            return torch.zeros(0, 3, s, s, device=self.device), labels.to(self.device)
-        geometry = sample_geometry([im.shape[2] for im in images], [im.shape[1] for im in images],
-                                   [it.region for it in kept], [it.crop or (math.nan,) * 4 for it in kept],
-                                   s, self.crop_frac)
-        x = resample_batch(images, geometry, s, [it.mirror for it in kept])
-        return (x.float() - self.mean) / self.std, to_device(labels, self.device)
-
-
-def dali_available():
-    try:
-        import nvidia.dali  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-class DaliImageLoader(SampledLoader):
-    """DALI pipeline: JPEG decode (nvJPEG, device='mixed' on a GPU; DALI's CPU decoder otherwise), then one resize of
-    each sample's source box to img_size (antialiased), mirror and normalisation inside DALI. DataLoader workers feed
-    it (`BirdFiles`): they read the bytes and draw each sample's crop and mirror with `draw_augmentation`, as the other
-    loaders do, and `sample_geometry` turns those into the same source boxes the nvJPEG loader resamples: same order,
-    same crops, the eval resize and centre crop of PIL, and an epoch resumes exactly at any step."""
-    on_torch_stream = True  # False: host-synchronous outputs, as before (tools/gpu_check.sh times both)
-
-    def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
-                 rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
-        self.samples, self.device, self.channels_last = samples, torch.device(device), channels_last
-        self.img_size, self.crop_frac, self.workers = img_size, crop_frac, workers
-        # DALI stops the whole pipeline on an undecodable file: catch them up front (headers only).
-        sizes, bad, _, _ = scan_images(samples, pil_for_gpu_refused=False)
-        if bad and not keep_broken:
-            first = min(bad)
-            raise DataError(f"{samples[first][0]}: {bad[first]}"
-                            f"{f' (and {len(bad) - 1} more broken images)' if len(bad) > 1 else ''}; remove it, or use "
-                            f"--loader torch or nvjpeg, which skip such files")
-        for i, why in bad.items():
-            warn_broken(samples[i][0], why, keep=True)
-        placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8).copy()  # writable: workers wrap it in a tensor
-        self.files = BirdFiles(samples, sizes, img_size, aug if train else (), scale, bad, (), keep_broken, placeholder)
-        self.sampler = EpochSampler(len(samples), batch_size, shuffle=train, seed=seed,
-                                    drop_last=train and len(samples) > batch_size, rank=rank, world=world)
-        self.local_batch = batch_size // world
-        self.build_args, self.pipe, self.readers = (img_size, mean, std, workers), None, None
-
-    def _build(self, img_size, mean, std, workers):
-        from nvidia.dali import fn, pipeline_def, types
-        gpu = self.device.type == "cuda"
-
-        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
-                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=2, exec_dynamic=True)
-        def pipe():
-            jpegs, labels, mirror, roi_start, roi_end = fn.external_source(
-                source=self._feed, num_outputs=5, batch=True,
-                dtype=[types.UINT8, types.INT64, types.INT32, types.FLOAT, types.FLOAT])
-            # EXIF orientation applied, as the other loaders do (`oriented`), so every loader sees the same pixels,
-            # and fancy (smooth) chroma upsampling on the GPU too: nvJPEG's default differs from libjpeg's
-            # The whole image is decoded (decoding only the crop's box measured no faster on the CPU, and its filter
-            # cannot reach past the box as PIL's does: 14 grey levels off at box edges)
-            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                       adjust_orientation=True, jpeg_fancy_upsampling=True)
-            # the sample's source box (from sample_geometry) to img_size x img_size, antialiased as PIL's bilinear
-            images = fn.resize(images, resize_x=img_size, resize_y=img_size, roi_start=roi_start, roi_end=roi_end,
-                               roi_relative=False, antialias=True)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-                                              mean=[m * 255 for m in mean], std=[s * 255 for s in std])
-            return images, labels.gpu() if gpu else labels
-
-        built = pipe()
-        built.build()
-        return built
-
-    def _feed(self, info=None):
-        batch = next(self._batches)  # StopIteration ends DALI's epoch; the workers have read and drawn everything
-        items, blobs = zip(*batch.encoded(), strict=True)  # DALI decodes every file, the black placeholder's too
-        regions = [it.region for it in items]  # DALI decodes whole files: a region ends where the file does
-        geometry = sample_geometry([r[2] for r in regions], [r[3] for r in regions], regions,
-                                   [it.crop or (math.nan,) * 4 for it in items], self.img_size, self.crop_frac)
-        start = np.stack([geometry[:, 4], geometry[:, 0]], 1).astype(np.float32)  # DALI's ROI is in shape order: (y, x)
-        end = start + self.img_size * np.stack([geometry[:, 5], geometry[:, 1]], 1).astype(np.float32)
-        return ([blob.numpy() for blob in blobs], [np.array(it.label, dtype=np.int64) for it in items],
-                [np.array(int(it.mirror), dtype=np.int32) for it in items], list(start), list(end))
-
-    def __iter__(self):
-        batches = self._epoch_items()
-        # DALI needs full batches: a short one is padded (an empty one, on a rank whose share of the last global
-        # batch is nothing, with sample 0) and the padding cut off afterwards.
-        sizes = [len(b) for b in batches]
-        padded = [b + [b[-1] if b else (0, 0)] * (self.local_batch - len(b)) for b in batches]
-        if self.readers is None:
-            self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
-        self._batches = self.readers.epoch(padded)
-        if self.pipe is None:  # first epoch, or the last one was left part-way: a fresh pipeline
-            self.pipe = self._build(*self.build_args)
-        else:
-            self.pipe.reset()
-        pipe, self.pipe = self.pipe, None
-        # On a GPU the outputs are bound to torch's stream (no host sync per batch, so DALI's prefetch overlaps
-        # the training step) and copied on that stream; on the CPU they are host tensors anyway.
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" and self.on_torch_stream else None
-        for step, size in enumerate(sizes):
-            try:
-                images, labels = pipe.run(stream) if stream is not None else pipe.run()
-            except RuntimeError as e:  # a file that passed the header check but does not decode stops DALI
-                names = ", ".join(Path(self.samples[i][0]).name for i, _ in batches[step][:4])
-                first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-                raise DataError(f"DALI could not decode an image of the batch holding {names}... ({first}); remove "
-                                f"it, or use --loader torch, which skips undecodable files with a warning") from None
-            xb = _dali_to_torch(images, self.device)[:size]
-            yb = _dali_to_torch(labels, self.device)[:size].long().view(-1)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
-        self.pipe = pipe  # ran to the end of the epoch: reusable after reset()
-
-
-def _dali_to_torch(tensor_list, device):
-    """Copy a DALI batch (CPU or GPU) into a new torch tensor on `device`, on torch's current stream."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-    array = tensor_list.as_tensor()
-    out = torch.empty(array.shape(), dtype=to_torch_type[array.dtype], device=device)
-    feed_ndarray(array, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-    return out
-
-
-def default_loader(device):
-    """--loader auto: DALI wherever it imports (nvJPEG on a GPU, its CPU decoder otherwise: measured 2x the PIL paths
-    on CPU, BENCHMARKS.md figure 4); else, on a CUDA device, torchvision's batched nvJPEG; else PIL in DataLoader
-    workers. Decided from the device the run resolved, not from what the machine has."""
-    if dali_available():
-        return "dali"
-    return "nvjpeg" if torch.device(device).type == "cuda" else "torch"
-
-
-def default_workers():
-    """--workers by default: this process's share of the CPU cores it may use (torchrun's LOCAL_WORLD_SIZE processes
-    share them), at most 16; 2 on a 2-core machine, as before, and enough for nvJPEG's hybrid decoder on a GPU host."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-
-
-LOADERS = ("auto", "dali", "nvjpeg", "torch")
-LOADER_HELP = ("dali: DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise); nvjpeg: torchvision's batched "
-               "nvJPEG decode and batched crop/resize on the device (libjpeg-turbo on a CPU device); torch: PIL in "
-               "DataLoader workers; auto: dali when installed, else nvjpeg on a CUDA device, else torch")
-
-
-def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):
-    """kind: 'dali', 'nvjpeg', 'torch' or 'auto' (see default_loader); workers=None: default_workers()."""
-    if kind == "auto":
-        kind = default_loader(device)
-    if "workers" in kw and kw["workers"] is None:
-        kw["workers"] = default_workers()
-    if kind == "dali":
-        if not dali_available():
-            raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda130, or -cuda120 with torch's CUDA 12 wheels)")
-        return DaliImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
-    if kind == "nvjpeg":
-        return NvjpegImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
-    return TorchImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
-
-
 # ----------------------------------------------------------------------------- command line
 
 def prepare(cifar_dir=None, birds_dir=None, arch=None, weights=None):
     """What run_all.sh needs before its first run: fetch each missing piece (CIFAR-100 into cifar_dir, CUB-200-2011
     beside birds_dir, ImageNet weights into torchvision's/timm's cache); return one sentence per piece still missing."""
     problems = []
-    if cifar_dir:
-        try:
-            find_cifar_dir(cifar_dir)
-        except DataError:
+    for name, folder, fetch in (("CIFAR-100", cifar_dir, find_or_download_cifar),
+                                ("CUB-200-2011", birds_dir, find_or_download_cub)):
+        if folder:
             try:
-                Path(cifar_dir).mkdir(parents=True, exist_ok=True)
-                download_cifar100(cifar_dir)
+                fetch(folder, download=True)
             except (DataError, OSError) as e:
-                problems.append(f"CIFAR-100 is not in {cifar_dir}: {e}")
-    if birds_dir:
-        try:
-            find_cub_root(birds_dir)
-        except DataError:
-            root = Path(birds_dir)
-            parent = root.parent if root.name == "CUB_200_2011" else root
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-                download_cub2011(parent)
-            except (DataError, OSError) as e:
-                problems.append(f"CUB-200-2011 is not in {birds_dir}: {e}")
+                problems.append(f"{name} is not in {folder}: {e}")
     if arch and weights == "imagenet":
         import models
         try:
@@ -1448,9 +547,9 @@ def main():
             print(f"error: {' '.join(p.split())}", file=sys.stderr)
         sys.exit(1 if problems else 0)
     try:
-        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
-        path = download_cifar100(args.data_dir) if args.what == "cifar100" else download_cub2011(args.data_dir)
-    except DataError as e:
+        fetch = find_or_download_cifar if args.what == "cifar100" else find_or_download_cub
+        path = fetch(args.data_dir, download=True)
+    except (DataError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"ready: {path}")
 

@@ -24,8 +24,13 @@ from pathlib import Path
 
 import torch
 
+import bird_data
+import bird_loaders
 import data
+import devices
 import engine
+import flags
+import run_files
 import models
 
 # The default fine-tuning recipe (LP-FT): a 10-epoch linear probe on cached features (AdamW 1e-3), then the whole
@@ -41,7 +46,7 @@ LP_EPOCHS = PROBE["epochs"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = flags.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--data-dir", default="data/CUB_200_2011", help="CUB_200_2011 root (or its parent), or a train/ test/ tree")
@@ -82,37 +87,32 @@ def parse_args(argv=None):
     add("--lp-lr", type=float, default=PROBE["lr"], help="peak lr of the linear-probe phase (cosine schedule)")
     add("--dropout", type=float, default=0.0, help="dropout before the new head")
     add("--img-size", type=int, default=224, help="training and evaluation crop size in pixels")
-    add("--aug", default="rrc,flip", help="training augmentation: rrc (random-resized crop), flip, or none")
+    add("--aug", type=bird_loaders.BIRD_AUG, default="rrc,flip",
+        help=f"training augmentation (rrc: random-resized crop): {bird_loaders.BIRD_AUG.help()}")
     add("--rrc-min-scale", type=float, default=0.25, help="smallest area fraction a random-resized crop keeps")
-    add("--loader", choices=data.LOADERS, default="auto", help=data.LOADER_HELP)
+    add("--loader", choices=bird_loaders.LOADERS, default="auto", help=bird_loaders.LOADER_HELP)
     add("--workers", type=int, default=None,
         help="PIL decoding processes (torch) or DALI threads (dali) per process; on a CUDA device nvjpeg and dali "
              "also read the files in min(4, N) processes; default: this process's share of the CPU cores, at most 16")
     add("--max-bad-frac", type=float, default=0.05, help="refuse the data when more than this fraction of images is broken")
-    add("--tta", nargs="?", const="flip", default="none",
+    add("--tta", type=engine.TTA, nargs="?", const="flip", default="none",
         help="test-time augmentation for the CSV: none, flip, or flip,shift (softmax averaged over the views)")
-    engine.add_training_args(parser, RECIPE)
+    flags.add_training_args(parser, RECIPE)
     if parser.parse_known_args(argv)[0].freeze_backbone:  # a frozen run is a linear probe: the probe's defaults
         parser.set_defaults(**PROBE)
     args = parser.parse_args(argv)
     if args.cache_features is None:
         args.cache_features = args.freeze_backbone
-    args.epochs_cap = engine.epochs_cap(args, argv)
+    args.epochs_cap = flags.epochs_cap(args, argv)
     return args
 
 
 def load_samples(args):
     if args.dataset == "cub2011":
-        if args.download:  # into the folder that holds (or will hold) CUB_200_2011/
-            root = Path(args.data_dir)
-            parent = root.parent if root.name == "CUB_200_2011" else root
-            if not (parent / "CUB_200_2011" / "images.txt").is_file():
-                parent.mkdir(parents=True, exist_ok=True)
-                data.download_cub2011(parent)
-        return data.load_cub(args.data_dir, args.crop_boxes)
+        return bird_data.load_cub(data.find_or_download_cub(args.data_dir, args.download), args.crop_boxes)
     if args.download:
-        raise engine.UsageError("--download fetches CUB-200-2011 only; use --dataset cub2011")
-    return data.load_image_folder(args.data_dir)
+        raise flags.UsageError("--download fetches CUB-200-2011 only; use --dataset cub2011")
+    return bird_data.load_image_folder(args.data_dir)
 
 
 def build_model(args, num_classes):
@@ -121,15 +121,15 @@ def build_model(args, num_classes):
         model = models.TransferNet(args.arch, num_classes, args.dropout, args.freeze_backbone, pretrained,
                                    args.freeze_stages, args.bn_mode)
     except ValueError as e:
-        raise engine.UsageError(str(e)) from None
+        raise flags.UsageError(str(e)) from None
     except (OSError, RuntimeError) as e:  # hub/download failures when offline
         if not pretrained:
             raise
-        raise engine.UsageError(f"could not fetch ImageNet weights for {args.arch} ({type(e).__name__}); "
+        raise flags.UsageError(f"could not fetch ImageNet weights for {args.arch} ({type(e).__name__}); "
                                 f"connect to the internet once, or pass --weights PATH to a local state dict") from None
     if args.weights not in ("imagenet", "none"):
         if not Path(args.weights).is_file():
-            raise engine.UsageError(f"--weights {args.weights} is neither imagenet, none, nor an existing file")
+            raise flags.UsageError(f"--weights {args.weights} is neither imagenet, none, nor an existing file")
         models.load_backbone_weights(model.backbone, args.weights)
     return model
 
@@ -140,34 +140,30 @@ def extract_features(model, loader, device, amp, progress=False, desc="features"
     model.eval()
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, unit="batch"):
-        with engine.autocast(device, amp):
+        with devices.autocast(device, amp):
             feats.append(model.features(x).float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
 def check_args(args):
-    engine.require(0 < args.val_frac < 1, "--val-frac", args.val_frac, "between 0 and 1")
-    engine.require(args.img_size >= 16, "--img-size", args.img_size, ">= 16")
-    engine.require(args.backbone_lr_mult >= 0, "--backbone-lr-mult", args.backbone_lr_mult, ">= 0")
-    engine.require(0 < args.rrc_min_scale <= 1, "--rrc-min-scale", args.rrc_min_scale, "in (0, 1]")
-    engine.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
+    flags.require(0 < args.val_frac < 1, "--val-frac", args.val_frac, "between 0 and 1")
+    flags.require(args.img_size >= 16, "--img-size", args.img_size, ">= 16")
+    flags.require(args.backbone_lr_mult >= 0, "--backbone-lr-mult", args.backbone_lr_mult, ">= 0")
+    flags.require(0 < args.rrc_min_scale <= 1, "--rrc-min-scale", args.rrc_min_scale, "in (0, 1]")
+    flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
     if args.cache_features and not args.freeze_backbone:
-        raise engine.UsageError("--cache-features needs --freeze-backbone (a training backbone changes its features)")
+        raise flags.UsageError("--cache-features needs --freeze-backbone (a training backbone changes its features)")
     if args.lp_epochs is None:
         args.lp_epochs = 0 if args.freeze_backbone else LP_EPOCHS
-    engine.require(args.freeze_stages >= 0, "--freeze-stages", args.freeze_stages, ">= 0")
-    engine.require(args.lp_epochs >= 0, "--lp-epochs", args.lp_epochs, ">= 0")
-    engine.require(0 < args.layer_decay <= 1, "--layer-decay", args.layer_decay, "in (0, 1]")
-    engine.require(args.lp_lr > 0 and math.isfinite(args.lp_lr), "--lp-lr", args.lp_lr, "a positive number")
+    flags.require(args.freeze_stages >= 0, "--freeze-stages", args.freeze_stages, ">= 0")
+    flags.require(args.lp_epochs >= 0, "--lp-epochs", args.lp_epochs, ">= 0")
+    flags.require(0 < args.layer_decay <= 1, "--layer-decay", args.layer_decay, "in (0, 1]")
+    flags.require(args.lp_lr > 0 and math.isfinite(args.lp_lr), "--lp-lr", args.lp_lr, "a positive number")
     if args.freeze_backbone and (args.freeze_stages or args.lp_epochs):
-        raise engine.UsageError("--freeze-backbone already freezes every stage and trains only the head; drop "
+        raise flags.UsageError("--freeze-backbone already freezes every stage and trains only the head; drop "
                                 "--freeze-stages/--lp-epochs, or drop --freeze-backbone to fine-tune")
-    engine.parse_tta(args.tta)
-    try:
-        args.aug_set = sorted(data.parse_bird_aug(args.aug))
-    except data.DataError as e:
-        raise engine.UsageError(str(e)) from None
+    args.aug_set = sorted(bird_loaders.BIRD_AUG.names(args.aug))
 
 
 def describe(args):
@@ -185,21 +181,23 @@ def run(argv=None):
     t_start, budget_start = time.perf_counter(), engine.now()  # the run's wall clock; --time-budget counts from here
     args = parse_args(argv)
     check_args(args)
-    device = engine.resolve_device(args)
-    rank, world = engine.setup_distributed(device)
+    device = devices.pick_device(args.device)
+    devices.device_defaults(args, device)  # --amp, --compile, --channels-last left unset: from the device
+    devices.set_determinism(args.deterministic)  # the process-wide cuDNN, TF32 and deterministic-kernel flags
+    rank, world = devices.setup_distributed(device)
     train_all, test_samples, classes = load_samples(args)
-    train_all, skipped = data.drop_bad_images(train_all, args.max_bad_frac, "training images")
+    train_all, skipped = bird_data.drop_bad_images(train_all, args.max_bad_frac, "training images")
     if not train_all:
         raise data.DataError(f"{args.data_dir} has no readable training images")
     train_idx, val_idx = data.stratified_split([s[1] for s in train_all], val_frac=args.val_frac, seed=args.split_seed)
     train_samples, val_samples = [train_all[i] for i in train_idx], [train_all[i] for i in val_idx]
-    engine.check_training_args(args, len(train_samples))
+    flags.check_training_args(args, len(train_samples))
     out, lp_dir = Path(args.out), Path(args.out) / "lp"
     engine.prepare_run_dir(out, engine.run_config(args, {"data": args.dataset, "classes": len(classes)}),
                            args.resume, args.force, rank)
-    if args.force and engine.is_main(rank) and lp_dir.exists():
+    if args.force and devices.is_main(rank) and lp_dir.exists():
         shutil.rmtree(lp_dir)
-    engine.barrier()
+    devices.barrier()
     clock = engine.WallClock(out, args.resume, start=t_start)  # wall time over every process of this run
 
     engine.seed_everything(args.seed, rank=0)
@@ -207,19 +205,19 @@ def run(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean, std = model.mean, model.std
-    loader_kind = data.default_loader(device) if args.loader == "auto" else args.loader
+    loader_kind = bird_loaders.default_loader(device) if args.loader == "auto" else args.loader
     common = dict(mean=mean, std=std, device=device, workers=args.workers, rank=rank, world=world,
                   channels_last=args.channels_last, scale=(args.rrc_min_scale, 1.0))
     eval_batch = max(args.batch_size, 64 // world * world)
     train_aug = () if args.cache_features else args.aug_set
-    train = data.bird_loader(loader_kind, train_samples, args.img_size, args.batch_size, True, aug=train_aug,
+    train = bird_loaders.bird_loader(loader_kind, train_samples, args.img_size, args.batch_size, True, aug=train_aug,
                              seed=args.seed, **common)
-    val = data.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False, **common)
-    test = data.bird_loader(loader_kind, test_samples, args.img_size, eval_batch, False, keep_broken=True,
+    val = bird_loaders.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False, **common)
+    test = bird_loaders.bird_loader(loader_kind, test_samples, args.img_size, eval_batch, False, keep_broken=True,
                             **{**common, "rank": 0, "world": 1})
     trainable, total = models.count_parameters(model, trainable_only=True), models.count_parameters(model)
-    if engine.is_main(rank):
-        engine.atomic_write_text(out / "architecture.md", models.architecture_markdown(
+    if devices.is_main(rank):
+        run_files.atomic_write_text(out / "architecture.md", models.architecture_markdown(
             model, f"{args.arch} ({describe(args)})", (1, 3, args.img_size, args.img_size)))
         print(f"{args.arch}, {describe(args)}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.1f}%) on {device}; loader {loader_kind}; "
@@ -229,12 +227,12 @@ def run(argv=None):
     def cache(splits):
         """The frozen backbone's features of each split (centre crops, no augmentation), as device loaders."""
         t0 = time.perf_counter()
-        sources = {"train": data.bird_loader(loader_kind, train_samples, args.img_size, eval_batch, False,
+        sources = {"train": bird_loaders.bird_loader(loader_kind, train_samples, args.img_size, eval_batch, False,
                                              **{**common, "rank": 0, "world": 1}), "val": val, "test": test}
         feats = {name: extract_features(model, sources[name], device, args.amp, not args.quiet, f"caching {name}")
                  for name in splits}
         seconds = time.perf_counter() - t0
-        if engine.is_main(rank):
+        if devices.is_main(rank):
             print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {seconds:.1f}s")
         loaders = {name: data.DeviceLoader(*feats[name], eval_batch) for name in splits if name != "train"}
         loaders["train"] = data.DeviceLoader(*feats["train"], args.batch_size, shuffle=True, seed=args.seed,
@@ -266,22 +264,22 @@ def run(argv=None):
                                  phase="lp", clock=clock, board_dir=out)
             for p, flag in grads.items():
                 p.requires_grad_(flag)
-            if engine.is_main(rank):
-                engine.atomic_write_text(lp_dir / "final.json", json.dumps(
+            if devices.is_main(rank):
+                run_files.atomic_write_text(lp_dir / "final.json", json.dumps(
                     {"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
                      "train_seconds": summary["train_seconds"], "cache_seconds": cache_seconds}, indent=2) + "\n")
-            engine.barrier()
+            devices.barrier()
         lp_info = json.loads((lp_dir / "final.json").read_text())
         prior = engine.load_checkpoint(lp_dir / "last.pt")["history"]
         if not (args.resume and (out / "last.pt").exists()):  # fine-tuning starts here: from the probe's best head
             model.load_state_dict(engine.load_checkpoint(lp_dir / "best.pt")["model"])
             start_loss, start_acc = engine.evaluate(model, val, device, args.amp)
-            if engine.is_main(rank):
+            if devices.is_main(rank):
                 print(f"linear probe: best val acc {lp_info['best_val_acc']:.4f}; the whole network with that head: "
                       f"val acc {start_acc:.4f}; fine-tuning starts")
-                engine.atomic_write_text(lp_dir / "handover.json", json.dumps(
+                run_files.atomic_write_text(lp_dir / "handover.json", json.dumps(
                     {"val_loss": start_loss, "val_acc": start_acc}, indent=2) + "\n")
-            engine.barrier()
+            devices.barrier()
         lp_info["ft_start_val_acc"] = json.loads((lp_dir / "handover.json").read_text())["val_acc"]
 
     # ----------------------------------------------------------------------------- phase 2: train (head, or fine-tune)
@@ -290,30 +288,30 @@ def run(argv=None):
         train, val, test = loaders["train"], loaders["val"], loaders["test"]
     param_groups = head_only if args.freeze_backbone else model.param_groups(args.backbone_lr_mult, args.layer_decay)
     engine.seed_everything(args.seed, rank)
-    views = 1 if args.cache_features else engine.tta_view_count(engine.parse_tta(args.tta))
+    views = 1 if args.cache_features else engine.tta_view_count(engine.TTA.names(args.tta))
     summary = engine.fit(model, train, val, args, out, model_config, data_config, device, rank, world,
                          param_groups=param_groups, title=f"birds {args.arch}: {describe(args)}",
                          phase="lp" if args.freeze_backbone else "ft", prior_history=prior, clock=clock,
                          final_images=len(test_samples) * views + len(val_samples), budget_start=budget_start)
 
-    if engine.is_main(rank):
+    if devices.is_main(rank):
         engine.load_best(model, out)
         test_probs = engine.predict_probs(model, test, device, args.amp, () if args.cache_features else
-                                          engine.parse_tta(args.tta), not args.quiet, "test")
-        test_acc = engine.write_predictions(out / "submission.csv", *test_probs)
+                                          engine.TTA.names(args.tta), not args.quiet, "test")
+        test_acc = run_files.write_predictions(out / "submission.csv", *test_probs)
         if world > 1 and not args.cache_features:  # rank 0 analyses all of validation, not its shard
-            val = data.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False,
+            val = bird_loaders.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False,
                                    **{**common, "rank": 0, "world": 1})
-        engine.write_error_analysis(out, classes, engine.predict_probs(model, val, device, args.amp,
+        run_files.write_error_analysis(out, classes, engine.predict_probs(model, val, device, args.amp,
                                                                        progress=not args.quiet, desc="val"), test_probs)
-        final = engine.finish(out, summary, model, test_acc, {
+        final = run_files.finish(out, summary, model, test_acc, {
             "arch": args.arch, "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
             "bn_mode": args.bn_mode, "layer_decay": args.layer_decay, "lp_epochs": args.lp_epochs,
             "lp_val_acc": lp_info.get("best_val_acc"), "ft_start_val_acc": lp_info.get("ft_start_val_acc"),
             "lp_seconds": lp_info.get("train_seconds"), "loader": loader_kind,
             "cache_seconds": cache_seconds if cache_seconds is not None else lp_info.get("cache_seconds"),
             "wall_seconds": round(clock.seconds(), 2), "skipped_images": skipped,
-            "device": engine.device_name(device), "world": world, "train_size": len(train_samples),
+            "device": devices.device_name(device), "world": world, "train_size": len(train_samples),
             "val_size": len(val_samples), "test_size": len(test_samples), "num_classes": len(classes)})
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}), test acc "
               f"{'n/a' if test_acc is None else f'{test_acc:.4f}'}; wrote {out}/submission.csv")

@@ -412,6 +412,13 @@ def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def unwrap(model):
+    """The plain nn.Module under torch.compile and DDP wrappers, in either order."""
+    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 def architecture_table(model, input_shape=(1, 3, 32, 32)):
     """Markdown table of every leaf layer: name, type, output shape, parameters."""
     rows, hooks = [], []

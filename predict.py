@@ -15,24 +15,29 @@ import json
 
 import torch
 
+import bird_data
+import bird_loaders
 import data
+import devices
 import engine
+import flags
+import run_files
 import models
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = flags.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
                         help="best.pt (or last.pt) written by train_cifar.py or finetune_birds.py; several: an ensemble "
                              "(same data set and classes; each through its own preprocessing: normalisation, image "
                              "size), softmax averaged")
     parser.add_argument("--data-dir", required=True, help="the data set the checkpoint was trained for")
     parser.add_argument("--out", required=True, help="CSV file to write")
-    parser.add_argument("--tta", nargs="?", const="flip", default="none",
+    parser.add_argument("--tta", type=engine.TTA, nargs="?", const="flip", default="none",
                         help="test-time augmentation: none, flip, or flip,shift (mirror and one-pixel shifts)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--loader", choices=data.LOADERS, default="auto", help="bird image loader; " + data.LOADER_HELP)
+    parser.add_argument("--loader", choices=bird_loaders.LOADERS, default="auto", help="bird image loader; " + bird_loaders.LOADER_HELP)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding workers for bird images; default: this process's share of the CPU cores, at most 16")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -57,11 +62,11 @@ class TestSets:
         cfg = ckpt.get("data_config") or {}
         dataset = cfg.get("dataset")
         if dataset not in DATASETS:
-            raise engine.UsageError(f"{path} does not say which data set it was trained on")
+            raise flags.UsageError(f"{path} does not say which data set it was trained on")
         if self.dataset is None:
             self.dataset, self.first = dataset, path
         elif dataset != self.dataset:
-            raise engine.UsageError(f"{path} was trained on {DATASETS[dataset]} but {self.first} on "
+            raise flags.UsageError(f"{path} was trained on {DATASETS[dataset]} but {self.first} on "
                                     f"{DATASETS[self.dataset]}: an ensemble needs one data set")
         key = json.dumps(cfg, sort_keys=True)
         if key not in self.loaders:
@@ -80,12 +85,12 @@ class TestSets:
         boxes = cfg.get("crop_boxes", False)
         if boxes not in self._birds:
             if cfg["dataset"] == "cub2011":
-                _, test, classes = data.load_cub(args.data_dir, boxes)
+                _, test, classes = bird_data.load_cub(args.data_dir, boxes)
             else:
-                _, test, classes = data.load_image_folder(args.data_dir)
+                _, test, classes = bird_data.load_image_folder(args.data_dir)
             self._birds[boxes] = (test, len(classes))
         test, num_classes = self._birds[boxes]
-        loader = data.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
+        loader = bird_loaders.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
                                   device, workers=args.workers, keep_broken=True)
         return loader, num_classes
 
@@ -93,24 +98,24 @@ class TestSets:
 def load_model(ckpt, path, device, num_classes, data_dir):
     """The checkpoint's network on the device (checkpoints are loaded to the CPU; load_state_dict moves them)."""
     if ckpt["model_config"].get("num_classes") != num_classes:
-        raise engine.UsageError(f"{path} predicts {ckpt['model_config'].get('num_classes')} classes but "
+        raise flags.UsageError(f"{path} predicts {ckpt['model_config'].get('num_classes')} classes but "
                                 f"{data_dir} has {num_classes}: checkpoint and data set do not match")
     model = models.build_model(ckpt["model_config"]).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1:2] or [""]
-        raise engine.UsageError(f"{path} holds weights of a different model than its config "
+        raise flags.UsageError(f"{path} holds weights of a different model than its config "
                                 f"describes ({first[0].strip()})") from None
     return model
 
 
 def run(argv=None):
     args = parse_args(argv)
-    engine.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
-    engine.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
-    tta = engine.parse_tta(args.tta)
-    device = engine.pick_device(args.device)
+    flags.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
+    flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
+    tta = engine.TTA.names(args.tta)
+    device = devices.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
     sets = TestSets(args, device)
     probs, labels = None, None
@@ -120,9 +125,9 @@ def run(argv=None):
         model = load_model(ckpt, path, device, n, args.data_dir)  # refuses a class count unlike the data set's
         p, y = engine.predict_probs(model, loader, device, amp, tta)
         if labels is not None and not torch.equal(y, labels):  # every loader lists the test split in one order
-            raise engine.UsageError(f"{path} sees the test images in another order than {sets.first}")
+            raise flags.UsageError(f"{path} sees the test images in another order than {sets.first}")
         probs, labels = (p, y) if probs is None else (probs + p, labels)
-    test_acc = engine.write_predictions(args.out, probs / len(args.checkpoints), labels)
+    test_acc = run_files.write_predictions(args.out, probs / len(args.checkpoints), labels)
     what = f"an ensemble of {len(args.checkpoints)} checkpoints" if len(args.checkpoints) > 1 else "one checkpoint"
     print(f"wrote {len(labels)} predictions from {what} to {args.out}"
           + ("" if test_acc is None else f"; test accuracy {test_acc:.4f}"))

@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from engine import atomic_write, atomic_write_text
+from run_files import atomic_write, atomic_write_text
 
 STUDIES = (("cifar", "CIFAR-100 from scratch"), ("birds", "Birds by transfer learning"))
 
@@ -272,7 +272,7 @@ def cifar_augmentation_grid(path, config, n=8):
     cifar = data.load_cifar100(args["data_dir"])
     x = torch.from_numpy(cifar["train_x"][:n])
     y = torch.from_numpy(cifar["train_y"][:n])
-    aug = data.parse_aug(args.get("aug", "none"))
+    aug = data.AUG.names(args.get("aug", "none"))
     images, captions = [], []
     loader = data.DeviceLoader(x, y, n, shuffle=False, aug=aug, seed=0, cutout=args.get("cutout_size", 8))
     draws = []
@@ -292,19 +292,19 @@ def birds_augmentation_grid(path, config, n=4):
     """Bird training images through the project's torch loader with the run's crop and flip settings."""
     import torch
 
-    import data
+    import bird_loaders
     args = config["args"]
     train, _, classes = _bird_samples(args)
     samples = train[:: max(1, len(train) // n)][:n]
-    aug = data.parse_bird_aug(args.get("aug", "rrc,flip"))
+    aug = bird_loaders.BIRD_AUG.names(args.get("aug", "rrc,flip"))
     common = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device=torch.device("cpu"), workers=0,
                   scale=(args.get("rrc_min_scale", 0.25), 1.0))
-    plain = data.bird_loader("torch", samples, args["img_size"], len(samples), False, **common)
+    plain = bird_loaders.bird_loader("torch", samples, args["img_size"], len(samples), False, **common)
     images, captions = [], []
     originals = next(iter(plain))[0]
     draws = []
     for epoch in range(3):
-        loader = data.bird_loader("torch", samples, args["img_size"], len(samples), True, aug=aug, seed=0, **common)
+        loader = bird_loaders.bird_loader("torch", samples, args["img_size"], len(samples), True, aug=aug, seed=0, **common)
         loader.set_epoch(epoch)
         draws.append(next(iter(loader))[0])
     for i in range(len(samples)):
@@ -317,10 +317,10 @@ def birds_augmentation_grid(path, config, n=4):
 
 
 def _bird_samples(args):
-    import data
+    import bird_data
     if args.get("dataset", "cub2011") == "cub2011":
-        return data.load_cub(args["data_dir"], args.get("crop_boxes", False))
-    return data.load_image_folder(args["data_dir"])
+        return bird_data.load_cub(args["data_dir"], args.get("crop_boxes", False))
+    return bird_data.load_image_folder(args["data_dir"])
 
 
 def misclassified(predictions_csv, limit=16):

@@ -14,7 +14,10 @@ import argparse
 import torch
 
 import data
+import devices
 import engine
+import flags
+import run_files
 import models
 
 BASELINE = dict(epochs=15, batch_size=64, optimizer="sgd", lr=0.01, wd=0.0, schedule="none", out="runs/cifar")
@@ -44,7 +47,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = flags.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="fill in a whole recipe (see PRESETS in this file); flags given too override it")
@@ -55,7 +58,7 @@ def parse_args(argv=None):
     d("--split-seed", type=int, default=0, help="seed of the train/validation split (kept apart from --seed)")
     d("--normalize", action=argparse.BooleanOptionalAction, default=False,
       help="subtract the training split's per-channel mean, divide by std")
-    d("--aug", default="none", help="training augmentations, comma-separated: flip,crop,cutout (or none)")
+    d("--aug", type=data.AUG, default="none", help=f"training augmentations: {data.AUG.help()}")
     d("--cutout-size", type=int, default=8, help="side of the cutout square in pixels")
     m = parser.add_argument_group("model").add_argument
     m("--model", choices=models.CIFAR_MODELS, default=None,
@@ -75,9 +78,9 @@ def parse_args(argv=None):
            "BatchNorm/GroupNorm does (He measured 5-6 points worse on the 15-epoch BatchNorm ladder rows, 1.6 on cpu5), He for resnet18/preact18/wrn; BaseNet "
            "always keeps PyTorch's default (the course recipe). config.json records the resolved choice")
     t = parser.add_argument_group("test time").add_argument
-    t("--tta", nargs="?", const="flip", default="none",
+    t("--tta", type=engine.TTA, nargs="?", const="flip", default="none",
       help="test-time augmentation for the CSV: none, flip, or flip,shift (mirror and one-pixel shifts, softmax averaged)")
-    engine.add_training_args(parser, BASELINE)
+    flags.add_training_args(parser, BASELINE)
     preset, _ = parser.parse_known_args(argv)
     if preset.preset:
         parser.set_defaults(**PRESETS[preset.preset])
@@ -93,23 +96,19 @@ def parse_args(argv=None):
     args.width = 32 if args.width is None else args.width
     args.norm = args.norm or "none"
     args.init = models.resolve_init(args.init, args.model, args.norm)
-    args.epochs_cap = engine.epochs_cap(args, argv)
+    args.epochs_cap = flags.epochs_cap(args, argv)
     return args
 
 
 def check_args(args):
-    try:
-        data.parse_aug(args.aug)
-    except data.DataError as e:
-        raise engine.UsageError(str(e)) from None
-    args.tta_views = sorted(engine.parse_tta(args.tta))
+    args.tta_views = sorted(engine.TTA.names(args.tta))
     if args.model == "wrn" and ((args.depth - 4) % 6 or args.depth < 10 or args.widen < 1):
-        raise engine.UsageError(f"a Wide ResNet needs --depth 6n+4 (10, 16, 22, 28, ...) and --widen >= 1, got "
+        raise flags.UsageError(f"a Wide ResNet needs --depth 6n+4 (10, 16, 22, 28, ...) and --widen >= 1, got "
                                 f"{args.depth} and {args.widen}")
-    engine.require(args.depth >= 1, "--depth", args.depth, "at least 1")
-    engine.require(args.width >= 1, "--width", args.width, "at least 1")
+    flags.require(args.depth >= 1, "--depth", args.depth, "at least 1")
+    flags.require(args.width >= 1, "--width", args.width, "at least 1")
     if args.model == "basenet" and (args.norm != "none" or args.residual):
-        raise engine.UsageError("BaseNet has no normalisation layers or residuals; pick --model convnet")
+        raise flags.UsageError("BaseNet has no normalisation layers or residuals; pick --model convnet")
 
 
 def model_config(args, num_classes):
@@ -122,11 +121,13 @@ def run(argv=None):
     budget_start = engine.now()  # --time-budget counts from here
     args = parse_args(argv)
     check_args(args)
-    device = engine.resolve_device(args)
-    rank, world = engine.setup_distributed(device)
+    device = devices.pick_device(args.device)
+    devices.device_defaults(args, device)  # --amp, --compile, --channels-last left unset: from the device
+    devices.set_determinism(args.deterministic)  # the process-wide cuDNN, TF32 and deterministic-kernel flags
+    rank, world = devices.setup_distributed(device)
     cifar = data.load_cifar100(args.data_dir, download_if_missing=args.download)
     split = data.stratified_split(cifar["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
-    engine.check_training_args(args, len(split[0]))
+    flags.check_training_args(args, len(split[0]))
     engine.prepare_run_dir(args.out, engine.run_config(args, {"data": "cifar100"}), args.resume, args.force, rank)
 
     engine.seed_everything(args.seed, rank=0)  # same initial weights on every rank
@@ -135,8 +136,8 @@ def run(argv=None):
     model = models.build_model(config).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if engine.is_main(rank):
-        engine.atomic_write_text(f"{args.out}/architecture.md", models.architecture_markdown(model, args.model))
+    if devices.is_main(rank):
+        run_files.atomic_write_text(f"{args.out}/architecture.md", models.architecture_markdown(model, args.model))
         print(f"{args.model}: {models.count_parameters(model):,} parameters on {device}; "
               f"train {info['train_size']}, val {info['val_size']}, test {len(cifar['test_y'])}; "
               f"amp={args.amp} compile={args.compile} channels_last={args.channels_last}")
@@ -147,21 +148,21 @@ def run(argv=None):
     summary = engine.fit(model, train, val, args, args.out, config, data_config, device, rank, world,
                          title=f"CIFAR-100 {args.model}", final_images=final_images, budget_start=budget_start)
 
-    if engine.is_main(rank):
+    if devices.is_main(rank):
         engine.load_best(model, args.out)
         test_probs = engine.predict_probs(model, test, device, args.amp, args.tta_views, not args.quiet, "test")
-        test_acc = engine.write_predictions(f"{args.out}/submission.csv", *test_probs)
+        test_acc = run_files.write_predictions(f"{args.out}/submission.csv", *test_probs)
         val_probs = engine.predict_probs(model, info["val_all"], device, args.amp, progress=not args.quiet, desc="val")
-        engine.write_error_analysis(args.out, cifar["classes"], val_probs, test_probs)
+        run_files.write_error_analysis(args.out, cifar["classes"], val_probs, test_probs)
         # the TTA's effect, measured where the labels are real: the best model on validation with the CSV's views
         val_acc_tta = None
         if args.tta_views:
             probs, labels = engine.predict_probs(model, info["val_all"], device, args.amp, args.tta_views,
                                                  not args.quiet, "val+tta")
             val_acc_tta = round((probs.argmax(1) == labels).float().mean().item(), 4)
-        final = engine.finish(args.out, summary, model, test_acc, {
+        final = run_files.finish(args.out, summary, model, test_acc, {
             "val_acc_tta": val_acc_tta, "tta": ",".join(args.tta_views) or "none", "model": args.model,
-            "device": engine.device_name(device), "world": world, "train_size": info["train_size"],
+            "device": devices.device_name(device), "world": world, "train_size": info["train_size"],
             "val_size": info["val_size"], "test_size": len(cifar["test_y"]), "num_classes": len(cifar["classes"])})
         tta = "" if val_acc_tta is None else f" ({val_acc_tta:.4f} with --tta {final['tta']})"
         print(f"best val acc {final['best_val_acc']:.4f} (epoch {final['best_epoch']}){tta}, test acc "

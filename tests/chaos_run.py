@@ -13,9 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
+import run_files  # noqa: E402
 
 MARK = Path(os.environ["CHAOS_MARK"])
-real_evaluate, real_write = engine.evaluate, engine.atomic_write
+real_evaluate, real_write = engine.evaluate, run_files.atomic_write
 
 
 def evaluate(*args, **kw):
@@ -39,6 +40,6 @@ def atomic_write(path, write):
     (MARK / "save").unlink()
 
 
-engine.evaluate, engine.atomic_write = evaluate, atomic_write
+engine.evaluate, run_files.atomic_write = evaluate, atomic_write
 sys.argv = [str(ROOT / "train_cifar.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "train_cifar.py"), run_name="__main__")

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+import bird_data
+import bird_loaders
 import data
 import models
 from conftest import SHARED_CUB, SHARED_WEIGHTS, run_script
@@ -76,7 +78,7 @@ def _pil_logits(checkpoint, test):
     model.load_state_dict(ckpt["model"])
     model.eval()
     cfg = ckpt["data_config"]
-    images = data.BirdImages(test, cfg["img_size"], keep_broken=True)
+    images = bird_loaders.BirdImages(test, cfg["img_size"], keep_broken=True)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1) * 255, torch.tensor(cfg["std"]).view(3, 1, 1) * 255
     with torch.no_grad():
         return torch.cat([model(((images[(i, 0)][0].float() - mean) / std)[None]) for i in range(len(test))])
@@ -88,7 +90,7 @@ def test_submission_follows_images_txt(cub_dir, tmp_path, resnet18_weights):
     out = tmp_path / "r"
     run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out, *QUICK,
                "--loader", "torch")
-    _, test, _ = data.load_cub(cub_dir)
+    _, test, _ = bird_data.load_cub(cub_dir)
     expected = _pil_logits(out / "best.pt", test).argmax(1).tolist()
     rows = (out / "submission.csv").read_text().splitlines()
     assert rows[0] == '"Id","Prediction1"'
@@ -104,12 +106,12 @@ def test_a_broken_test_image_gets_one_warning_and_keeps_its_row(tmp_path):
     image: one warning, which says it is skipped."""
     from fixtures import write_cub
     root = write_cub(tmp_path, num_classes=2, per_class=6, broken=False)
-    train, test, _ = data.load_cub(root)
+    train, test, _ = bird_data.load_cub(root)
     Path(test[1][0]).write_bytes(b"")
     Path(train[6][0]).write_bytes(b"")
     out = tmp_path / "r"
-    proc = run_script("finetune_birds.py", "--data-dir", root, "--weights", "none", "--out", out, *QUICK,
-                      "--epochs", "1", "--lp-epochs", "1", "--max-bad-frac", "0.5")
+    proc = run_script("finetune_birds.py", "--data-dir", root, "--download", "--weights", "none", "--out", out, *QUICK,
+                      "--epochs", "1", "--lp-epochs", "1", "--max-bad-frac", "0.5")  # --download: the data is there
     for path, what in ((test[1][0], "black image for"), (train[6][0], "skipping")):
         lines = [line for line in proc.stderr.splitlines() if path in line]
         assert len(lines) == 1 and lines[0].startswith(f"warning: {what} {path}: "), proc.stderr
@@ -127,7 +129,7 @@ def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, re
         ckpts.append(out / "best.pt")
     run_script("predict.py", *ckpts, "--data-dir", cub_dir, "--out", tmp_path / "e.csv", "--device", "cpu",
                "--workers", "0", "--loader", "torch")
-    _, test, _ = data.load_cub(cub_dir)
+    _, test, _ = bird_data.load_cub(cub_dir)
     probs = sum(_pil_logits(path, test).softmax(1) for path in ckpts)
     rows = (tmp_path / "e.csv").read_text().splitlines()
     assert rows[1:] == [f'"{i}","{p}"' for i, p in enumerate(probs.argmax(1).tolist())]
@@ -161,7 +163,7 @@ def test_frozen_defaults_are_the_linear_probe():
 
 
 def test_dali_loader_trains_end_to_end(cub_dir, tmp_path, resnet18_weights):
-    if not data.dali_available():
+    if not bird_loaders.dali_available():
         pytest.skip("nvidia-dali is not installed")
     out = tmp_path / "dali"
     proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out,
@@ -173,20 +175,21 @@ def test_nvjpeg_loader_resumes_exactly(cub_dir, tmp_path, resnet18_weights, monk
     """Killed after its first epoch and resumed, a run on the nvjpeg loader ends where the uninterrupted one does."""
     import engine
     import finetune_birds
+    import run_files
     argv = [str(a) for a in ["--data-dir", cub_dir, "--weights", resnet18_weights, "--loader", "nvjpeg",
                              "--deterministic", "--freeze-stages", "3", *QUICK]]
     engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "whole")])
-    calls, real = [0], engine.write_metrics
+    calls, real = [0], run_files.write_metrics
 
     def write_then_crash(*a, **kw):
         real(*a, **kw)
         calls[0] += 1
         if calls[0] == 1:
             raise Crash
-    monkeypatch.setattr(engine, "write_metrics", write_then_crash)
+    monkeypatch.setattr(run_files, "write_metrics", write_then_crash)
     with pytest.raises(Crash):
         engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(engine, "write_metrics", real)
+    monkeypatch.setattr(run_files, "write_metrics", real)
     engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "cut"), "--resume"])
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "metrics.csv")[cols],
@@ -283,11 +286,11 @@ def test_crop_boxes_work_in_every_loader(cub_dir, tmp_path):
     proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--crop-boxes", "--loader", "nvjpeg",
                       "--out", tmp_path / "r", *QUICK)
     assert "loader nvjpeg" in proc.stdout
-    train, _, _ = data.load_cub(cub_dir, crop_boxes=True)
+    train, _, _ = bird_data.load_cub(cub_dir, crop_boxes=True)
     assert train[0][2] == (2.0, 2.0, 44.0, 44.0)
-    train, _ = data.drop_bad_images(train, 0.5)
-    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
-    views = {k: torch.cat([x for x, _ in data.bird_loader(k, train, 24, 4, False, (0.5,) * 3, (0.25,) * 3, "cpu",
+    train, _ = bird_data.drop_bad_images(train, 0.5)
+    kinds = ["torch", "nvjpeg"] + (["dali"] if bird_loaders.dali_available() else [])
+    views = {k: torch.cat([x for x, _ in bird_loaders.bird_loader(k, train, 24, 4, False, (0.5,) * 3, (0.25,) * 3, "cpu",
                                                            workers=0)]) for k in kinds}
     for k in kinds[1:]:  # the box is cut out the same way (DALI's filter reaches a pixel past the box's edge)
         assert (views[k] - views["torch"]).abs().mean() * 0.25 * 255 < 2, k
@@ -388,21 +391,22 @@ def _lpft(cub, weights, out, crash_at=None, monkeypatch=None):
     """One LP-FT run in this process; with crash_at, the n-th metrics.csv write (after that epoch's last.pt) raises."""
     import engine
     import finetune_birds
+    import run_files
     argv = [str(a) for a in LPFT]
     argv[1] = str(cub)
     argv += ["--weights", str(weights), "--out", str(out)]
     if crash_at:
-        calls, real = [0], engine.write_metrics
+        calls, real = [0], run_files.write_metrics
 
         def write_then_crash(*a, **kw):
             real(*a, **kw)
             calls[0] += 1
             if calls[0] == crash_at:
                 raise Crash
-        monkeypatch.setattr(engine, "write_metrics", write_then_crash)
+        monkeypatch.setattr(run_files, "write_metrics", write_then_crash)
         with pytest.raises(Crash):
             engine.cli(finetune_birds.run, argv)
-        monkeypatch.setattr(engine, "write_metrics", real)
+        monkeypatch.setattr(run_files, "write_metrics", real)
         argv.append("--resume")
         crashed_wall = json.loads((Path(out) / "wall.json").read_text())["seconds"]
     engine.cli(finetune_birds.run, argv)
@@ -442,7 +446,7 @@ def test_lpft_resume_in_each_phase_equals_uninterrupted(crash_at, phase, clean_c
 
 
 def test_proxy32_writes_the_training_split_and_on_request_the_labelled_test_split(clean_cub_dir, tmp_path):
-    train, test, classes = data.load_cub(clean_cub_dir)
+    train, test, classes = bird_data.load_cub(clean_cub_dir)
     run_script("tools/make_proxy32.py", clean_cub_dir, tmp_path / "p")
     run_script("tools/make_proxy32.py", clean_cub_dir, tmp_path / "t", "--test-split")
     plain, labelled = data.load_cifar100(tmp_path / "p"), data.load_cifar100(tmp_path / "t")

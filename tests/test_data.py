@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import bird_data
+import bird_loaders
 import data
+import device_images
 import fixtures
 
 
@@ -177,14 +180,15 @@ def test_ranks_together_see_the_single_process_batch():
 
 
 def test_unknown_augmentation_is_refused():
-    with pytest.raises(data.DataError, match="unknown augmentation rotate"):
-        data.parse_aug("flip,rotate")
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown augmentation rotate"):
+        data.AUG("flip,rotate")
 
 
 # ----------------------------------------------------------------------------- birds
 
 def test_cub_reader_follows_images_txt(cub_dir):
-    train, test, classes = data.load_cub(cub_dir.parent)  # the parent of CUB_200_2011 works too
+    train, test, classes = bird_data.load_cub(cub_dir.parent)  # the parent of CUB_200_2011 works too
     assert classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
     ids = [int(l.split()[0]) for l in (cub_dir / "images.txt").read_text().split("\n") if l]
     split = dict(l.split() for l in (cub_dir / "train_test_split.txt").read_text().split("\n") if l)
@@ -200,43 +204,43 @@ def test_cub_count_mismatch_and_missing_files(tmp_path):
     lines = (root / "image_class_labels.txt").read_text().splitlines()
     (root / "image_class_labels.txt").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(data.DataError, match="lists 7 images but images.txt lists 8"):
-        data.load_cub(root)
+        bird_data.load_cub(root)
     (root / "classes.txt").unlink()
     with pytest.raises(data.DataError, match="lacks classes.txt"):
-        data.load_cub(root)
+        bird_data.load_cub(root)
     with pytest.raises(data.DataError, match="does not exist"):
-        data.load_cub(tmp_path / "nowhere")
+        bird_data.load_cub(tmp_path / "nowhere")
 
 
 def test_broken_images_are_found_and_named(cub_dir):
-    train, test, _ = data.load_cub(cub_dir)
-    kept, bad = data.drop_bad_images(train + test, max_bad_frac=0.5)
+    train, test, _ = bird_data.load_cub(cub_dir)
+    kept, bad = bird_data.drop_bad_images(train + test, max_bad_frac=0.5)
     assert len(bad) == 1 and bad[0].endswith(".jpg") and len(kept) == 29
     with pytest.raises(data.DataError, match="1 of 30 images are broken"):
-        data.drop_bad_images(train + test, max_bad_frac=0.0)
+        bird_data.drop_bad_images(train + test, max_bad_frac=0.0)
     junk = cub_dir / "junk.jpg"
     junk.write_text("not an image")
-    assert data.check_image_file(str(junk)) == "not an image"
+    assert bird_data.check_image_file(str(junk)) == "not an image"
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali", "nvjpeg"])
 def test_bird_loaders_decode_every_mode(cub_dir, kind):
-    if kind == "dali" and not data.dali_available():
+    if kind == "dali" and not bird_loaders.dali_available():
         pytest.skip("nvidia-dali is not installed")
-    train, test, _ = data.load_cub(cub_dir)
-    train, _ = data.drop_bad_images(train, 0.5)
-    loader = data.bird_loader(kind, train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc", "flip"}, workers=0)
+    train, test, _ = bird_data.load_cub(cub_dir)
+    train, _ = bird_data.drop_bad_images(train, 0.5)
+    loader = bird_loaders.bird_loader(kind, train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc", "flip"}, workers=0)
     loader.set_epoch(0)
     batches = list(loader)
     assert len(batches) == len(loader) and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
     # every test image gets a row, the truncated one as a black placeholder
-    test_loader = data.bird_loader(kind, test, 32, 5, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0, keep_broken=True)
+    test_loader = bird_loaders.bird_loader(kind, test, 32, 5, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0, keep_broken=True)
     assert sum(len(y) for _, y in test_loader) == len(test)
 
 
 def _loader_pixels(kind, samples, size, train, **kw):
     """Every batch of one epoch as grey levels (the normalisation undone: mean 0.5, std 0.25), and the labels."""
-    loader = data.bird_loader(kind, samples, size, 6, train, (0.5,) * 3, (0.25,) * 3, "cpu", workers=0, **kw)
+    loader = bird_loaders.bird_loader(kind, samples, size, 6, train, (0.5,) * 3, (0.25,) * 3, "cpu", workers=0, **kw)
     loader.set_epoch(0)
     xs, ys = zip(*loader, strict=True)
     return (torch.cat(xs) * 0.25 + 0.5) * 255, torch.cat(ys)
@@ -248,11 +252,11 @@ def test_every_loader_gives_the_pil_loaders_pixels(cub_dir, train):
     random-resized crops and mirrors (draw_augmentation), on every decodable file of the fixture (grayscale, CMYK,
     PNG named .jpg included). nvjpeg resamples as Pillow does (at most one grey level off, on few pixels); DALI's
     resize filters and rounds a little differently (BENCHMARKS.md gives both on the real subset)."""
-    train_samples, test, _ = data.load_cub(cub_dir)
-    samples, _ = data.drop_bad_images(train_samples + test, 0.5)
+    train_samples, test, _ = bird_data.load_cub(cub_dir)
+    samples, _ = bird_data.drop_bad_images(train_samples + test, 0.5)
     kw = dict(aug={"rrc", "flip"}, seed=4) if train else {}
     pil, labels = _loader_pixels("torch", samples, 40, train, **kw)
-    kinds = ["nvjpeg"] + (["dali"] if data.dali_available() else [])
+    kinds = ["nvjpeg"] + (["dali"] if bird_loaders.dali_available() else [])
     for kind in kinds:
         x, y = _loader_pixels(kind, samples, 40, train, **kw)
         assert x.shape == pil.shape and torch.equal(y, labels), kind
@@ -266,8 +270,8 @@ def test_every_loader_gives_the_pil_loaders_pixels(cub_dir, train):
 def test_nvjpeg_training_crops_are_the_drawn_boxes(clean_cub_dir):
     """Each training image is Pillow's resize of the box draw_augmentation gives for its seed, mirrored when drawn."""
     from PIL import Image
-    train, _, _ = data.load_cub(clean_cub_dir)
-    loader = data.bird_loader("nvjpeg", train, 24, 4, True, (0.0,) * 3, (1 / 255,) * 3, "cpu", workers=0,
+    train, _, _ = bird_data.load_cub(clean_cub_dir)
+    loader = bird_loaders.bird_loader("nvjpeg", train, 24, 4, True, (0.0,) * 3, (1 / 255,) * 3, "cpu", workers=0,
                               aug={"rrc", "flip"}, seed=9)
     loader.set_epoch(2)
     (pos, idx), = list(loader.sampler.batches())[:1]
@@ -275,8 +279,8 @@ def test_nvjpeg_training_crops_are_the_drawn_boxes(clean_cub_dir):
     mirrored = 0
     for k, (i, seed) in enumerate(zip(idx.tolist(), loader.sampler.sample_seeds(pos), strict=True)):
         with Image.open(train[i][0]) as im:
-            im = im.convert("RGB")
-        (x, y, w, h), mirror = data.draw_augmentation(seed, im.width, im.height, {"rrc", "flip"}, (0.25, 1.0))
+            im = bird_data.oriented(im).convert("RGB")  # upright, as every loader reads it
+        (x, y, w, h), mirror = bird_loaders.draw_augmentation(seed, im.width, im.height, {"rrc", "flip"}, (0.25, 1.0))
         im = im.resize((24, 24), Image.BILINEAR, box=(x, y, x + w, y + h))
         expected = torch.from_numpy(np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if mirror else im).copy())
         assert (xb[k].permute(1, 2, 0) - expected.float()).abs().max() < 1.01
@@ -288,37 +292,37 @@ def test_nvjpeg_sends_what_the_gpu_decoder_refuses_to_pil(cub_dir, tmp_path, mon
     """Found when the data is scanned: grayscale, CMYK and the PNG named .jpg go to PIL, broken files are skipped or
     black; a batch nvJPEG still refuses at run time is decoded file by file, with PIL for what it refuses."""
     from PIL import Image
-    train, test, _ = data.load_cub(cub_dir)
-    loader = data.bird_loader("nvjpeg", train + test, 32, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0,
+    train, test, _ = bird_data.load_cub(cub_dir)
+    loader = bird_loaders.bird_loader("nvjpeg", train + test, 32, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0,
                               keep_broken=True)
     assert set(loader.pil_reasons) == {"grayscale", "CMYK/YCCK", "not a JPEG", "EXIF orientation 6"}
     progressive = tmp_path / "progressive.jpg"
     Image.new("RGB", (30, 20), (200, 10, 10)).save(progressive, "JPEG", progressive=True)
-    assert data.jpeg_header(progressive) == (30, 20, None)  # progressive JPEGs stay on the GPU path
+    assert bird_data.jpeg_header(progressive) == (30, 20, None)  # progressive JPEGs stay on the GPU path
     bomb = tmp_path / "bomb.jpg"  # a frame header claiming 20000 x 20000 pixels: refused at scan, as PIL refuses it
     blob = bytearray(progressive.read_bytes())
     sof = blob.index(b"\xff\xc2")
     blob[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
     bomb.write_bytes(bytes(blob))
-    _, broken, _, _ = data.scan_images([(str(bomb), 0, None)], pil_for_gpu_refused=True)
+    _, broken, _, _ = bird_data.scan_images([(str(bomb), 0, None)], pil_for_gpu_refused=True)
     assert "decompression-bomb" in broken[0]
     before = torch.cat([x for x, _ in loader])
-    name, real = data.jpeg_decoder()
+    name, real = device_images.jpeg_decoder()
 
     def refuse_batches(datas, device):
         if len(datas) > 1:
             raise RuntimeError("nvjpeg: unsupported")
         return real(datas, device)
-    monkeypatch.setattr(data, "jpeg_decoder", lambda: (name, refuse_batches))
+    monkeypatch.setattr(device_images, "jpeg_decoder", lambda: (name, refuse_batches))
     after = torch.cat([x for x, _ in loader])
     assert len(before) == len(train + test) and torch.equal(before, after)
 
 
 def test_nvjpeg_ranks_together_see_the_single_process_batches(clean_cub_dir):
-    train, _, _ = data.load_cub(clean_cub_dir)
+    train, _, _ = bird_data.load_cub(clean_cub_dir)
     kw = dict(aug={"rrc", "flip"}, seed=1)
     one, y_one = _loader_pixels("nvjpeg", train, 24, True, **kw)
-    ranks = [data.bird_loader("nvjpeg", train, 24, 6, True, (0.5,) * 3, (0.25,) * 3, "cpu", workers=0, rank=r, world=2,
+    ranks = [bird_loaders.bird_loader("nvjpeg", train, 24, 6, True, (0.5,) * 3, (0.25,) * 3, "cpu", workers=0, rank=r, world=2,
                               **kw) for r in (0, 1)]
     step = 0
     for (x0, y0), (x1, y1) in zip(*ranks, strict=True):  # rank r holds every second sample of the global batch
@@ -336,7 +340,7 @@ def test_image_folder_layout(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for k in range(2):
                 Image.new("RGB", (20, 20), (k * 50, 0, 0)).save(tmp_path / split / cls / f"{k}.jpg")
-    train, test, classes = data.load_image_folder(tmp_path)
+    train, test, classes = bird_data.load_image_folder(tmp_path)
     assert classes == ["a_bird", "b_bird"] and len(train) == 4 and len(test) == 4
     assert [s[1] for s in test] == [0, 0, 1, 1]
 
@@ -344,10 +348,10 @@ def test_image_folder_layout(tmp_path):
 @pytest.mark.parametrize("kind", ["torch", "dali", "nvjpeg"])
 def test_bird_epoch_is_the_same_fresh_or_after_earlier_epochs(clean_cub_dir, kind):
     """What resuming needs: an epoch's augmented batches depend on (seed, epoch, step) only, at any step."""
-    if kind == "dali" and not data.dali_available():
+    if kind == "dali" and not bird_loaders.dali_available():
         pytest.skip("nvidia-dali is not installed")
-    train, _, _ = data.load_cub(clean_cub_dir)
-    make = lambda: data.bird_loader(kind, train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu",  # noqa: E731
+    train, _, _ = bird_data.load_cub(clean_cub_dir)
+    make = lambda: bird_loaders.bird_loader(kind, train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu",  # noqa: E731
                                     aug={"rrc", "flip"}, workers=0, seed=3)
     continued = make()
     continued.set_epoch(0)
@@ -367,14 +371,14 @@ def test_bird_epoch_is_the_same_fresh_or_after_earlier_epochs(clean_cub_dir, kin
 
 
 def test_dali_refuses_a_jpeg_whose_header_is_unreadable_in_one_sentence(tmp_path):
-    if not data.dali_available():
+    if not bird_loaders.dali_available():
         pytest.skip("nvidia-dali is not installed")
-    train, _, _ = data.load_cub(fixtures.write_cub(tmp_path, num_classes=2, per_class=4, broken=False))
+    train, _, _ = bird_data.load_cub(fixtures.write_cub(tmp_path, num_classes=2, per_class=4, broken=False))
     with open(train[0][0], "wb") as f:  # passes the byte check
         f.write(b"\xff\xd8\xff" + bytes(100) + b"\xff\xd9")
-    assert data.check_image_file(train[0][0]) is None
+    assert bird_data.check_image_file(train[0][0]) is None
     with pytest.raises(data.DataError, match="cannot read the image header"):
-        data.DaliImageLoader(train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"})
+        bird_loaders.DaliImageLoader(train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"})
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -407,6 +411,23 @@ def test_download_checks_md5_resumes_and_unpacks_atomically(tmp_path):
     assert not (tmp_path / "dl" / "other.tar.gz.part").exists()
 
 
+def test_download_on_a_folder_that_holds_the_data_does_not_download(cifar_dir, clean_cub_dir, tmp_path, monkeypatch):
+    """--download finds the data in the data set's own folder or in its parent, and downloads only where neither holds
+    it (it once asked to download CIFAR into cifar-100-python/ itself, and CUB into a CUB folder of another name)."""
+    def no_download(url, dest, md5):
+        raise AssertionError(f"downloaded {url} into {dest} although the data is there")
+    monkeypatch.setattr(data, "download", no_download)
+    for folder in (cifar_dir, cifar_dir / "cifar-100-python"):
+        assert data.find_or_download_cifar(folder, download=True) == cifar_dir / "cifar-100-python"
+        assert len(data.load_cifar100(folder, download_if_missing=True)["train_y"]) == 4000
+    renamed = tmp_path / "my_birds"
+    renamed.symlink_to(clean_cub_dir, target_is_directory=True)
+    for folder in (clean_cub_dir, clean_cub_dir.parent, renamed):
+        assert (data.find_or_download_cub(folder, download=True) / "images.txt").is_file()
+    with pytest.raises(AssertionError, match="downloaded"):  # and where neither holds it, it does download
+        data.find_or_download_cub(clean_cub_dir.parent / "elsewhere", download=True)
+
+
 def test_download_offline_is_one_sentence(tmp_path):
     with pytest.raises(data.DataError, match=r"could not download .* fetch it by hand and save it as"):
         data.download((tmp_path / "nowhere.tar.gz").as_uri(), tmp_path / "x.tar.gz", "0" * 32)
@@ -418,7 +439,7 @@ def test_cub_labels_must_name_defined_classes(tmp_path):
     lines[0] = lines[0].split()[0] + " 9"
     (root / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(data.DataError, match=r"class ids \[9\] that classes.txt does not define"):
-        data.load_cub(root)
+        bird_data.load_cub(root)
 
 
 @pytest.mark.parametrize("table", ["images.txt", "image_class_labels.txt", "train_test_split.txt"])
@@ -427,7 +448,7 @@ def test_an_id_listed_twice_is_one_sentence(tmp_path, table):
     lines = (root / table).read_text().splitlines()
     (root / table).write_text("\n".join(lines + [lines[2]]) + "\n")
     with pytest.raises(data.DataError, match=rf"{table} lists id 3 twice \(lines 3 and 7\)$"):
-        data.load_cub(root)
+        bird_data.load_cub(root)
 
 
 def test_validation_cannot_swallow_a_class():
@@ -453,7 +474,7 @@ def test_an_all_broken_batch_still_lands_on_the_device(tmp_path):
     it stayed on the CPU and evaluate fed a CPU tensor to a CUDA model). The 'meta' device stands in for CUDA."""
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
-    loader = data.TorchImageLoader([(str(bad), 0, None)] * 2, 16, 2, False, [0.5] * 3, [0.5] * 3, "meta", workers=0)
+    loader = bird_loaders.TorchImageLoader([(str(bad), 0, None)] * 2, 16, 2, False, [0.5] * 3, [0.5] * 3, "meta", workers=0)
     (xb, yb), = list(loader)  # both skipped with a warning on stderr
     assert xb.device.type == "meta" and yb.device.type == "meta" and len(xb) == 0
 
@@ -462,11 +483,11 @@ def test_an_all_broken_batch_still_lands_on_the_device(tmp_path):
 def test_a_rank_whose_share_of_the_last_eval_batch_is_empty(clean_cub_dir, kind):
     """torchrun evaluation: 5 images in global batches of 4 leave rank 1 nothing in the last one. It gets an empty
     batch (DALI used to raise IndexError there), and the ranks together still see every image once."""
-    if kind == "dali" and not data.dali_available():
+    if kind == "dali" and not bird_loaders.dali_available():
         pytest.skip("nvidia-dali is not installed")
-    _, test, _ = data.load_cub(clean_cub_dir)
+    _, test, _ = bird_data.load_cub(clean_cub_dir)
     test = test[:5]
-    ranks = [list(data.bird_loader(kind, test, 24, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0, rank=r, world=2))
+    ranks = [list(bird_loaders.bird_loader(kind, test, 24, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0, rank=r, world=2))
              for r in (0, 1)]
     assert [len(y) for _, y in ranks[0]] == [2, 1] and [len(y) for _, y in ranks[1]] == [2, 0]
     assert ranks[1][-1][0].shape == (0, 3, 24, 24)
@@ -478,39 +499,39 @@ def test_resampling_is_exact_under_autocast_and_tf32_and_restores_them(clean_cub
     """resample_batch runs its matmuls in full fp32 whatever the run set (bf16 autocast, TF32 in fast CUDA runs),
     and leaves the process's matmul precision as it found it."""
     from PIL import Image
-    train, _, _ = data.load_cub(clean_cub_dir)
+    train, _, _ = bird_data.load_cub(clean_cub_dir)
     images = [torch.from_numpy(np.asarray(Image.open(s[0]).convert("RGB")).copy()).permute(2, 0, 1) for s in train[:4]]
     w, h = [im.shape[2] for im in images], [im.shape[1] for im in images]
-    geometry = data.sample_geometry(w, h, [(0, 0, a, b) for a, b in zip(w, h, strict=True)],
+    geometry = device_images.sample_geometry(w, h, [(0, 0, a, b) for a, b in zip(w, h, strict=True)],
                                     [(1, 2, 30, 20)] * 4, 24, 0.875)
-    plain = data.resample_batch(images, geometry, 24, [False, True, False, True])
+    plain = device_images.resample_batch(images, geometry, 24, [False, True, False, True])
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            again = data.resample_batch(images, geometry, 24, [False, True, False, True])
+            again = device_images.resample_batch(images, geometry, 24, [False, True, False, True])
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(plain, again) and plain.dtype == torch.uint8
-    assert torch.equal(plain[1], data.resample_batch(images[1:2], geometry[1:2], 24, [False]).flip(-1)[0])
+    assert torch.equal(plain[1], device_images.resample_batch(images[1:2], geometry.take(slice(1, 2)), 24, [False]).flip(-1)[0])
 
 
 def test_exif_rotated_jpegs_are_upright_in_every_loader(cub_dir):
     """The fixture's image 5 is stored 48 x 56 with EXIF orientation 6 (turn it a quarter clockwise): each loader's
     eval pixels are those of the upright 56 x 48 photo (TorchCodec and DALI rotate; the nvjpeg loader sends it to PIL)."""
     from PIL import Image
-    train, _, _ = data.load_cub(cub_dir)
+    train, _, _ = bird_data.load_cub(cub_dir)
     exif = [s for s in train if s[0].endswith("_0004.jpg") and "001." in s[0]]
-    assert data.jpeg_header(exif[0][0])[2] == "EXIF orientation 6"
+    assert bird_data.jpeg_header(exif[0][0])[2] == "EXIF orientation 6"
     with Image.open(exif[0][0]) as im:
         upright = im.convert("RGB").transpose(Image.ROTATE_270)  # what orientation 6 means
-        assert data.oriented(im).size == upright.size == (48, 56)
+        assert bird_data.oriented(im).size == upright.size == (48, 56)
     short = round(40 / 0.875)  # the eval policy on the upright image, by hand
     im = upright.resize((short, round(56 * short / 48)), Image.BILINEAR)
     top = (im.height - 40) // 2
     expected = torch.from_numpy(np.asarray(im.crop((3, top, 43, top + 40))).copy()).permute(2, 0, 1).float()
-    for kind in ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else []):
+    for kind in ["torch", "nvjpeg"] + (["dali"] if bird_loaders.dali_available() else []):
         x, _ = _loader_pixels(kind, exif, 40, False)
         assert (x[0] - expected).abs().mean() < 1.0, kind
 
@@ -547,37 +568,37 @@ def test_decode_jpegs_orders_the_decode_after_the_callers_stream(monkeypatch):
     def fake_decode(datas, device):
         calls.append(("decode", current[0].name, deterministic.fill_uninitialized_memory))
         return [Output() for _ in datas]
-    monkeypatch.setattr(data, "jpeg_decoder", lambda: ("fake", fake_decode))
+    monkeypatch.setattr(device_images, "jpeg_decoder", lambda: ("fake", fake_decode))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
     monkeypatch.setattr(torch.cuda, "stream", use)
-    monkeypatch.setattr(data, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(device_images, "_DECODE_STREAMS", {})
     cuda = torch.device("cuda", 0)
     assert deterministic.fill_uninitialized_memory
-    data.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
+    device_images.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
     assert calls == [("decode", "side", False), ("wait", "caller", "side"), ("record", "caller"), ("record", "caller")]
     assert deterministic.fill_uninitialized_memory  # restored
     calls.clear()
-    monkeypatch.setattr(data, "DECODE_ORDER", "sync")
-    data.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
+    monkeypatch.setattr(device_images, "DECODE_ORDER", "sync")
+    device_images.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
     assert calls == [("synchronize", "caller"), ("decode", "caller", False)]
     calls.clear()
-    monkeypatch.setattr(data, "DECODE_ORDER", "none")  # the old call: what gpu_check's planted fault runs
-    data.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
+    monkeypatch.setattr(device_images, "DECODE_ORDER", "none")  # the old call: what gpu_check's planted fault runs
+    device_images.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
     assert calls == [("decode", "caller", True)]
 
 
 def test_reader_batches_carry_the_files_bytes_as_one_tensor(clean_cub_dir):
     """What the reader workers hand over: one uint8 tensor of every encoded file's bytes, plus offsets, and PIL's
     pixels only for the files sent to PIL; with reader processes (as on a GPU host) too."""
-    train, _, _ = data.load_cub(clean_cub_dir)
-    loader = data.NvjpegImageLoader(train, 32, 6, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"}, workers=0)
+    train, _, _ = bird_data.load_cub(clean_cub_dir)
+    loader = bird_loaders.NvjpegImageLoader(train, 32, 6, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"}, workers=0)
     batches = [[(i, i) for i in range(k, k + 6)] for k in (0, 6)]
     in_processes = torch.utils.data.DataLoader(  # FileReaders' DataLoader as on a CUDA device: 2 reader processes
-        loader.files, batch_sampler=data._BatchList(batches), num_workers=2, collate_fn=data.collate_files)
-    for epoch in (data.FileReaders(loader.files, 0, torch.Generator(), "cpu").epoch(batches), in_processes):
+        loader.files, batch_sampler=bird_loaders._BatchList(batches), num_workers=2, collate_fn=bird_loaders.collate_files)
+    for epoch in (bird_loaders.FileReaders(loader.files, 0, torch.Generator(), "cpu").epoch(batches), in_processes):
         for batch in epoch:
-            assert isinstance(batch, data.FileBatch) and batch.data.dtype == torch.uint8 and batch.data.ndim == 1
+            assert isinstance(batch, bird_loaders.FileBatch) and batch.data.dtype == torch.uint8 and batch.data.ndim == 1
             assert all(it.image is None for it in batch.items if not it.decoded)
             encoded = batch.encoded()
             assert encoded and batch.offsets[-1] == len(batch.data)
@@ -590,9 +611,9 @@ def test_the_decode_raises_no_deprecation_warning(clean_cub_dir):
     """Our decode calls go to TorchCodec where it is installed (requirements.txt has it), not to torchvision's
     deprecated decoder."""
     import warnings
-    train, _, _ = data.load_cub(clean_cub_dir)
-    loader = data.bird_loader("nvjpeg", train[:6], 32, 6, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0)
+    train, _, _ = bird_data.load_cub(clean_cub_dir)
+    loader = bird_loaders.bird_loader("nvjpeg", train[:6], 32, 6, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         assert len(torch.cat([x for x, _ in loader])) == 6
-    assert data.jpeg_decoder()[0] == "torchcodec"
+    assert device_images.jpeg_decoder()[0] == "torchcodec"

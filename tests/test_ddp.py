@@ -49,10 +49,10 @@ def test_birds_two_processes_match_one(clean_cub_dir, tmp_path, loader):
 def test_ranks_skip_a_step_together_when_one_rank_has_only_broken_images(tmp_path):
     """With one image per rank and step, a rank whose image does not decode has nothing to train on; it used to skip
     the step alone while the other waited in the gradient all-reduce, forever. Now both skip it and the run ends."""
-    import data
+    import bird_data
     import fixtures
     root = fixtures.write_cub(tmp_path, num_classes=2, per_class=16, broken=False)
-    train, _, _ = data.load_cub(root)
+    train, _, _ = bird_data.load_cub(root)
     for path, label, _ in train:
         if label == 0:  # passes the byte check, fails to decode: skipped by the loader, not by drop_bad_images
             with open(path, "wb") as f:

@@ -1,13 +1,17 @@
 """Schedules, atomic writes and the fast-path flags of the shared loop."""
 import json
 import math
+import os
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+import devices
 import engine
+import flags
+import run_files
 from conftest import ROOT, SHARED_CUB, run_script
 
 
@@ -25,14 +29,14 @@ def test_lr_schedules():
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "metrics.csv"
-    engine.atomic_write_text(path, "old\n")
+    run_files.atomic_write_text(path, "old\n")
 
     def explode(f):
         f.write(b"half")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        engine.atomic_write(path, explode)
+        run_files.atomic_write(path, explode)
     assert path.read_text() == "old\n" and list(tmp_path.iterdir()) == [path]
 
 
@@ -41,7 +45,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    engine.atomic_torch_save({"rng": engine.rng_state(torch.device("cpu"))}, tmp_path / "s.pt")
+    run_files.atomic_torch_save({"rng": engine.rng_state(torch.device("cpu"))}, tmp_path / "s.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
     engine.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], torch.device("cpu"))
     got = (torch.rand(3), np.random.rand(3), random.random())
@@ -76,11 +80,11 @@ def test_cpu_run_on_a_gpu_machine_uses_gloo_and_no_cuda_state(monkeypatch):
     monkeypatch.setattr(engine.dist, "get_rank", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")  # as torchrun sets it
-    assert engine.setup_distributed(torch.device("cpu")) == (1, 2)
+    assert devices.setup_distributed(torch.device("cpu")) == (1, 2)
     assert calls == [("gloo", {})]
     assert engine.rng_state(torch.device("cpu"))["cuda"] == []
     gpu = torch.device("cuda", 0)
-    engine.setup_distributed(gpu)
+    devices.setup_distributed(gpu)
     assert calls[-1] == ("nccl", {"device_id": gpu})
 
 
@@ -111,15 +115,15 @@ def test_deterministic_flag_is_strict(monkeypatch):
     kernel raise (not warn)."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        engine.set_determinism(True)
+        devices.set_determinism(True)
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        assert engine.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
-        engine.set_determinism(False)
+        devices.set_determinism(False)
 
 
 def test_gpu_check_needs_cuda_and_says_so():
@@ -135,9 +139,9 @@ def test_a_range_error_names_the_one_flag_that_is_wrong(flag, value):
     import argparse
     good = dict(epochs=1, lr=0.1, batch_size=8, wd=0.0, warmup=0.0, label_smoothing=0.0, momentum=0.9, ema=0.0,
                 mixup=0.0, cutmix=0.0, mix_prob=1.0, dropout=0.0)
-    engine.check_training_args(argparse.Namespace(**good), 100)
-    with pytest.raises(engine.UsageError) as e:
-        engine.check_training_args(argparse.Namespace(**{**good, flag: value}), 100)
+    flags.check_training_args(argparse.Namespace(**good), 100)
+    with pytest.raises(flags.UsageError) as e:
+        flags.check_training_args(argparse.Namespace(**{**good, flag: value}), 100)
     name = "--" + flag.replace("_", "-")
     assert str(e.value).startswith(f"{name} must be ") and str(e.value).endswith(f", got {value}")
     assert str(e.value).count("--") == 1  # no other flag named

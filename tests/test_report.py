@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 
-import engine
+import run_files
 import report
 from conftest import ROOT
 
@@ -20,7 +20,7 @@ def fake_run(results, study, name, seed, val, test, frozen=None, epochs=3):
     d.mkdir(parents=True)
     history = [{"epoch": e + 1, "train_loss": 4.0 - e, "train_acc": 0.1 * e, "val_loss": 3.0, "val_acc": val * (e + 1) / epochs,
                 "lr": 0.1, "epoch_seconds": 1.0, "images_per_second": 100.0} for e in range(epochs)]
-    engine.write_metrics(d / "metrics.csv", history)
+    run_files.write_metrics(d / "metrics.csv", history)
     args = {"epochs": epochs, **({"freeze_backbone": frozen} if frozen is not None else {})}
     (d / "config.json").write_text(json.dumps({"args": args}))
     (d / "final.json").write_text(json.dumps({"best_val_acc": val, "test_acc": test, "train_seconds": 12.5,

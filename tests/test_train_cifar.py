@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -77,7 +78,10 @@ def test_checkpoints_are_plain_tensors(trained):
 
 
 def test_baseline_defaults_are_basenet(cifar_dir, tmp_path):
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--epochs", "1", "--out", tmp_path / "b", *QUICK)
+    # as a new user types it: --download, pointed at the data set's own folder, which holds the data (offline here, so
+    # a download would fail the run)
+    proc = run_script("train_cifar.py", "--data-dir", cifar_dir / "cifar-100-python", "--download", "--epochs", "1",
+                      "--out", tmp_path / "b", *QUICK)
     assert "basenet: 28,022 parameters" in proc.stdout
     config = json.loads((tmp_path / "b" / "config.json").read_text())["args"]
     assert config["optimizer"] == "sgd" and config["momentum"] == 0.9 and not config["nesterov"]
@@ -362,11 +366,12 @@ class Crash(Exception):
 
 
 def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_path, monkeypatch):
-    """The epochs come from the measured step time (a fake clock: 8 timed steps in dt seconds), the schedule is laid
+    """The epochs come from the measured step time (a fake clock: the timed steps take dt seconds), the schedule is laid
     over them from the start, config.json records it all, and a resumed budgeted run, on a clock twice as fast, keeps
     the chosen epochs and ends as the uninterrupted run does."""
     import engine
     import fixtures
+    import run_files
     import train_cifar
     small = fixtures.write_cifar100(tmp_path / "data", per_class_train=15, per_class_test=2)  # 10 steps an epoch
     argv = ["--data-dir", str(small), "--device", "cpu", "--val-per-class", "5", "--quiet", "--batch-size", "100",
@@ -376,28 +381,29 @@ def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_p
         monkeypatch.setattr(engine, "now", fake_clock(dt))
         engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / f"dt{dt}")])
         record = json.loads((tmp_path / f"dt{dt}" / "config.json").read_text())["time_budget"]
-        assert record["step_seconds"] == pytest.approx(dt / engine.CALIBRATION_STEPS) and record["timed_steps"] == 8
-        assert (record["eval_seconds"], record["startup_seconds"], record["save_seconds"]) == (dt, dt, 2 * dt)
+        assert record["timed_steps"] == min(engine.CALIBRATION_STEPS, 10 - 2)  # 2 warm-up steps, then the epoch's rest
+        assert record["step_seconds"] == pytest.approx(dt / record["timed_steps"])
+        assert (record["eval_seconds"], record["startup_seconds"], record["save_seconds"]) == (dt, dt, dt)
         assert record["final_seconds"] == pytest.approx(dt * (200 + 500) / 500)  # test + validation images
-        epoch = dt + record["steps_per_epoch"] * record["step_seconds"] + 2 * dt
+        epoch = dt + record["steps_per_epoch"] * record["step_seconds"] + dt
         assert record["epochs"] == engine.epochs_for_budget(24, record["elapsed_seconds"], epoch, dt,
                                                             record["final_seconds"]) >= 2
         rows = pd.read_csv(tmp_path / f"dt{dt}" / "metrics.csv")
         assert len(rows) == record["epochs"] and rows["lr"].iloc[-1] < 0.05 * 0.1  # one-cycle over all of them
         chosen[dt] = record["epochs"]
     assert chosen[0.7] > chosen[1.0]  # a faster step, more epochs
-    calls, real = [0], engine.write_metrics
+    calls, real = [0], run_files.write_metrics
 
-    def write_then_crash(*a, **kw):
-        real(*a, **kw)
-        calls[0] += 1
+    def write_then_crash(path, *a, **kw):  # after the run's first epoch (the budget's timing writes a scratch copy)
+        real(path, *a, **kw)
+        calls[0] += Path(path).parent == tmp_path / "cut"
         if calls[0] == 1:
             raise Crash
     monkeypatch.setattr(engine, "now", fake_clock(1.0))
-    monkeypatch.setattr(engine, "write_metrics", write_then_crash)
+    monkeypatch.setattr(run_files, "write_metrics", write_then_crash)
     with pytest.raises(Crash):
         engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(engine, "write_metrics", real)
+    monkeypatch.setattr(run_files, "write_metrics", real)
     monkeypatch.setattr(engine, "now", fake_clock(0.25))  # a resume does not measure again
     engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / "cut"), "--resume"])
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
+import bird_data  # noqa: E402
+import bird_loaders  # noqa: E402
 
 SHARED_CUB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "CUB_200_2011_subset100"
 
@@ -23,12 +24,12 @@ SHARED_CUB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
 def compare(samples, size, device, workers, train, batch=32):
     """Every loader over the same samples (training: rrc + flip, seed 5): {loader: (pixels in grey levels, seconds)},
     and [(loader, mean, share of values off, max)] of each against the PIL loader ('torch')."""
-    kinds = ["torch", "nvjpeg"] + (["dali"] if data.dali_available() else [])
+    kinds = ["torch", "nvjpeg"] + (["dali"] if bird_loaders.dali_available() else [])
     grey = dict(mean=[0.0] * 3, std=[1 / 255] * 3)  # normalised values are grey levels
     kw = dict(aug={"rrc", "flip"}, seed=5) if train else {}
     out = {}
     for kind in kinds:
-        loader = data.bird_loader(kind, samples, size, batch, train, device=device, workers=workers, **grey, **kw)
+        loader = bird_loaders.bird_loader(kind, samples, size, batch, train, device=device, workers=workers, **grey, **kw)
         loader.set_epoch(0)
         t0 = time.perf_counter()
         out[kind] = (torch.cat([x for x, _ in loader]).float().cpu(), time.perf_counter() - t0)
@@ -47,7 +48,7 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--workers", type=int, default=2, help="--workers of every loader")
     args = parser.parse_args()
-    samples = data.load_cub(args.cub_dir)[0][:args.images]
+    samples = bird_data.load_cub(args.cub_dir)[0][:args.images]
     for train in (False, True):
         what = f"{'train' if train else 'eval'} {args.size} px"
         out, diffs = compare(samples, args.size, args.device, args.workers, train)

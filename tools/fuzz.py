@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
+import bird_data  # noqa: E402
+import bird_loaders  # noqa: E402
 import data  # noqa: E402
 import fixtures  # noqa: E402
 
@@ -92,20 +94,20 @@ def read_cifar(root):
 
 
 def read_cub(root):
-    train, test, classes = data.load_cub(root, crop_boxes=True)
+    train, test, classes = bird_data.load_cub(root, crop_boxes=True)
     for samples in (train, test):
         for path, label, box in samples:
             assert 0 <= label < len(classes) and isinstance(path, str)
             assert box is None or (len(box) == 4 and all(np.isfinite(box)) and box[2] > 0 and box[3] > 0)
-        data.drop_bad_images(samples, 1.0, "images")  # names missing files instead of failing later
+        bird_data.drop_bad_images(samples, 1.0, "images")  # names missing files instead of failing later
 
 
 def read_image(path, size=32):
     """The torch loader's path for one training image: byte check, then PIL decode + random crop + mirror."""
-    reason = data.check_image_file(path)
+    reason = bird_data.check_image_file(path)
     if reason:
         raise data.DataError(f"{path}: {reason}")
-    item = data.BirdImages([(str(path), 0, None)], size, aug={"rrc", "flip"})[(0, 7)]
+    item = bird_loaders.BirdImages([(str(path), 0, None)], size, aug={"rrc", "flip"})[(0, 7)]
     if item is None:  # decode failed: the loader skips it with a warning naming the file
         raise data.DataError(f"{path}: cannot decode")
     image, label = item
@@ -167,7 +169,7 @@ def fuzz_format(kind, cases, seed, timeout, log=print):
                 target.write_bytes(originals[target])
         if kind == "images":
             counts.update(fuzz_nvjpeg(sorted((tmp / "cases").iterdir()), timeout, failures))
-        if kind == "images" and data.dali_available() and dali_files:
+        if kind == "images" and bird_loaders.dali_available() and dali_files:
             counts.update(fuzz_dali(dali_files, timeout, failures))
     for f in failures[:10]:
         log(f"  {f}")
@@ -188,7 +190,7 @@ def fuzz_nvjpeg(files, timeout, failures):
                     warnings.simplefilter("ignore")
                     stderr, sys.stderr = sys.stderr, sink  # skipped files are named on stderr: expected
                     try:
-                        loader = data.NvjpegImageLoader(samples, 32, 16, not keep, [0.5] * 3, [0.5] * 3,
+                        loader = bird_loaders.NvjpegImageLoader(samples, 32, 16, not keep, [0.5] * 3, [0.5] * 3,
                                                         torch.device("cpu"), aug=() if keep else {"rrc", "flip"},
                                                         workers=0, keep_broken=keep)
                         batches = with_time_limit(timeout * 4, lambda ld=loader: list(ld))
@@ -213,7 +215,7 @@ def fuzz_dali(files, timeout, failures):
     for start in range(0, len(files), 16):
         samples = [(str(f), 0, None) for f in files[start:start + 16]]
         try:
-            loader = data.DaliImageLoader(samples, 32, 16, True, [0.5] * 3, [0.5] * 3, torch.device("cpu"),
+            loader = bird_loaders.DaliImageLoader(samples, 32, 16, True, [0.5] * 3, [0.5] * 3, torch.device("cpu"),
                                           aug={"rrc", "flip"}, workers=1)
             with_time_limit(timeout * 4, lambda ld=loader: [None for _ in ld])
             counts["dali-ok"] += 1

@@ -272,9 +272,10 @@ def check_loader_pixels(ctx):
     """Every loader's eval images on the GPU against the PIL loader's, in grey levels (0-255)."""
     import compare_loaders
 
-    import data
-    samples = data.load_cub(ctx.cub)[1][:128]
-    out, _ = compare_loaders.compare(samples, 224, ctx.device, data.default_workers(), train=False, batch=64)
+    import bird_data
+    import bird_loaders
+    samples = bird_data.load_cub(ctx.cub)[1][:128]
+    out, _ = compare_loaders.compare(samples, 224, ctx.device, bird_loaders.default_workers(), train=False, batch=64)
     parts = []
     for kind in out:
         if kind != "torch":
@@ -292,13 +293,14 @@ def check_dali_stream(ctx):
         raise Skip("DALI is not installed")
     import torch
 
-    import data
+    import bird_data
+    import bird_loaders
     import models
-    samples = data.load_cub(ctx.cub)[0][:1024]
+    samples = bird_data.load_cub(ctx.cub)[0][:1024]
     net = models.TransferNet("resnet18", 10).cuda().to(memory_format=torch.channels_last)
     rates = {}
     for on_stream in (False, True, False, True):  # interleaved; the second of each pair counts
-        loader = data.DaliImageLoader(samples, 224, 128, True, [0.5] * 3, [0.5] * 3, torch.device("cuda"),
+        loader = bird_loaders.DaliImageLoader(samples, 224, 128, True, [0.5] * 3, [0.5] * 3, torch.device("cuda"),
                                       aug={"rrc", "flip"}, workers=8, channels_last=True)
         loader.on_torch_stream = on_stream
         torch.cuda.synchronize()
@@ -316,35 +318,36 @@ def check_dali_stream(ctx):
 def check_gpu_decode(ctx):
     """What the nvjpeg loader does before resampling: scan the files (the generated tree holds a PNG named .jpg, a
     grayscale, a CMYK and an EXIF-rotated JPEG: those go to PIL), then decode the rest in one batched call on the GPU
-    (data.decode_jpegs), against PIL. Then progressive JPEGs (the real images re-encoded so): the GPU decoder against
-    PIL in worker processes, the measurement behind where data.scan_images sends them."""
+    (device_images.decode_jpegs), against PIL. Then progressive JPEGs (the real images re-encoded so): the GPU decoder against
+    PIL in worker processes, the measurement behind where bird_data.scan_images sends them."""
     import numpy as np
     import torch
     from PIL import Image
 
-    import data
-    samples = data.load_cub(ctx.cub)[0][:256]
-    _, broken, pil, reasons = data.scan_images(samples, pil_for_gpu_refused=True)
+    import bird_data
+    import device_images
+    samples = bird_data.load_cub(ctx.cub)[0][:256]
+    _, broken, pil, reasons = bird_data.scan_images(samples, pil_for_gpu_refused=True)
     gpu = [s for i, s in enumerate(samples) if i not in pil and i not in broken]
     raw = [torch.from_numpy(np.fromfile(s[0], dtype=np.uint8)) for s in gpu]
     rate = decode_rate(raw, ctx)
-    images = data.decode_jpegs(raw[:32], ctx.device)
+    images = device_images.decode_jpegs(raw[:32], ctx.device)
     ref = [torch.from_numpy(np.array(Image.open(s[0]).convert("RGB"))).permute(2, 0, 1) for s in gpu[:32]]
-    mean, _, _ = compare_images(f"{data.jpeg_decoder()[0]} decode against PIL", torch.cat([i.flatten() for i in images]),
+    mean, _, _ = compare_images(f"{device_images.jpeg_decoder()[0]} decode against PIL", torch.cat([i.flatten() for i in images]),
                                 torch.cat([r.flatten() for r in ref]), LIMITS["gpu-decode"])
     routed = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
     progressive = progressive_rates(gpu[:128], ctx)
-    return (f"{rate:,.0f} img/s batched {data.jpeg_decoder()[0]} decode of {len(raw)} files; to PIL at scan time: "
+    return (f"{rate:,.0f} img/s batched {device_images.jpeg_decoder()[0]} decode of {len(raw)} files; to PIL at scan time: "
             f"{routed}; mean |decode - PIL| {mean:.2f} of 255 (32 images, before any resize); {progressive}")
 
 
 def decode_rate(raw, ctx, repeats=3):
-    import data
-    data.decode_jpegs(raw, ctx.device)  # warm-up: the decoder's handles and buffers
+    import device_images
+    device_images.decode_jpegs(raw, ctx.device)  # warm-up: the decoder's handles and buffers
     ctx.sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
-        data.decode_jpegs(raw, ctx.device)
+        device_images.decode_jpegs(raw, ctx.device)
     ctx.sync()
     return repeats * len(raw) / (time.perf_counter() - t0)
 
@@ -359,14 +362,14 @@ def progressive_rates(samples, ctx):
     import torch
     from PIL import Image
 
-    import data
+    import bird_loaders
     blobs = []
     for path, _, _ in samples:
         buf = io.BytesIO()
         Image.open(path).convert("RGB").save(buf, "JPEG", quality=90, progressive=True)
         blobs.append(buf.getvalue())
     gpu = decode_rate([torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in blobs], ctx)
-    workers = data.default_workers()
+    workers = bird_loaders.default_workers()
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_pil_decode, blobs[:workers]))  # start-up
         t0 = time.perf_counter()
@@ -380,8 +383,8 @@ def progressive_rates(samples, ctx):
 def _pil_decode(blob):
     import io
 
-    import data
-    return data.pil_rgb(io.BytesIO(blob)).shape
+    import bird_data
+    return bird_data.pil_rgb(io.BytesIO(blob)).shape
 
 
 def check_decode_under_load(ctx, batch_size=64, trials=5):
@@ -393,14 +396,16 @@ def check_decode_under_load(ctx, batch_size=64, trials=5):
     the check can fail; the stream and sync orderings are timed behind the same queued work."""
     import torch
 
-    import data
+    import bird_data
+    import bird_loaders
+    import device_images
     if ctx.device.type != "cuda":
         raise Skip("needs a CUDA device (torch.cuda._sleep and a second stream)")
-    samples = data.load_cub(ctx.cub)[1][:batch_size]
-    loader = data.NvjpegImageLoader(samples, 224, batch_size, False, [0.5] * 3, [0.5] * 3, ctx.device, workers=0)
-    batch = data.collate_files([loader.files[(i, 0)] for i in range(len(samples))])
+    samples = bird_data.load_cub(ctx.cub)[1][:batch_size]
+    loader = bird_loaders.NvjpegImageLoader(samples, 224, batch_size, False, [0.5] * 3, [0.5] * 3, ctx.device, workers=0)
+    batch = bird_loaders.collate_files([loader.files[(i, 0)] for i in range(len(samples))])
     shapes = [loader.files.sizes[it.index] for it in batch.items if not it.decoded]
-    order, determinism = data.DECODE_ORDER, torch.are_deterministic_algorithms_enabled()
+    order, determinism = device_images.DECODE_ORDER, torch.are_deterministic_algorithms_enabled()
     ctx.sync()
     reference = loader._to_batch(batch)[0].clone()
     ctx.sync()
@@ -409,7 +414,7 @@ def check_decode_under_load(ctx, batch_size=64, trials=5):
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
             for mode in ("none", "stream", "sync"):
-                data.DECODE_ORDER = mode
+                device_images.DECODE_ORDER = mode
                 bad, seconds = 0, 0.0
                 for _ in range(trials):
                     ctx.sync()
@@ -426,7 +431,7 @@ def check_decode_under_load(ctx, batch_size=64, trials=5):
                 results[(deterministic, mode)], last[(deterministic, mode)] = bad, x
                 timing[(deterministic, mode)] = 1000 * seconds / trials
     finally:
-        data.DECODE_ORDER = order
+        device_images.DECODE_ORDER = order
         torch.use_deterministic_algorithms(determinism)
     for deterministic in (False, True):
         what = f"DECODE_ORDER {order}{' with --deterministic' if deterministic else ''}"
@@ -514,11 +519,11 @@ class Context:
     def __init__(self, args, tmp, device="cuda"):
         import torch
 
-        import data
+        import bird_loaders
         self.device = torch.device(device)
         self.tmp, self.out = Path(tmp), Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.dali = data.dali_available()
+        self.dali = bird_loaders.dali_available()
         self.weights = args.weights if args.weights and Path(args.weights).is_file() else None
         self.bench = None
         self.birds = {}  # test accuracy per loader, for the agreement check
@@ -596,10 +601,10 @@ def main():
         "cpu-tests": lambda ctx: check_suite(ctx, DEVICE_PATH_TESTS, "cpu-tests"), "suite-all": check_suite,
         "ladder-jobs": check_ladder_jobs,
     }
-    import data
+    import device_images
     machine = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run (figures meaningless)"
     header = (f"{machine} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
-              f"{time.strftime('%Y-%m-%d %H:%M')} | decoder {data.jpeg_decoder()[0]}, DECODE_ORDER {data.DECODE_ORDER} | ")
+              f"{time.strftime('%Y-%m-%d %H:%M')} | decoder {device_images.jpeg_decoder()[0]}, DECODE_ORDER {device_images.DECODE_ORDER} | ")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(args, tmp, args.device)

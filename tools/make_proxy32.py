@@ -23,12 +23,13 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bird_data  # noqa: E402
 import data  # noqa: E402
 
 
 def to32(path):
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = bird_data.oriented(im).convert("RGB")
         scale = 32 / min(im.size)
         im = im.resize((max(32, round(im.width * scale)), max(32, round(im.height * scale))), Image.BILINEAR,
                        reducing_gap=None)
@@ -45,10 +46,10 @@ def main():
                              "chosen recipe's test accuracy once), instead of the never-scored placeholder")
     args = parser.parse_args()
     try:
-        train, test, classes = data.load_cub(args.cub_dir)
-        train, skipped = data.drop_bad_images(train, 0.05, "training images")
+        train, test, classes = bird_data.load_cub(args.cub_dir)
+        train, skipped = bird_data.drop_bad_images(train, 0.05, "training images")
         if args.test_split:
-            test, _ = data.drop_bad_images(test, 0.05, "test images")
+            test, _ = bird_data.drop_bad_images(test, 0.05, "test images")
     except data.DataError as e:
         sys.exit(f"error: {e}")
     if len(classes) > 100:

@@ -1,0 +1,285 @@
+"""Bird images on disk, before any loader: the CUB-200-2011 text files (`load_cub`), a train/ test/ image folder
+(`load_image_folder`), cheap checks of every file (`check_image_file`, `drop_bad_images`, one warning per broken
+file: `warn_broken`) and the JPEG header scan that tells the GPU decoder's files from PIL's (`jpeg_header`,
+`scan_images`: sizes, EXIF orientation, coding process) without decoding any image. The loaders are in
+bird_loaders.py. Not run directly.
+"""
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import DataError, find_cub_root, warn
+
+
+# ----------------------------------------------------------------------------- the CUB and ImageFolder layouts
+
+def _read_table(path, n_fields):
+    rows, first_line = {}, {}
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < n_fields:
+                raise DataError(f"{path} line {line_no} has {len(parts)} fields, expected {n_fields}")
+            image_id = int(parts[0])
+            if image_id in rows:
+                raise DataError(f"{path} lists id {image_id} twice (lines {first_line[image_id]} and {line_no})")
+            first_line[image_id] = line_no
+            rows[image_id] = parts[1:n_fields] if n_fields > 2 else parts[1]
+    return rows
+
+
+def load_cub(data_dir, crop_boxes=False):
+    """CUB-200-2011: lists of (path, label 0-based, box or None) for train and test, in images.txt order."""
+    root = find_cub_root(data_dir)
+    needed = ["images.txt", "image_class_labels.txt", "classes.txt", "train_test_split.txt"]
+    missing = [n for n in needed if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"{root} lacks {', '.join(missing)} of the CUB_200_2011 layout")
+    try:
+        images = _read_table(root / "images.txt", 2)
+        labels = _read_table(root / "image_class_labels.txt", 2)
+        classes = _read_table(root / "classes.txt", 2)
+        is_train = _read_table(root / "train_test_split.txt", 2)
+        boxes = _read_table(root / "bounding_boxes.txt", 5) if crop_boxes and (root / "bounding_boxes.txt").is_file() else {}
+        labels = {image_id: int(c) for image_id, c in labels.items()}
+    except ValueError as e:
+        raise DataError(f"{root} has a malformed text file ({e})") from None
+    if crop_boxes and not boxes:
+        warn(f"--crop-boxes: {root}/bounding_boxes.txt is missing, using whole images")
+    for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
+        if set(table) != set(images):
+            raise DataError(f"{root}/{name} lists {len(table)} images but images.txt lists {len(images)}")
+    class_ids = sorted(classes)
+    index_of = {cid: i for i, cid in enumerate(class_ids)}
+    bad = sorted(set(labels.values()) - set(index_of))
+    if bad:
+        raise DataError(f"{root}/image_class_labels.txt uses class ids {bad[:5]} that classes.txt does not define")
+    split = {"train": [], "test": []}
+    for image_id in sorted(images):
+        box = _parse_box(root, image_id, boxes[image_id]) if image_id in boxes else None
+        sample = (str(root / "images" / images[image_id]), index_of[labels[image_id]], box)
+        split["train" if is_train[image_id] == "1" else "test"].append(sample)
+    return split["train"], split["test"], [classes[c] for c in class_ids]
+
+
+def _parse_box(root, image_id, fields):
+    """(x, y, w, h) of bounding_boxes.txt: finite numbers, a box of positive size, not left of or above the image."""
+    try:
+        box = tuple(float(v) for v in fields)
+    except ValueError:
+        box = None
+    if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0 or min(box[:2]) < 0:
+        raise DataError(f"{root}/bounding_boxes.txt has an invalid box for image {image_id}: {' '.join(fields)}")
+    return box
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_image_folder(data_dir):
+    """A train/ and test/ tree of class folders (ImageFolder layout, e.g. CUB-200-2010 re-packed)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "train").is_dir():
+        raise DataError(f"{data_dir} has no train/ folder of class sub-folders")
+    classes = sorted(p.name for p in (data_dir / "train").iterdir() if p.is_dir())
+    index_of = {c: i for i, c in enumerate(classes)}
+
+    def listing(split):
+        out = []
+        if not (data_dir / split).is_dir():
+            return out
+        for cls_dir in sorted(p for p in (data_dir / split).iterdir() if p.is_dir()):
+            if cls_dir.name not in index_of:
+                raise DataError(f"{cls_dir} is a class that {data_dir}/train does not have")
+            for f in sorted(cls_dir.iterdir()):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    out.append((str(f), index_of[cls_dir.name], None))
+        return out
+
+    return listing("train"), listing("test"), classes
+
+
+# ----------------------------------------------------------------------------- broken files
+
+_WARNED_BROKEN = set()  # the files this process has warned about
+
+
+def warn_broken(path, why, keep):
+    """The one warning for a broken image file, once per file and process, saying what happens to it: skipped (a
+    training image) or, with keep (a test image, which must keep its row), replaced by a black image."""
+    if path not in _WARNED_BROKEN:
+        _WARNED_BROKEN.add(path)
+        warn(f"{'black image for' if keep else 'skipping'} {path}: {why}")
+
+
+def check_image_file(path):
+    """Cheap sanity check (first and last bytes) that catches truncated and non-image files
+    before a decoder meets them mid-epoch. Returns None when fine, else the reason."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 12))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if head[:3] == b"\xff\xd8\xff":
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail else "truncated PNG"
+    if head[:2] == b"BM" or head[:4] in (b"GIF8", b"RIFF") or head[:4] in (b"II*\x00", b"MM\x00*"):
+        return None
+    return "not an image"
+
+
+def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
+    bad = [(s, reason) for s in samples if (reason := check_image_file(s[0]))]
+    for (path, _, _), reason in bad[:20]:
+        warn_broken(path, reason, keep=False)
+    if len(bad) > 20:
+        warn(f"skipping {len(bad) - 20} more broken {what}")
+    if samples and len(bad) > max_bad_frac * len(samples):
+        raise DataError(f"{len(bad)} of {len(samples)} {what} are broken (more than {max_bad_frac:.0%}); "
+                        f"first: {bad[0][0][0]} ({bad[0][1]})")
+    bad_paths = {s[0] for s, _ in bad}
+    return [s for s in samples if s[0] not in bad_paths], [s[0] for s, _ in bad]
+
+
+def placeholder_jpeg(size=8):
+    """A small black JPEG fed in place of a broken test image, so every test id still gets a row."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- JPEG headers, EXIF orientation
+
+# JPEG coding processes nvJPEG decodes: baseline, extended sequential and progressive Huffman (SOF0-2).
+# Lossless, hierarchical and arithmetic-coded files (the other SOF markers) go to PIL.
+NVJPEG_SOF = {0xC0, 0xC1, 0xC2}
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC are not frame headers
+
+
+EXIF_ORIENTATION = 0x0112  # the TIFF tag: 1 upright, 2-8 mirrored and/or rotated (5-8 swap width and height)
+
+
+def exif_orientation(payload):
+    """The orientation tag of an APP1 Exif payload (1 where absent or unreadable)."""
+    if payload[:6] != b"Exif\0\0" or len(payload) < 14:
+        return 1
+    tiff = payload[6:]
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+        if len(entry) == 12 and int.from_bytes(entry[:2], order) == EXIF_ORIENTATION:
+            return int.from_bytes(entry[8:10], order)
+    return 1
+
+
+def oriented(im):
+    """A PIL image as it is meant to be seen: its EXIF orientation applied (as TorchCodec and DALI's
+    adjust_orientation do), so every loader sees the same pixels; images without one are returned as they are."""
+    from PIL import ImageOps
+    return ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im
+
+
+def jpeg_header(path):
+    """(width, height, None) for a JPEG the GPU decoder takes, or (width, height, why PIL decodes it instead), read
+    from the markers up to the frame header; (None, None, why) when no frame header is found. An EXIF-rotated JPEG
+    goes to PIL (torchvision's GPU decoder does not rotate), and its width and height are then PIL's, upright."""
+    adobe_transform, orientation = None, 1
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return None, None, "not a JPEG"
+            while True:
+                byte = f.read(1)
+                if byte != b"\xff":
+                    return None, None, "no frame header before the image data"
+                marker = f.read(1)
+                while marker == b"\xff":  # fill bytes
+                    marker = f.read(1)
+                if not marker:
+                    return None, None, "no frame header"
+                m = marker[0]
+                if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+                    continue
+                length = int.from_bytes(f.read(2), "big")
+                if m == 0xDA or length < 2:  # start of scan before any frame header, or a broken length
+                    return None, None, "no frame header before the image data"
+                if m in SOF_MARKERS:
+                    frame = f.read(6)
+                    if len(frame) < 6:
+                        return None, None, "truncated frame header"
+                    bits, height, width, channels = frame[0], int.from_bytes(frame[1:3], "big"), \
+                        int.from_bytes(frame[3:5], "big"), frame[5]
+                    why = (f"JPEG process SOF{m - 0xC0} (lossless, hierarchical or arithmetic)" if m not in NVJPEG_SOF
+                           else f"EXIF orientation {orientation}" if orientation in range(2, 9)
+                           else f"{bits}-bit samples" if bits != 8
+                           else "grayscale" if channels == 1
+                           else "CMYK/YCCK" if channels == 4
+                           else "RGB-coded (Adobe, no YCbCr transform)" if channels == 3 and adobe_transform == 0
+                           else f"{channels} channels" if channels != 3
+                           else "no height in the frame header (DNL)" if not (width and height)
+                           else None)
+                    return width, height, why
+                payload = f.read(length - 2)
+                if m == 0xEE and payload[:5] == b"Adobe" and len(payload) >= 12:
+                    adobe_transform = payload[11]
+                if m == 0xE1:
+                    orientation = exif_orientation(payload)
+    except OSError as e:
+        return None, None, f"unreadable ({e.strerror})"
+
+
+def scan_images(samples, pil_for_gpu_refused):
+    """What the nvJPEG and DALI loaders learn before the first epoch: each sample's (width, height) after its crop box,
+    {index: why} of the broken files and, with pil_for_gpu_refused, the indices PIL decodes on the CPU (not a JPEG
+    nvJPEG takes), with a count of the reasons. Headers are read, never the image data."""
+    from PIL import Image
+    sizes, broken, pil, reasons = [], {}, set(), {}
+    for i, (path, _, box) in enumerate(samples):
+        why_broken = check_image_file(path)
+        width = height = None
+        if why_broken is None:
+            width, height, why_cpu = jpeg_header(path)
+            if why_cpu is not None or width is None:
+                try:
+                    with Image.open(path) as im:
+                        width, height = im.size
+                        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: upright size
+                            width, height = height, width
+                except Exception as e:  # passed the byte check, yet its header is unreadable
+                    why_broken = f"cannot read the image header ({type(e).__name__})"
+            if why_broken is None and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # where PIL refuses to decode
+                why_broken = f"{width} x {height} pixels: larger than PIL's decompression-bomb limit"
+            if why_broken is None and why_cpu is not None and pil_for_gpu_refused:
+                pil.add(i)
+                reasons[why_cpu] = reasons.get(why_cpu, 0) + 1
+        if why_broken is not None:
+            broken[i] = why_broken
+            sizes.append((8, 8))
+            continue
+        if box is not None:  # PIL's crop: whole pixels, and at least one of them
+            x0, y0, x1, y1 = int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])
+            width, height = max(1, x1 - x0), max(1, y1 - y0)
+        sizes.append((width, height))
+    return sizes, broken, pil, reasons
+
+
+def pil_rgb(source):
+    """A file (path or file object) decoded by PIL, any mode to RGB, as uint8 (3, H, W)."""
+    from PIL import Image
+    with Image.open(source) as im:
+        return torch.from_numpy(np.asarray(oriented(im).convert("RGB")).copy()).permute(2, 0, 1)
