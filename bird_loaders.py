@@ -48,9 +48,6 @@ def draw_augmentation(sample_seed, width, height, aug, scale):
 BIRD_AUG = ListFlag(("rrc", "flip"), "augmentation")  # the birds' --aug
 
 
-BIRD_AUG = ListFlag(("rrc", "flip"), "augmentation")  # the birds' --aug
-
-
 class BirdLoader(SampledLoader):
     """What the three bird loaders share: their arguments, the sample order (shuffled, and the last short batch
     dropped, when training), the normalisation on the device and channels-last. Each loader's `_batches(batches)`

@@ -15,6 +15,7 @@ import math
 import platform
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -449,7 +450,10 @@ def fit_budget(model, raw_model, ema, optimizer, scaler, run, train_loader, val_
     """--time-budget: time real steps of this run (its model, compiled where --compile, its loader and augmentation,
     its precision, its optimizer and EMA), one validation pass and one epoch's end (`save`), then put the weights, the
     optimizer, the scaler, the EMA and every RNG back as they were, and choose the epochs (epochs_for_budget). Every
-    rank takes rank 0's choice. Returns the record config.json and last.pt keep."""
+    rank takes rank 0's choice. Returns the record config.json and last.pt keep. With --epochs 1 there is nothing to
+    choose (at least one epoch, at most one), so nothing is measured."""
+    if getattr(args, "epochs_cap", None) == 1:
+        return {"budget_seconds": args.time_budget, "epochs": 1, "fits_epochs": None, "measured": False}
     saved = {"model": {k: v.detach().clone() for k, v in raw_model.state_dict().items()},
              "optimizer": copy.deepcopy(optimizer.state_dict()), "scaler": scaler.state_dict(),
              "ema": {k: v.detach().clone() for k, v in ema.module.state_dict().items()} if ema is not None else None,
@@ -463,21 +467,31 @@ def fit_budget(model, raw_model, ema, optimizer, scaler, run, train_loader, val_
     t0 = now()
     first = next(batches)  # the loader's start-up (workers, pipelines), paid again every epoch
     startup = now() - t0
-    warm = 2  # the first steps compile, autotune and fill the loader's queue: not timed
-    step, t_warm = 0, now()
+    # Steps 0 and 1 compile, autotune and fill the loader's queue: not timed. Then up to CALIBRATION_STEPS steps in
+    # blocks of 10, and the median block's time a step: a stray process or a slow first block moves a mean by 10%
+    # on a shared 2-core host (BENCHMARKS.md, "cpu5 in 300 s").
+    warm, block, blocks, counts, step, t_warm, t0 = 2, 10, [], [], 0, now(), None
     for x, y in itertools.chain([first], batches):
         if may_be_empty and not all_ranks_nonempty(y.shape[0]):
             continue
-        if step == warm:
+        if step >= warm and (step - warm) % block == 0:
+            if t0 is not None:
+                sync()
+                blocks.append(now() - t0)
+                counts.append(block)
+            if sum(counts) >= CALIBRATION_STEPS:
+                break
             sync()
-            t_timed = now()
+            t0 = now()
         train_step(model, raw_model, ema, optimizer, scaler, run, x, y, 0, step)
         step += 1
-        if step == warm + CALIBRATION_STEPS:
-            break
-    sync()
-    timed = step - warm  # an epoch of `warm` steps or fewer: the warm-up steps are all there is to time
-    step_seconds = (now() - t_timed) / timed if timed > 0 else (now() - t_warm) / max(1, step)
+    if t0 is not None and step - warm > sum(counts):  # the epoch ended inside a block: it counts as far as it went
+        sync()
+        blocks.append(now() - t0)
+        counts.append(step - warm - sum(counts))
+    timed = sum(counts)  # 0: an epoch of two steps or fewer, whose warm-up steps are all there is to time
+    step_seconds = statistics.median(t / c for t, c in zip(blocks, counts, strict=True)) if timed else \
+        (now() - t_warm) / max(1, step)
     del batches
     t0 = now()
     evaluate(eval_model, val_loader, device, args.amp)
@@ -489,15 +503,16 @@ def fit_budget(model, raw_model, ema, optimizer, scaler, run, train_loader, val_
         ema.module.load_state_dict(saved["ema"])
     set_rng_state(saved["rng"], device)
     run.skipped_steps = saved["skipped"]
-    t0 = now()
-    save()  # the end of an epoch (last.pt, best.pt, metrics.csv, curves.png), in a scratch folder
+    save()  # the end of an epoch (last.pt, best.pt, metrics.csv, curves.png): once to load what it needs (matplotlib),
+    t0 = now()  # then timed
+    save()
     save_seconds = now() - t0
     val_images = max(1, getattr(val_loader.sampler, "n", 1))
     final_seconds = eval_seconds * final_images / val_images
     epoch_seconds = startup + run.steps_per_epoch * step_seconds + save_seconds
     elapsed = now() - start
     record = {"budget_seconds": args.time_budget, "elapsed_seconds": round(elapsed, 3),
-              "step_seconds": step_seconds, "timed_steps": max(timed, 0), "startup_seconds": round(startup, 3),
+              "step_seconds": step_seconds, "timed_steps": timed, "startup_seconds": round(startup, 3),
               "eval_seconds": round(eval_seconds, 3), "save_seconds": round(save_seconds, 3),
               "final_seconds": round(final_seconds, 3), "steps_per_epoch": run.steps_per_epoch,
               "images_per_second": round(args.batch_size / max(step_seconds, 1e-9), 1),
@@ -512,6 +527,8 @@ def fit_budget(model, raw_model, ema, optimizer, scaler, run, train_loader, val_
 
 
 def budget_line(record):
+    if not record.get("measured", True):
+        return f"time budget {record['budget_seconds']:g} s: --epochs 1 leaves nothing to choose; 1 epoch, not measured"
     return (f"time budget {record['budget_seconds']:g} s: {record['images_per_second']:,.0f} img/s training "
             f"({1000 * record['step_seconds']:.1f} ms a step, {record['steps_per_epoch']} steps an epoch), "
             f"{record['eval_seconds']:.1f} s a validation pass, {record['elapsed_seconds']:.0f} s spent before "
