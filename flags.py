@@ -33,8 +33,8 @@ def add_training_args(parser, defaults):
         help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
     opt("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
     opt("--time-budget", type=float, default=defaults.get("time_budget"), metavar="SECONDS",
-        help="choose the epochs for the machine this runs on: time a few real training steps (compiled where "
-             "--compile), one validation pass and a checkpoint save first, then train as many epochs as end, with "
+        help="choose the epochs for the machine this runs on: time 30 real training steps (compiled where "
+             "--compile), one validation pass and one epoch's end first, then train as many epochs as end, with "
              "their evaluation and the final predictions, within SECONDS of the command's start; the schedule and "
              "warm-up are laid over those epochs. --epochs given too is the most it may choose. config.json records "
              "the budget, the measured times and the chosen epochs, and --resume keeps them (0 or unset: off, "
