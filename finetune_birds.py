@@ -288,7 +288,8 @@ def run(argv=None):
         train, val, test = loaders["train"], loaders["val"], loaders["test"]
     param_groups = head_only if args.freeze_backbone else model.param_groups(args.backbone_lr_mult, args.layer_decay)
     engine.seed_everything(args.seed, rank)
-    views = 1 if args.cache_features else engine.tta_view_count(engine.TTA.names(args.tta))
+    tta = () if args.cache_features else engine.TTA.names(args.tta)  # the test CSV's views (cached features: none)
+    views = engine.tta_view_count(tta)
     summary = engine.fit(model, train, val, args, out, model_config, data_config, device, rank, world,
                          param_groups=param_groups, title=f"birds {args.arch}: {describe(args)}",
                          phase="lp" if args.freeze_backbone else "ft", prior_history=prior, clock=clock,
@@ -296,8 +297,7 @@ def run(argv=None):
 
     if devices.is_main(rank):
         engine.load_best(model, out)
-        test_probs = engine.predict_probs(model, test, device, args.amp, () if args.cache_features else
-                                          engine.TTA.names(args.tta), not args.quiet, "test")
+        test_probs = engine.predict_probs(model, test, device, args.amp, tta, not args.quiet, "test")
         test_acc = run_files.write_predictions(out / "submission.csv", *test_probs)
         if world > 1 and not args.cache_features:  # rank 0 analyses all of validation, not its shard
             val = bird_loaders.bird_loader(loader_kind, val_samples, args.img_size, eval_batch, False,
