@@ -54,7 +54,9 @@ def set_determinism(deterministic):
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    # TF32 matmuls through the one API that device_images.exact_float32 also uses: torch >= 2.9 refuses to report
+    # the precision once the legacy flag (torch.backends.cuda.matmul.allow_tf32) and this API have both set it
+    torch.set_float32_matmul_precision("highest" if deterministic else "high")
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 

@@ -12,6 +12,7 @@ import bird_data
 import bird_loaders
 import data
 import device_images
+import devices
 import fixtures
 
 
@@ -515,6 +516,19 @@ def test_resampling_is_exact_under_autocast_and_tf32_and_restores_them(clean_cub
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(plain, again) and plain.dtype == torch.uint8
     assert torch.equal(plain[1], device_images.resample_batch(images[1:2], geometry.take(slice(1, 2)), 24, [False]).flip(-1)[0])
+    # a second run in the same process (a notebook, a test) that turns determinism on still resamples: one API sets
+    # the precision (torch 2.14 refused to read it after the legacy TF32 flag had followed the API's restore)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        devices.set_determinism(False)
+        device_images.resample_batch(images, geometry, 24, [False] * 4)
+        devices.set_determinism(True)
+        assert torch.equal(device_images.resample_batch(images, geometry, 24, [False, True, False, True]), plain)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        devices.set_determinism(False)
+        torch.use_deterministic_algorithms(False)
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_exif_rotated_jpegs_are_upright_in_every_loader(cub_dir):
