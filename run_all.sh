@@ -49,7 +49,8 @@ case "$ONLY" in all|cifar|birds) ;; *) echo "run_all.sh: --only takes cifar or b
 
 PYTHON=${PYTHON:-python}
 # Before anything else: a Python that has the requirements (a shell without the venv active has none of them).
-if ! "$PYTHON" -c "import torch, torchvision, timm, pandas" >/dev/null 2>&1; then
+# (find_spec looks the packages up without importing them: milliseconds, where importing them takes seconds)
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'timm', 'pandas')))" >/dev/null 2>&1; then
   echo "run_all.sh: '$PYTHON' cannot import torch (or torchvision, timm, pandas): activate the venv (. .venv/bin/activate)," \
        "or install the requirements (python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt)," \
        "or set PYTHON to a Python that has them" >&2
@@ -208,7 +209,9 @@ fi
 # --jobs exceeds them); on a CPU the runs share the cores, THREADS (default cores / jobs) each. DEVICE=cuda:K or
 # DEVICE=cpu puts every run there.
 GPUS=()
-if [ "$REPORT_ONLY" = 0 ] && [[ -z "${DEVICE:-}" || "${DEVICE:-}" == cuda ]]; then
+# torch is asked only where a GPU driver shows (NVIDIA, ROCm, WSL2): importing it costs seconds on every invocation.
+if [ "$REPORT_ONLY" = 0 ] && [[ -z "${DEVICE:-}" || "${DEVICE:-}" == cuda ]] &&
+   { [ -e /proc/driver/nvidia ] || [ -e /dev/nvidiactl ] || [ -e /dev/kfd ] || [ -e /dev/dxg ]; }; then
   mapfile -t GPUS < <($PYTHON -c "import os, torch
 n = torch.cuda.device_count()
 for i in [s for s in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if s][:n] or range(n): print(i)")

@@ -143,25 +143,37 @@ def test_smoke_chain_runs_in_parallel_with_logs_and_tensorboard(smoke):
 
 
 def test_printed_commands_rebuild_the_same_runs_whatever_the_jobs(smoke, tmp_path):
-    """`--print-commands` lines, run one by one with bash -c (what `--jobs 1` runs), give the same metrics as the
-    smoke chain's `--jobs 2` (timing columns aside); `--report-only` then writes the report from them."""
-    results = tmp_path / "results"
-    env = {**smoke[1], "RESULTS": str(results)}
+    """`--print-commands` prints one self-contained line per pending run (all 12 on an empty tree, only the
+    unfinished ones on a partial tree); run with bash -c two at a time (what `--jobs 1` runs, what a scheduler
+    would run), they give the same metrics as the smoke chain's `--jobs 2` (timing columns aside); `--report-only`
+    then writes the report from them. Two runs are rebuilt: the first, and CutMix with EMA (random draws per step)."""
+    env = {**smoke[1], "RESULTS": str(tmp_path / "empty")}
     printed = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--print-commands"], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=600)
     lines = printed.stdout.splitlines()
     assert printed.returncode == 0 and len(lines) == 12 and all(" --resume " in line for line in lines)
     assert all(line.startswith(f"cd {ROOT} && mkdir -p ") and "OMP_NUM_THREADS=1 " in line for line in lines)
-    # two at a time, as `parallel -j 2` or a scheduler would run them: each line is self-contained
-    with ThreadPoolExecutor(2) as pool:
+    results = tmp_path / "results"
+    for part in ("smoke_data", "cifar"):  # the smoke chain's CIFAR runs, without its report
+        shutil.copytree(smoke[0] / part, results / part)
+    rebuilt = ["cifar/01_basenet/seed0", "cifar/10_cutmix/seed0"]
+    for key in rebuilt:
+        shutil.rmtree(results / key)
+    env["RESULTS"] = str(results)
+    printed = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--print-commands"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+    lines = printed.stdout.splitlines()
+    assert printed.returncode == 0 and [line.split(" && mkdir -p ")[1].split(" ")[0] for line in lines] == \
+        [str(results / key) for key in rebuilt]  # only the pending runs
+    with ThreadPoolExecutor(2) as pool:  # each line is self-contained: no OMP_NUM_THREADS of ours in its environment
         done = pool.map(lambda line: subprocess.run(
             ["bash", "-c", line], env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, timeout=600), lines)
         assert all(p.returncode == 0 for p in done)
     timing = ["epoch_seconds", "images_per_second", "eval_seconds"]
-    for metrics in sorted(smoke[0].glob("cifar/*/seed0/metrics.csv")):
-        mine = results / metrics.relative_to(smoke[0])
-        pd.testing.assert_frame_equal(pd.read_csv(mine).drop(columns=timing), pd.read_csv(metrics).drop(columns=timing))
-        assert (mine.parent / "submission.csv").read_bytes() == (metrics.parent / "submission.csv").read_bytes()
+    for key in rebuilt:
+        mine, theirs = results / key / "metrics.csv", smoke[0] / key / "metrics.csv"
+        pd.testing.assert_frame_equal(pd.read_csv(mine).drop(columns=timing), pd.read_csv(theirs).drop(columns=timing))
+        assert (mine.parent / "submission.csv").read_bytes() == (theirs.parent / "submission.csv").read_bytes()
     again = subprocess.run(["bash", "run_all.sh", "--smoke", "--only", "cifar", "--print-commands"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout == ""  # nothing pending
@@ -234,10 +246,14 @@ def test_misclassified_grid_shows_only_wrong_predictions(smoke):
     assert len(shown) == min(16, int((preds.label != preds.top1).sum()))
 
 
-def _execute(results):
+def _executed(results, run=True):
+    """The notebook as executed on `results` (run here in a fresh kernel, or as run_all.sh left it): no cell raised;
+    returns it and its number of figures."""
     import nbformat
-    report.execute_notebook(results)
+    if run:
+        report.execute_notebook(results)
     nb = nbformat.read(results / "lab2.ipynb", as_version=4)
+    assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code" and c.source.strip())
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     return nb, sum("image/png" in o.get("data", {}) for o in outputs)
@@ -247,11 +263,11 @@ def test_notebook_runs_top_to_bottom_on_smoke_and_partial_results(smoke, tmp_pat
     notebook = json.loads((ROOT / "lab2.ipynb").read_text())
     code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
     assert not any(word in code for word in ("fit(", "backward", "optimizer.step", "train_cifar"))  # reads only
-    nb, figures = _execute(smoke[0])  # run_all.sh already ran it once; a fresh kernel again here
+    nb, figures = _executed(smoke[0], run=False)  # as run_all.sh ran it, in its own kernel
     assert figures >= 8
     partial = tmp_path / "partial"
     shutil.copytree(smoke[0] / "cifar", partial / "cifar")
-    nb, figures = _execute(partial)
+    nb, figures = _executed(partial)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert figures >= 3 and "birds: no run yet" in text
 
@@ -283,6 +299,18 @@ def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean
     assert "cifar/12_final" in proc.stdout and "birds/lpft" in proc.stdout and "birds/stages3" in proc.stdout
     assert "estimated total:" in proc.stdout
     assert "download" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_run_all_without_the_requirements_says_how_to_get_them(tmp_path):
+    """A PYTHON that lacks torch (here the suite's own interpreter without site-packages): one sentence naming the
+    venv, before anything runs."""
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    proc = subprocess.run(["bash", "run_all.sh", "--smoke"], cwd=ROOT, env={**os.environ, "PYTHON": str(bare),
+                          "RESULTS": str(tmp_path / "results")}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "cannot import torch" in proc.stderr and ". .venv/bin/activate" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "results").exists()
 
 
 def test_run_all_rejects_unknown_options():
