@@ -11,7 +11,7 @@ import bird_data
 import bird_loaders
 import data
 import models
-from conftest import SHARED_CUB, SHARED_WEIGHTS, run_script
+from conftest import SHARED_CUB, SHARED_WEIGHTS, run_inline, run_script
 
 QUICK = ["--device", "cpu", "--arch", "resnet18", "--img-size", "32", "--batch-size", "4", "--val-frac", "0.25",
          "--max-bad-frac", "0.2", "--epochs", "2", "--quiet", "--workers", "0"]
@@ -31,10 +31,26 @@ def backbone_state(run_dir):
     return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
 
 
-def test_frozen_backbone_stays_bit_identical(cub_dir, tmp_path, resnet18_weights):
-    out = tmp_path / "frozen"
+@pytest.fixture(scope="module")
+def probe32(cub_dir, tmp_path_factory, resnet18_weights):
+    """A linear probe at 32 px (the default loader), shared by the frozen-backbone and ensemble tests."""
+    out = tmp_path_factory.mktemp("probe") / "s32"
     proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--freeze-backbone",
                       "--out", out, *QUICK)
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def finetuned(cub_dir, tmp_path_factory, resnet18_weights):
+    """A whole-network fine-tune on the PIL (torch) loader, shared by the backbone and submission tests."""
+    out = tmp_path_factory.mktemp("ft") / "r"
+    run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out, *QUICK,
+               "--loader", "torch")
+    return out
+
+
+def test_frozen_backbone_stays_bit_identical(probe32, resnet18_weights):
+    out, proc = probe32
     assert "skipping" in proc.stderr and "truncated" in proc.stderr  # the broken file is named, not fatal
     original = torch.load(resnet18_weights, weights_only=True)
     after = backbone_state(out)
@@ -47,9 +63,8 @@ def test_frozen_backbone_stays_bit_identical(cub_dir, tmp_path, resnet18_weights
     assert final["trainable_parameters"] == 512 * 3 + 3 and final["freeze_backbone"]
 
 
-def test_fine_tuning_changes_the_backbone(cub_dir, tmp_path, resnet18_weights):
-    out = tmp_path / "ft"
-    run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out, *QUICK)
+def test_fine_tuning_changes_the_backbone(finetuned, resnet18_weights):
+    out = finetuned
     original = torch.load(resnet18_weights, weights_only=True)
     after = backbone_state(out)
     assert not torch.equal(after["conv1.weight"], original["conv1.weight"])
@@ -59,8 +74,8 @@ def test_fine_tuning_changes_the_backbone(cub_dir, tmp_path, resnet18_weights):
 def test_feature_cache_trains_the_same_head(clean_cub_dir, tmp_path, resnet18_weights):
     common = ["--data-dir", clean_cub_dir, "--weights", resnet18_weights, "--freeze-backbone", "--aug", "none",
               "--dropout", "0.3", "--epochs", "3", *QUICK]
-    run_script("finetune_birds.py", *common, "--out", tmp_path / "plain", "--no-cache-features")
-    run_script("finetune_birds.py", *common, "--out", tmp_path / "cached")  # the frozen default caches
+    run_inline("finetune_birds.py", *common, "--out", tmp_path / "plain", "--no-cache-features")
+    run_inline("finetune_birds.py", *common, "--out", tmp_path / "cached")  # the frozen default caches
     a = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
     for k in ("head.1.weight", "head.1.bias"):
@@ -84,19 +99,17 @@ def _pil_logits(checkpoint, test):
         return torch.cat([model(((images[(i, 0)][0].float() - mean) / std)[None]) for i in range(len(test))])
 
 
-def test_submission_follows_images_txt(cub_dir, tmp_path, resnet18_weights):
+def test_submission_follows_images_txt(finetuned, cub_dir, tmp_path):
     """The CSV's rows follow images.txt; checked against PIL decoding image by image, so the run uses the PIL
     (torch) loader too: DALI's decoder differs by a few pixel levels, enough to flip a near tie."""
-    out = tmp_path / "r"
-    run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out, *QUICK,
-               "--loader", "torch")
+    out = finetuned
     _, test, _ = bird_data.load_cub(cub_dir)
     expected = _pil_logits(out / "best.pt", test).argmax(1).tolist()
     rows = (out / "submission.csv").read_text().splitlines()
     assert rows[0] == '"Id","Prediction1"'
     assert rows[1:] == [f'"{i}","{p}"' for i, p in enumerate(expected)]
     # predict.py alone reproduces it
-    run_script("predict.py", out / "best.pt", "--data-dir", cub_dir, "--out", tmp_path / "p.csv", "--device", "cpu",
+    run_inline("predict.py", out / "best.pt", "--data-dir", cub_dir, "--out", tmp_path / "p.csv", "--device", "cpu",
                "--workers", "0", "--loader", "torch")
     assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
 
@@ -110,7 +123,7 @@ def test_a_broken_test_image_gets_one_warning_and_keeps_its_row(tmp_path):
     Path(test[1][0]).write_bytes(b"")
     Path(train[6][0]).write_bytes(b"")
     out = tmp_path / "r"
-    proc = run_script("finetune_birds.py", "--data-dir", root, "--download", "--weights", "none", "--out", out, *QUICK,
+    proc = run_inline("finetune_birds.py", "--data-dir", root, "--download", "--weights", "none", "--out", out, *QUICK,
                       "--epochs", "1", "--lp-epochs", "1", "--max-bad-frac", "0.5")  # --download: the data is there
     for path, what in ((test[1][0], "black image for"), (train[6][0], "skipping")):
         lines = [line for line in proc.stderr.splitlines() if path in line]
@@ -118,16 +131,13 @@ def test_a_broken_test_image_gets_one_warning_and_keeps_its_row(tmp_path):
     assert len((out / "submission.csv").read_text().splitlines()) == 1 + len(test)
 
 
-def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, resnet18_weights):
+def test_predict_ensembles_birds_models_of_different_sizes(probe32, cub_dir, tmp_path, resnet18_weights):
     """Two probes at 32 and 48 px: the ensemble CSV is the argmax of their softmax averaged, each model fed its own
     image size (computed here image by image with PIL); a checkpoint of another data set is refused."""
-    ckpts = []
-    for size in (32, 48):
-        out = tmp_path / f"s{size}"
-        run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", out,
-                   "--freeze-backbone", *QUICK, "--img-size", str(size), "--loader", "torch")
-        ckpts.append(out / "best.pt")
-    run_script("predict.py", *ckpts, "--data-dir", cub_dir, "--out", tmp_path / "e.csv", "--device", "cpu",
+    run_inline("finetune_birds.py", "--data-dir", cub_dir, "--weights", resnet18_weights, "--out", tmp_path / "s48",
+               "--freeze-backbone", *QUICK, "--img-size", "48")
+    ckpts = [probe32[0] / "best.pt", tmp_path / "s48" / "best.pt"]
+    run_inline("predict.py", *ckpts, "--data-dir", cub_dir, "--out", tmp_path / "e.csv", "--device", "cpu",
                "--workers", "0", "--loader", "torch")
     _, test, _ = bird_data.load_cub(cub_dir)
     probs = sum(_pil_logits(path, test).softmax(1) for path in ckpts)
@@ -136,13 +146,13 @@ def test_predict_ensembles_birds_models_of_different_sizes(cub_dir, tmp_path, re
     foreign = torch.load(ckpts[0], weights_only=True)
     foreign["data_config"] = {"dataset": "cifar100", "mean": None, "std": None}
     torch.save(foreign, tmp_path / "cifar.pt")
-    proc = run_script("predict.py", ckpts[0], tmp_path / "cifar.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
+    proc = run_inline("predict.py", ckpts[0], tmp_path / "cifar.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
                       "--device", "cpu", check=False)
     assert proc.returncode == 2 and "an ensemble needs one data set" in proc.stderr and "Traceback" not in proc.stderr
     other = torch.load(ckpts[1], weights_only=True)
     other["model_config"]["num_classes"] = 7  # another class count, same data set and preprocessing
     torch.save(other, tmp_path / "seven.pt")
-    proc = run_script("predict.py", ckpts[0], tmp_path / "seven.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
+    proc = run_inline("predict.py", ckpts[0], tmp_path / "seven.pt", "--data-dir", cub_dir, "--out", tmp_path / "x.csv",
                       "--device", "cpu", check=False)
     assert proc.returncode == 2 and "predicts 7 classes" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.csv").exists()
@@ -205,7 +215,7 @@ def test_image_folder_dataset(tmp_path):
             for k in range(6):
                 Image.new("RGB", (40, 36), colour).save(tmp_path / "birds" / split / f"class{c}" / f"{k}.jpg")
     out = tmp_path / "r"
-    run_script("finetune_birds.py", "--dataset", "folder", "--data-dir", tmp_path / "birds", "--weights", "none",
+    run_inline("finetune_birds.py", "--dataset", "folder", "--data-dir", tmp_path / "birds", "--weights", "none",
                "--out", out, *QUICK)
     assert len((out / "submission.csv").read_text().splitlines()) == 13
 
@@ -213,7 +223,7 @@ def test_image_folder_dataset(tmp_path):
 def test_weights_for_another_architecture_name_the_keys(cub_dir, tmp_path):
     backbone, *_ = models.make_backbone("resnet34")
     torch.save(backbone.state_dict(), tmp_path / "r34.pth")
-    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", tmp_path / "r34.pth",
+    proc = run_inline("finetune_birds.py", "--data-dir", cub_dir, "--weights", tmp_path / "r34.pth",
                       "--out", tmp_path / "r", *QUICK, check=False)
     assert proc.returncode == 1 and "does not fit this architecture" in proc.stderr and "unexpected" in proc.stderr
     assert "layer1.2" in proc.stderr
@@ -245,7 +255,7 @@ def test_malicious_weights_file_is_refused(cub_dir, tmp_path):
     (["--workers", "-1"], "--workers must be >= 0, got -1"),
 ])
 def test_bad_bird_flags(cub_dir, tmp_path, flags, message):
-    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--out", tmp_path / "r", *QUICK,
+    proc = run_inline("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--out", tmp_path / "r", *QUICK,
                       *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -283,7 +293,7 @@ def test_real_birds_transfer_beats_random_weights(tmp_path):
 
 
 def test_crop_boxes_work_in_every_loader(cub_dir, tmp_path):
-    proc = run_script("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--crop-boxes", "--loader", "nvjpeg",
+    proc = run_inline("finetune_birds.py", "--data-dir", cub_dir, "--weights", "none", "--crop-boxes", "--loader", "nvjpeg",
                       "--out", tmp_path / "r", *QUICK)
     assert "loader nvjpeg" in proc.stdout
     train, _, _ = bird_data.load_cub(cub_dir, crop_boxes=True)
@@ -364,7 +374,7 @@ def test_layer_decay_groups_follow_the_stages():
 
 def test_freeze_stages_run_keeps_frozen_stages_bit_identical(clean_cub_dir, tmp_path, resnet18_weights):
     out = tmp_path / "fs"
-    proc = run_script("finetune_birds.py", "--data-dir", clean_cub_dir, "--weights", resnet18_weights, "--out", out,
+    proc = run_inline("finetune_birds.py", "--data-dir", clean_cub_dir, "--weights", resnet18_weights, "--out", out,
                       "--freeze-stages", "2", "--bn-mode", "frozen", "--layer-decay", "0.7", "--lr", "0.1", *QUICK)
     original, after = torch.load(resnet18_weights, weights_only=True), backbone_state(out)
     frozen = _frozen_prefixes("resnet18", 2)

@@ -52,11 +52,11 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
-def test_fast_path_flags_run_on_cpu(cifar_dir, tmp_path):
+def test_fast_path_flags_run_on_cpu(tiny_cifar_dir, tmp_path):
     """bf16 autocast + channels-last + torch.compile (the GPU default) also run on CPU, and the compiled
     model's checkpoint loads into a plain model (predict.py reproduces the run's CSV)."""
-    out = tmp_path / "fast"
-    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--device", "cpu", "--val-per-class", "10",
+    out, cifar_dir = tmp_path / "fast", tiny_cifar_dir
+    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--device", "cpu", "--val-per-class", "4",
                "--quiet", "--epochs", "1", "--amp", "--channels-last", "--compile", "--aug", "flip,crop,cutout",
                "--normalize", "--batch-size", "100")
     keys = torch.load(out / "best.pt", weights_only=True)["model"].keys()

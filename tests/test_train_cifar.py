@@ -1,6 +1,5 @@
 """train_cifar.py end to end on a learnable fixture in the official format, and predict.py."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,9 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_inline, run_script, script_env
 
 QUICK = ["--device", "cpu", "--val-per-class", "10", "--quiet"]
+TINY = ["--device", "cpu", "--val-per-class", "4", "--quiet"]  # on tiny_cifar_dir
 LEARN = ["--model", "convnet", "--depth", "3", "--width", "16", "--bn", "--normalize", "--optimizer", "adamw",
          "--lr", "0.01", "--batch-size", "100"]
 
@@ -66,7 +66,7 @@ def test_submission_csv_is_byte_exact(trained):
 
 def test_predict_reproduces_the_submission(trained, cifar_dir, tmp_path):
     out, _ = trained
-    run_script("predict.py", out / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", "--device", "cpu")
+    run_inline("predict.py", out / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", "--device", "cpu")
     assert (tmp_path / "p.csv").read_bytes() == (out / "submission.csv").read_bytes()
 
 
@@ -77,11 +77,11 @@ def test_checkpoints_are_plain_tensors(trained):
         assert ckpt["model_config"]["name"] == "convnet"
 
 
-def test_baseline_defaults_are_basenet(cifar_dir, tmp_path):
+def test_baseline_defaults_are_basenet(tiny_cifar_dir, tmp_path):
     # as a new user types it: --download, pointed at the data set's own folder, which holds the data (offline here, so
     # a download would fail the run)
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir / "cifar-100-python", "--download", "--epochs", "1",
-                      "--out", tmp_path / "b", *QUICK)
+    proc = run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir / "cifar-100-python", "--download", "--epochs", "1",
+                      "--out", tmp_path / "b", *TINY)
     assert "basenet: 28,022 parameters" in proc.stdout
     config = json.loads((tmp_path / "b" / "config.json").read_text())["args"]
     assert config["optimizer"] == "sgd" and config["momentum"] == 0.9 and not config["nesterov"]
@@ -89,9 +89,9 @@ def test_baseline_defaults_are_basenet(cifar_dir, tmp_path):
     assert not config["normalize"]
 
 
-def test_design_card_command_builds_8_conv_layers(cifar_dir, tmp_path):
-    run_script("train_cifar.py", "--bn", "--depth", "8", "--aug", "flip,crop", "--width", "8", "--data-dir", cifar_dir,
-               "--epochs", "1", "--out", tmp_path / "d8", *QUICK)
+def test_design_card_command_builds_8_conv_layers(tiny_cifar_dir, tmp_path):
+    run_inline("train_cifar.py", "--bn", "--depth", "8", "--aug", "flip,crop", "--width", "8", "--data-dir",
+               tiny_cifar_dir, "--epochs", "1", "--out", tmp_path / "d8", *TINY)
     table = (tmp_path / "d8" / "architecture.md").read_text()
     assert table.count("| Conv2d |") == 8 and table.count("| BatchNorm2d |") == 8
 
@@ -136,7 +136,8 @@ def _same_run(a, b):
 
 def _start(cifar_dir, out, *extra):
     return subprocess.Popen([sys.executable, "train_cifar.py", "--data-dir", str(cifar_dir), "--out", str(out), *RESUME,
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=script_env())
 
 
 def test_sigkill_then_resume_equals_uninterrupted(cifar_dir, tmp_path, uninterrupted):
@@ -149,8 +150,11 @@ def test_sigkill_then_resume_equals_uninterrupted(cifar_dir, tmp_path, uninterru
     proc.send_signal(signal.SIGKILL)  # mid-epoch 3: no chance to save anything
     proc.wait()
     assert len(pd.read_csv(out / "metrics.csv")) == 2
-    assert not list(out.glob(".*.tmp"))  # no half-written files left behind
+    torch.load(out / "last.pt", weights_only=True)  # every file under its own name is whole ...
+    # ... though a kill inside a write (epoch 2's plot, say) may leave its temporary file: the resume removes it
+    (out / ".curves.png.planted.tmp").write_bytes(b"half")
     run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *RESUME, "--resume")
+    assert not list(out.glob(".*.tmp"))
     assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2, 3, 4]
     _same_run(out, uninterrupted)
 
@@ -175,9 +179,9 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(cifar_dir, tmp_path, uninter
 def test_existing_run_is_not_overwritten(trained, cifar_dir):
     out, _ = trained
     before = (out / "last.pt").read_bytes()
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *QUICK, check=False)
+    proc = run_inline("train_cifar.py", "--data-dir", cifar_dir, "--out", out, *QUICK, check=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--resume", *QUICK, check=False)
+    proc = run_inline("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--resume", *QUICK, check=False)
     assert proc.returncode == 2 and "different config" in proc.stderr
     assert (out / "last.pt").read_bytes() == before
 
@@ -191,19 +195,19 @@ def test_existing_run_is_not_overwritten(trained, cifar_dir):
     (["--mixup", "-1"], "--mixup must be >= 0, got -1.0"),
 ])
 def test_nonsense_flags_are_refused(cifar_dir, tmp_path, flags, message):
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "x", *QUICK, *flags, check=False)
+    proc = run_inline("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "x", *QUICK, *flags, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == proc.stderr.strip() and message in proc.stderr
     assert not (tmp_path / "x" / "last.pt").exists()
 
 
 def test_missing_data_dir_is_one_sentence(tmp_path):
-    proc = run_script("train_cifar.py", "--data-dir", tmp_path / "nope", "--out", tmp_path / "x", *QUICK, check=False)
+    proc = run_inline("train_cifar.py", "--data-dir", tmp_path / "nope", "--out", tmp_path / "x", *QUICK, check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "does not exist" in proc.stderr
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(cifar_dir, tmp_path):
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "x", *QUICK, "--lr", "1e12",
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_cifar_dir, tmp_path):
+    proc = run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--out", tmp_path / "x", *TINY, "--lr", "1e12",
                       "--epochs", "2", check=False)
     assert proc.returncode == 1 and "non-finite at epoch 1 step" in proc.stderr
 
@@ -212,15 +216,14 @@ def test_predict_refuses_foreign_checkpoints(trained, cifar_dir, cub_dir, tmp_pa
     out, _ = trained
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = run_script("predict.py", bad, "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", check=False)
+    proc = run_inline("predict.py", bad, "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", check=False)
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
     ckpt = torch.load(out / "best.pt", weights_only=True)
     ckpt["model_config"]["name"] = "basenet"  # weights of one model, config of another
     torch.save(ckpt, tmp_path / "other.pt")
-    proc = run_script("predict.py", tmp_path / "other.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv",
-                      check=False)
+    proc = run_inline("predict.py", tmp_path / "other.pt", "--data-dir", cifar_dir, "--out", tmp_path / "p.csv", check=False)
     assert proc.returncode == 2 and "weights of a different model" in proc.stderr
-    proc = run_script("predict.py", out / "best.pt", "--data-dir", cub_dir, "--out", tmp_path / "p.csv", check=False)
+    proc = run_inline("predict.py", out / "best.pt", "--data-dir", cub_dir, "--out", tmp_path / "p.csv", check=False)
     assert proc.returncode == 1 and "does not hold cifar-100-python" in proc.stderr
     assert not (tmp_path / "p.csv").exists()
 
@@ -234,7 +237,7 @@ def test_chaos_five_sigkills_then_resume_equals_uninterrupted(cifar_dir, tmp_pat
     mark.mkdir()
     moments = ["eval", "save", "step", "step", "step"]
     rng.shuffle(moments)
-    env = {**os.environ, "CHAOS_MARK": str(mark)}
+    env = script_env({"CHAOS_MARK": str(mark)})
     killed = []
     for moment in moments:
         for m in mark.iterdir():
@@ -266,8 +269,7 @@ def test_chaos_five_sigkills_then_resume_equals_uninterrupted(cifar_dir, tmp_pat
 
 def test_out_below_a_file_is_one_sentence(cifar_dir, tmp_path):
     (tmp_path / "plain.txt").write_text("not a folder\n")
-    proc = run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "plain.txt" / "run", *QUICK,
-                      check=False)
+    proc = run_inline("train_cifar.py", "--data-dir", cifar_dir, "--out", tmp_path / "plain.txt" / "run", *QUICK, check=False)
     assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "plain.txt").read_text() == "not a folder\n"
 
@@ -300,7 +302,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_everything(cifar_dir, tmp_pat
 
 
 @pytest.mark.parametrize("preset", sorted(__import__("train_cifar").PRESETS))
-def test_every_preset_parses_and_runs_a_step(preset, cifar_dir, tmp_path):
+def test_every_preset_parses_and_runs_a_step(preset, tiny_cifar_dir, tmp_path):
     """--preset fills the recipe, later flags override it, config.json records the resolved flags."""
     import train_cifar
     args = train_cifar.parse_args(["--preset", preset, "--lr", "0.123"])
@@ -309,8 +311,8 @@ def test_every_preset_parses_and_runs_a_step(preset, cifar_dir, tmp_path):
     assert not (off.normalize or off.nesterov or off.residual)  # a preset's switches can be turned off too
     small = {"final": ["--depth", "10", "--widen", "1"], "cpu5": ["--width", "8"], "baseline": []}[preset]
     out = tmp_path / preset
-    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", out, "--preset", preset, "--epochs", "1",
-               "--batch-size", "100", *small, *QUICK)
+    run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--out", out, "--preset", preset, "--epochs", "1",
+               "--batch-size", "100", *small, *TINY)
     config = json.loads((out / "config.json").read_text())["args"]
     assert config["preset"] == preset and config["epochs"] == 1 and config["model"] == train_cifar.PRESETS[preset]["model"]
     assert (out / "submission.csv").is_file()
@@ -327,9 +329,9 @@ def test_predict_averages_an_ensemble_across_preprocessing(trained, cifar_dir, t
     import models
     out, _ = trained
     other = tmp_path / "basenet"
-    run_script("train_cifar.py", "--data-dir", cifar_dir, "--out", other, "--epochs", "1", "--seed", "7",
+    run_inline("train_cifar.py", "--data-dir", cifar_dir, "--out", other, "--epochs", "1", "--seed", "7",
                "--batch-size", "100", *QUICK)
-    run_script("predict.py", out / "best.pt", other / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "e.csv",
+    run_inline("predict.py", out / "best.pt", other / "best.pt", "--data-dir", cifar_dir, "--out", tmp_path / "e.csv",
                "--device", "cpu", "--tta", "flip")
     cifar = data.load_cifar100(cifar_dir)
     x_test, y_test = torch.from_numpy(cifar["test_x"]), torch.from_numpy(cifar["test_y"])

@@ -50,6 +50,7 @@ EXIF-rotated and a progressive JPEG); without --weights the bird runs start from
 meaningless, speed is not, and the accuracy agreement is not checked). CIFAR data is always generated.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -466,7 +467,8 @@ def check_bench(ctx, quick=False):
 def check_suite(ctx, files=(), name="suite-all"):
     log = ctx.log(name)
     try:
-        run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files], log, timeout=1500)
+        serial = [] if importlib.util.find_spec("xdist") else ["-o", "addopts="]  # pytest.ini's -n needs pytest-xdist
+        run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *serial, *files], log, timeout=1500)
     finally:
         tail = [line for line in Path(log).read_text(errors="replace").splitlines() if " in " in line and "passed" in line]
     return tail[-1] if tail else "see log"
