@@ -281,7 +281,7 @@ def _real_subset(tmp_path, num_classes):
 def test_real_birds_transfer_beats_random_weights(tmp_path):
     root = _real_subset(tmp_path, num_classes=10)
     common = ["--data-dir", root, "--arch", "tf_efficientnet_lite0", "--freeze-backbone", "--cache-features",
-              "--img-size", "160", "--epochs", "8", "--optimizer", "adamw", "--lr", "3e-3", "--batch-size", "32",
+              "--img-size", "128", "--epochs", "8", "--optimizer", "adamw", "--lr", "3e-3", "--batch-size", "32",
               "--device", "cpu", "--quiet"]
     run_script("finetune_birds.py", *common, "--weights", SHARED_WEIGHTS, "--out", tmp_path / "pretrained")
     run_script("finetune_birds.py", *common, "--weights", "none", "--out", tmp_path / "random")
