@@ -431,10 +431,6 @@ def train_one_epoch(model, raw_model, ema, optimizer, scaler, loader, run, epoch
 # Timed training steps, after 2 warm-up steps (compilation, cuDNN's autotuning, the loader's start): 30, because 8
 # timed steps measured cpu5's epochs 8% short of what they took (BENCHMARKS.md, "cpu5 in 300 s").
 CALIBRATION_STEPS = 30
-# curves.png is redrawn after an epoch when its last drawing is this old, and after the last epoch: every epoch of a
-# long run, while runs of one-second epochs (the smoke chain, the tests) do not spend half a second per epoch drawing.
-# TensorBoard has the live curves either way.
-PLOT_EVERY = 30.0
 
 
 def now():
@@ -650,7 +646,6 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
     if world == 1:
         old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     show_bar = main and not args.quiet and sys.stderr.isatty()
-    last_plot = -float("inf")
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.set_epoch(epoch)
@@ -695,9 +690,7 @@ def fit(model, train_loader, val_loader, args, out, model_config, data_config, d
                 run_files.write_metrics(out / "metrics.csv", [*prior_history, *history])
                 if board is not None:
                     board.epoch(len(prior_history) + len(history), history[-1])
-                if epoch + 1 == args.epochs or time.perf_counter() - last_plot >= PLOT_EVERY:
-                    run_files.plot_curves(out / "curves.png", [*prior_history, *history], title)
-                    last_plot = time.perf_counter()
+                run_files.plot_curves(out / "curves.png", [*prior_history, *history], title)
                 h = history[-1]
                 print(f"epoch {epoch + 1}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
                       f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
