@@ -25,6 +25,7 @@ import torch.nn as nn
 
 import bird_data
 import bird_loaders
+import checkpoints
 import data
 import device_images
 import devices
@@ -134,23 +135,29 @@ def bench_cifar_loader(cifar_root, device, repeats, workers=2):
 # ----------------------------------------------------------------------------- 2. BaseNet epoch
 
 def bench_basenet_epoch(cifar_root, device, repeats):
-    """The default train_cifar.py path (channels-last), and channels-first beside it, repeats interleaved."""
+    """The default train_cifar.py path (channels-last), and channels-first beside it, repeats interleaved: the
+    script's own recipe, model, loaders and loop (engine.fit), one epoch each."""
+    import train_cifar
     cifar = data.load_cifar100(cifar_root)
     runs = {True: [], False: []}  # channels_last -> [(train s, validation s, wall s incl. writes)]
     for _ in range(repeats):
         for channels_last in (True, False):
             with tempfile.TemporaryDirectory() as out:
-                args = argparse.Namespace(**{**engine_defaults(), "epochs": 1, "batch_size": 64, "lr": 0.01, "out": out,
-                                             "normalize": False, "aug": "none", "val_per_class": 50, "split_seed": 0,
-                                             "channels_last": channels_last, "cutout_size": 8, "amp": False,
-                                             "compile": False})
-                engine.seed_everything(0)
+                argv = ["--epochs", "1", "--out", out, "--quiet", "--no-amp", "--no-compile", "--device", str(device),
+                        "--channels-last" if channels_last else "--no-channels-last", "--no-tensorboard"]
+                args = train_cifar.parse_args(argv)
+                train_cifar.resolve(args, argv)
+                checkpoints.seed_everything(0)
                 train, val, _, _ = data.cifar_loaders(cifar, args, device)
-                model = models.BaseNet().to(device)
+                config = train_cifar.model_config(args, len(cifar["classes"]))
+                model = models.build_model(config).to(device)
                 if channels_last:
                     model = model.to(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
-                summary = engine.fit(model, train, val, args, out, {"kind": "cifar", "name": "basenet"}, {}, device)
+                state = engine.build_state(model, args, device, config["num_classes"])
+                summary = engine.fit(state, checkpoints.Progress(), train, val, args, 1, out,
+                                     {"model_config": config, "data_config": {}, "config": {}},
+                                     run_files.EpochLog(out, "bench", echo=False))
                 h = summary["history"][0]
                 runs[channels_last].append((h["epoch_seconds"], h["eval_seconds"], time.perf_counter() - t0))
     (train_s, eval_s, wall), (nchw_train, nchw_eval, _) = (
@@ -160,12 +167,6 @@ def bench_basenet_epoch(cifar_root, device, repeats):
                  notes=f"default path (channels-last, fp32 eager): train {train_s:.2f} s + validation {eval_s:.2f} s; "
                        f"with checkpoints, metrics.csv and curves.png written: {wall:.2f} s; channels-first: "
                        f"{nchw_train + nchw_eval:.2f} s; batch 64 (the baseline recipe); {torch.get_num_threads()} threads")]
-
-
-def engine_defaults():
-    p = argparse.ArgumentParser()
-    flags.add_training_args(p, dict(epochs=1, batch_size=64, optimizer="sgd", lr=0.01, wd=0.0, schedule="none", out="x"))
-    return {**vars(p.parse_args([])), "quiet": True, "dropout": 0.0}
 
 
 # ----------------------------------------------------------------------------- 3./6. training throughput
@@ -472,6 +473,7 @@ def estimate_plan(plan_path, device_name=None, jobs=1, gpus=0, times_path=None):
         script, argv = argv[0], argv[1:]
         if script == "train_cifar.py":
             args = train_cifar.parse_args(argv)
+            train_cifar.resolve(args, argv)
             if args.data_dir not in sizes:
                 cifar = data.load_cifar100(args.data_dir)
                 sizes[args.data_dir] = (len(cifar["train_y"]), len(cifar["test_y"]), len(cifar["classes"]))
@@ -482,9 +484,10 @@ def estimate_plan(plan_path, device_name=None, jobs=1, gpus=0, times_path=None):
             make = lambda a=args, c=classes: models.build_model(train_cifar.model_config(a, c))  # noqa: E731
         else:
             args = finetune_birds.parse_args(argv)
+            finetune_birds.resolve(args, argv)
             if args.data_dir not in sizes:
-                train, test, classes = finetune_birds.load_samples(args)
-                sizes[args.data_dir] = (len(train), len(test), len(classes))
+                splits, classes, _ = finetune_birds.load_splits(args)
+                sizes[args.data_dir] = (len(splits["train"]) + len(splits["val"]), len(splits["test"]), len(classes))
             n_all, n_test, classes = sizes[args.data_dir]
             n_val = round(n_all * args.val_frac)
             n_train, size, frozen = n_all - n_val, args.img_size, args.freeze_backbone

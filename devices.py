@@ -1,7 +1,7 @@
 """Which device a run trains on, and what follows from it: `pick_device` (--device, or CUDA where visible; torchrun's
 LOCAL_RANK GPU), the speed defaults it implies (`device_defaults`: bf16 autocast and compile on CUDA), bit-identical
 reruns (`set_determinism`), and the DistributedDataParallel helpers every rank calls (`setup_distributed`: NCCL on
-GPUs, gloo on CPUs; `barrier`, `reduce_sums`, `all_ranks_nonempty`). Everything here decides from the device the run
+GPUs, gloo on CPUs; `barrier`, `reduce_sums`). Everything here decides from the device the run
 resolved, never from whether CUDA merely exists. Not run directly.
 """
 import os
@@ -93,29 +93,20 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
 
 
-def is_main(rank):
-    return rank == 0
+def is_main():
+    """Whether this process writes the run's files: rank 0 under torchrun, the only process otherwise."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def synchronize(device):
+    """Wait until the device has run everything queued (a no-op on the CPU): before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-_HOST_GROUP = []  # the gloo group the ranks agree on host-side values through (made at first use, by every rank)
-
-
-def all_ranks_nonempty(count):
-    """Whether every rank's share of this step holds samples; without DDP, whether this one does. A rank whose images
-    were all broken must not skip the step alone: the others would wait forever in the gradient all-reduce. So the
-    ranks skip together. The counts are host values (a batch's shape) reduced over gloo: no GPU synchronisation."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return count > 0
-    if not _HOST_GROUP:
-        _HOST_GROUP.append(dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
-    smallest = torch.tensor([count])
-    dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=_HOST_GROUP[0])
-    return int(smallest) > 0
 
 
 def reduce_sums(*tensors):

@@ -1,6 +1,7 @@
 """The command-line flags both training scripts share, in --help sections as timm's train.py has them
-(`add_training_args`), their range checks (`require`, `check_training_args`: one sentence naming the one flag that
-is wrong), and a parser whose usage errors are one line (`ArgumentParser`). Not run directly.
+(`add_training_args`, each recipe default from the script's own RECIPE table), their range checks (`require`,
+`check_training_args`: one sentence naming the one flag that is wrong), and a parser whose usage errors are one line
+and whose --help opens with the script docstring's first paragraph (`ArgumentParser`). Not run directly.
 """
 import argparse
 import math
@@ -8,7 +9,12 @@ import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, its usage errors on one line (exit 2) like every other bad input of this repo."""
+    """argparse's parser, its usage errors on one line (exit 2) like every other bad input of this repo, and each
+    flag's default shown in --help. `doc`: the script's docstring, whose first paragraph opens --help."""
+
+    def __init__(self, doc, **kw):
+        super().__init__(description=" ".join(doc.split("\n\n")[0].split()),
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
     def error(self, message):
         self.exit(2, f"error: {' '.join(message.split())}\n")
@@ -18,63 +24,65 @@ class UsageError(Exception):
     """A flag value that cannot work: the message is one sentence for the user."""
 
 
-def add_training_args(parser, defaults):
-    """Flags both scripts share, in --help sections. `defaults` holds each script's own recipe."""
+def add_training_args(parser, recipe):
+    """Flags both scripts share, in --help sections; `recipe`: the script's table of defaults."""
     opt = parser.add_argument_group("optimisation").add_argument
-    opt("--epochs", type=int, default=defaults["epochs"], help="passes over the training split")
-    opt("--batch-size", type=int, default=defaults["batch_size"], help="global batch size (split over torchrun processes)")
-    opt("--optimizer", choices=["sgd", "adamw"], default=defaults["optimizer"], help="optimizer")
-    opt("--lr", type=float, default=defaults["lr"], help="peak learning rate")
-    opt("--momentum", type=float, default=0.9, help="SGD momentum (AdamW beta1)")
-    opt("--nesterov", action=argparse.BooleanOptionalAction, default=False,
-        help="Nesterov momentum for SGD (the course baseline uses plain momentum)")
-    opt("--wd", type=float, default=defaults["wd"], help="weight decay (not applied to biases and norm layers)")
-    opt("--schedule", choices=["none", "step", "cosine", "onecycle"], default=defaults["schedule"],
-        help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it")
-    opt("--warmup", type=float, default=0.0, help="epochs of linear warm-up from 0 to --lr")
-    opt("--time-budget", type=float, default=defaults.get("time_budget"), metavar="SECONDS",
+    opt("--epochs", type=int, default=recipe["epochs"], help="passes over the training split")
+    opt("--batch-size", type=int, default=recipe["batch_size"],
+        help="global batch size (split over torchrun processes)")
+    opt("--optimizer", choices=["sgd", "adamw"], default=recipe["optimizer"], help="optimizer")
+    opt("--lr", type=float, default=recipe["lr"], help="peak learning rate")
+    opt("--momentum", type=float, default=recipe["momentum"], help="SGD momentum (AdamW beta1)")
+    opt("--nesterov", action=argparse.BooleanOptionalAction, default=recipe["nesterov"], help="Nesterov momentum for SGD")
+    opt("--wd", type=float, default=recipe["wd"], help="weight decay (not applied to biases and norm layers)")
+    opt("--schedule", choices=["none", "step", "cosine", "onecycle"], default=recipe["schedule"],
+        help="learning-rate schedule over the run: step divides by 10 at 50%% and 75%% of it; onecycle warms up "
+             "over its first 25%% (or --warmup) and decays linearly to 0")
+    opt("--warmup", type=float, default=recipe["warmup"], help="epochs of linear warm-up from 0 to --lr")
+    opt("--time-budget", type=float, default=recipe["time_budget"], metavar="SECONDS",
         help="choose the epochs for the machine this runs on: time 30 real training steps (compiled where "
-             "--compile), one validation pass and one epoch's end first, then train as many epochs as end, with "
-             "their evaluation and the final predictions, within SECONDS of the command's start; the schedule and "
-             "warm-up are laid over those epochs. --epochs given too is the most it may choose. config.json records "
-             "the budget, the measured times and the chosen epochs, and --resume keeps them (0 or unset: off, "
-             "--epochs decides)")
+             "--compile) and one real epoch's end first, then train as many epochs as end, with their evaluation "
+             "and the final predictions, within SECONDS of the command's start; the schedule and warm-up are laid "
+             "over those epochs. --epochs given too is the most it may choose. config.json records the budget, the "
+             "measured times and the chosen epochs, and --resume keeps them (0 or unset: off, --epochs decides)")
     reg = parser.add_argument_group("regularisation").add_argument
-    reg("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
-    reg("--ema", type=float, default=0.0, metavar="DECAY",
+    reg("--label-smoothing", type=float, default=recipe["label_smoothing"], help="label smoothing of the cross-entropy")
+    reg("--ema", type=float, default=recipe["ema"], metavar="DECAY",
         help="keep an exponential moving average of the weights and BatchNorm buffers (e.g. 0.999), updated every "
              "step; it is what is validated, saved in best.pt and predicts the CSV (0: off)")
-    reg("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+    reg("--ema-warmup", action=argparse.BooleanOptionalAction, default=recipe["ema_warmup"],
         help="ramp the EMA decay up as min(DECAY, 1 - step^-0.75) at optimizer step 1, 2, ... (timm's warm-up; "
-             "step 1 copies the weights), so the random initial weights do not linger in the average of a short "
-             "run; --no-ema-warmup: DECAY from the first step")
-    reg("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp per sample with lam ~ Beta(ALPHA, ALPHA) (0: off)")
-    reg("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix per sample with lam ~ Beta(ALPHA, ALPHA) (0: off); "
-        "with --mixup too, each mixed sample takes one of the two at random")
-    reg("--mix-prob", type=float, default=1.0,
+             "step 1 copies the weights); --no-ema-warmup: DECAY from the first step")
+    reg("--mixup", type=float, default=recipe["mixup"], metavar="ALPHA",
+        help="MixUp per sample with lam ~ Beta(ALPHA, ALPHA) (0: off)")
+    reg("--cutmix", type=float, default=recipe["cutmix"], metavar="ALPHA",
+        help="CutMix per sample with lam ~ Beta(ALPHA, ALPHA) (0: off); with --mixup too, each mixed sample takes one "
+             "of the two at random")
+    reg("--mix-prob", type=float, default=recipe["mix_prob"],
         help="probability that a sample is mixed at all; with mixing, train_acc counts a prediction correct when "
              "it is the sample's dominant label")
     dev = parser.add_argument_group("speed and device").add_argument
     dev("--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="bf16 autocast (fp16 with loss scaling where bf16 is unsupported); default: on for CUDA, off on CPU")
+        help="bf16 autocast (fp16 with loss scaling where bf16 is unsupported); unset: on for CUDA, off on a CPU")
     dev("--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile the model (first-compile time is reported apart); default: on for CUDA, off on CPU")
+        help="torch.compile the model (the first step's time, compilation included, is in final.json); unset: on "
+             "for CUDA, off on a CPU")
     dev("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-        help="channels-last memory format (default: on; faster on GPUs and, measured, on CPUs too)")
-    dev("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+        help="channels-last memory format; unset: on (on GPUs and CPUs alike)")
+    dev("--device", default=None, help="cuda, cuda:N or cpu; unset: cuda where a GPU is visible")
     dev("--deterministic", action="store_true",
         help="bit-identical reruns on the same machine and software (exact resume); on CUDA: fixed cuBLAS "
              "workspace, no TF32, deterministic cuDNN, and an op with no deterministic kernel stops the run")
     dev("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
-    run = parser.add_argument_group("run folder").add_argument
-    run("--out", default=defaults["out"], help="run folder for checkpoints, metrics, plots and the CSV")
-    run("--resume", action="store_true", help="continue the run in --out from last.pt (starts fresh if none)")
-    run("--force", action="store_true", help="overwrite a run already in --out")
-    run("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation, mixing and dropout")
-    run("--quiet", action="store_true", help="no progress bar")
-    run("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-        help="TensorBoard event files in the run folder: loss, accuracy, lr and img/s per epoch, the final figures "
-             "as hparams, the flags as text (`tensorboard --logdir results` shows a whole sweep, live)")
+    folder = parser.add_argument_group("run folder").add_argument
+    folder("--out", default=recipe["out"], help="run folder for checkpoints, metrics, plots and the CSV")
+    folder("--resume", action="store_true", help="continue the run in --out from last.pt (starts fresh if none)")
+    folder("--force", action="store_true", help="overwrite a run already in --out")
+    folder("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation, mixing and dropout")
+    folder("--quiet", action="store_true", help="no progress bar")
+    folder("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+           help="TensorBoard event files in the run folder: loss, accuracy, lr and img/s per epoch, the final figures "
+                "as hparams, the flags as text (`tensorboard --logdir results` shows a whole sweep, live)")
 
 
 def require(ok, flag, value, what):

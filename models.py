@@ -6,6 +6,7 @@ stem, each stage, head; and every leaf layer).
     python models.py convnet --depth 8 --bn
 """
 import argparse
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -406,6 +407,18 @@ def build_model(config):
                            config.get("freeze_backbone", False), freeze_stages=config.get("freeze_stages", 0),
                            bn_mode=config.get("bn_mode", "train"))
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Every parameter of `module` without gradients inside the block, each as it was again after it."""
+    was = {p: p.requires_grad for p in module.parameters()}
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in was.items():
+            p.requires_grad_(flag)
 
 
 def count_parameters(model, trainable_only=False):

@@ -17,6 +17,7 @@ import torch
 
 import bird_data
 import bird_loaders
+import checkpoints
 import data
 import devices
 import engine
@@ -26,7 +27,7 @@ import models
 
 
 def parse_args(argv=None):
-    parser = flags.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = flags.ArgumentParser(__doc__)
     parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
                         help="best.pt (or last.pt) written by train_cifar.py or finetune_birds.py; several: an ensemble "
                              "(same data set and classes; each through its own preprocessing: normalisation, image "
@@ -110,7 +111,7 @@ def load_model(ckpt, path, device, num_classes, data_dir):
     return model
 
 
-def run(argv=None):
+def main(argv=None):
     args = parse_args(argv)
     flags.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
@@ -120,7 +121,7 @@ def run(argv=None):
     sets = TestSets(args, device)
     probs, labels = None, None
     for path in args.checkpoints:  # one at a time: only one network is in memory
-        ckpt = engine.load_checkpoint(path)
+        ckpt = checkpoints.load_checkpoint(path)
         loader, n = sets.loader(ckpt, path)
         model = load_model(ckpt, path, device, n, args.data_dir)  # refuses a class count unlike the data set's
         p, y = engine.predict_probs(model, loader, device, amp, tta)
@@ -134,4 +135,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    engine.cli(run)
+    engine.cli(main)

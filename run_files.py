@@ -1,8 +1,8 @@
-"""Everything a run writes, each file written to a temporary name and renamed into place (`atomic_write`): the
-competition CSV, metrics.csv, curves.png, the error-analysis files, the TensorBoard event files (`Board`) and, at
-the end, final.json with the hparams entry (`finish`). A disk that fills or a folder that is a file ends in one
-sentence (`WriteError`) and leaves the files already there as they were. engine.py's loop calls these; report.py
-imports the atomic writers alone. Not run directly.
+"""Everything a run writes besides its checkpoints, each file written to a temporary name and renamed into place
+(`atomic_write`): what each epoch adds (`EpochLog`: metrics.csv, curves.png, the TensorBoard event files of `Board`
+and the printed line), the competition CSV, the error-analysis files and, at the end, final.json with the hparams
+entry (`finish`). A disk that fills or a folder that is a file ends in one sentence (`WriteError`) and leaves the
+files already there as they were. report.py imports the atomic writers alone. Not run directly.
 """
 import csv
 import io
@@ -99,6 +99,48 @@ def plot_curves(path, history, title=""):
     plt.close(fig)
 
 
+class EpochLog:
+    """What each epoch's end writes on rank 0 besides the checkpoints: metrics.csv and curves.png (an earlier phase's
+    rows, `prior`, above this phase's, labelled `phase`), the TensorBoard curves (`board`, a Board or None) and, with
+    `echo`, the printed line."""
+
+    def __init__(self, out, title, phase="train", prior=(), board=None, echo=True):
+        self.out, self.title, self.phase, self.prior = Path(out), title, phase, list(prior)
+        self.board, self.echo = board, echo
+
+    def scratch(self, folder):
+        """The same files into another folder, with no TensorBoard and nothing printed (what the time budget times)."""
+        return EpochLog(folder, self.title, self.phase, self.prior, echo=False)
+
+    def epoch(self, history, epochs):
+        rows = [*self.prior, *history]
+        write_metrics(self.out / "metrics.csv", rows)
+        if self.board is not None:
+            self.board.epoch(len(rows), rows[-1])
+        plot_curves(self.out / "curves.png", rows, self.title)
+        if self.echo:
+            h = rows[-1]
+            print(f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
+                  f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
+                  f"({h['images_per_second']:.0f} img/s)", flush=True)
+
+    def note(self, tag, text):
+        if self.board is not None:
+            self.board.note(tag, text)
+
+    def board_summary(self):
+        """Where the curves are and the flags logged with them, for finish's hparams entry (None without a board)."""
+        return None if self.board is None else {"dir": str(self.board.log_dir), "flags": self.board.flags}
+
+    def close(self, finished):
+        """End the TensorBoard file; a finished phase first logs what is pending (a resumed run with no epoch left
+        still logs its checkpoint's last row), a failed one adds nothing."""
+        if self.board is not None:
+            if finished:
+                self.board.epoch()
+            self.board.close()
+
+
 def write_predictions(path, probs, labels):
     """The competition CSV from class probabilities; return the test accuracy, or None where the test labels
     are placeholders (all zero) and must not be scored."""
@@ -181,14 +223,15 @@ class Board:
     TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
             "lr": "lr", "images_per_second": "images_per_second"}
 
-    def __init__(self, log_dir, first_step, flags=None, phase="train", resumed_row=None):
+    def __init__(self, log_dir, first_step, flags, phase="train", resumed_row=None):
         self.log_dir, self.first_step, self.flags, self.phase = log_dir, first_step, flags, phase
         self.pending = [(first_step, resumed_row)] if resumed_row is not None else []
+        self.resumed = resumed_row is not None
         self.writer, self.notes = None, {}
 
     def _open(self):
         self.writer = summary_writer(self.log_dir, purge_step=self.first_step)  # hides older events from here on
-        if self.writer is not None and self.flags is not None:  # each phase's own flags (an LP-FT probe runs with its own epochs, optimizer, lr)
+        if self.writer is not None and not self.resumed:  # a fresh phase's own flags (an LP-FT probe has its own lr)
             self.writer.add_text("flags" if self.phase == "train" else f"flags/{self.phase}",
                                  "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())), self.first_step)
         for tag, text in self.notes.items() if self.writer is not None else ():
@@ -219,6 +262,22 @@ class Board:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def open_board(log_dir, args, phase, prior, history):
+    """The run's Board on rank 0 with --tensorboard (else None). A resumed run (a `history` already) starts at its
+    checkpoint's last row and logs it again; a fresh one logs its flags first."""
+    import torch.distributed as dist
+    if not args.tensorboard or (dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    resumed = bool(history)
+    first = len(prior) + (len(history) if resumed else 1)
+    return Board(log_dir, first, flags_plain(args), phase, history[-1] if resumed else None)
+
+
+def flags_plain(args):
+    """The flags as plain types (what checkpoints and TensorBoard's hparams keep)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 def log_final(log_dir, flags, final):

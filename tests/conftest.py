@@ -96,7 +96,7 @@ def run_inline(script, *args, check=True):
     deterministic, precision = torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            engine.cli(module.run, [str(a) for a in args])
+            engine.cli(module.main, [str(a) for a in args])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         finally:

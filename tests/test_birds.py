@@ -164,11 +164,12 @@ def test_frozen_defaults_are_the_linear_probe():
     import finetune_birds as fb
     frozen = fb.parse_args(["--freeze-backbone"])
     assert (frozen.epochs, frozen.optimizer, frozen.lr, frozen.cache_features) == (10, "adamw", 1e-3, True)
-    assert (frozen.epochs, frozen.optimizer, frozen.lr) == (fb.LP_EPOCHS, frozen.lp_optimizer, frozen.lp_lr)
+    assert (frozen.epochs, frozen.optimizer, frozen.lr) == (fb.PROBE["epochs"], frozen.lp_optimizer, frozen.lp_lr)
     assert frozen.wd == fb.RECIPE["wd"] and frozen.schedule == "cosine" and frozen.batch_size == 64
     mine = fb.parse_args(["--freeze-backbone", "--lr", "0.01", "--epochs", "3", "--no-cache-features"])
     assert (mine.lr, mine.epochs, mine.cache_features, mine.optimizer) == (0.01, 3, False, "adamw")
     ft = fb.parse_args([])
+    fb.resolve(ft, [])
     assert (ft.epochs, ft.optimizer, ft.lr, ft.cache_features) == (15, "sgd", 1e-3, False)
 
 
@@ -188,7 +189,7 @@ def test_nvjpeg_loader_resumes_exactly(cub_dir, tmp_path, resnet18_weights, monk
     import run_files
     argv = [str(a) for a in ["--data-dir", cub_dir, "--weights", resnet18_weights, "--loader", "nvjpeg",
                              "--deterministic", "--freeze-stages", "3", *QUICK]]
-    engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "whole")])
+    engine.cli(finetune_birds.main, argv + ["--out", str(tmp_path / "whole")])
     calls, real = [0], run_files.write_metrics
 
     def write_then_crash(*a, **kw):
@@ -198,9 +199,9 @@ def test_nvjpeg_loader_resumes_exactly(cub_dir, tmp_path, resnet18_weights, monk
             raise Crash
     monkeypatch.setattr(run_files, "write_metrics", write_then_crash)
     with pytest.raises(Crash):
-        engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "cut")])
+        engine.cli(finetune_birds.main, argv + ["--out", str(tmp_path / "cut")])
     monkeypatch.setattr(run_files, "write_metrics", real)
-    engine.cli(finetune_birds.run, argv + ["--out", str(tmp_path / "cut"), "--resume"])
+    engine.cli(finetune_birds.main, argv + ["--out", str(tmp_path / "cut"), "--resume"])
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "metrics.csv")[cols],
                                   pd.read_csv(tmp_path / "whole" / "metrics.csv")[cols])
@@ -415,11 +416,11 @@ def _lpft(cub, weights, out, crash_at=None, monkeypatch=None):
                 raise Crash
         monkeypatch.setattr(run_files, "write_metrics", write_then_crash)
         with pytest.raises(Crash):
-            engine.cli(finetune_birds.run, argv)
+            engine.cli(finetune_birds.main, argv)
         monkeypatch.setattr(run_files, "write_metrics", real)
         argv.append("--resume")
         crashed_wall = json.loads((Path(out) / "wall.json").read_text())["seconds"]
-    engine.cli(finetune_birds.run, argv)
+    engine.cli(finetune_birds.main, argv)
     return crashed_wall if crash_at else None
 
 

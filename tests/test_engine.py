@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import devices
 import engine
 import flags
@@ -45,9 +46,9 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    run_files.atomic_torch_save({"rng": engine.rng_state(torch.device("cpu"))}, tmp_path / "s.pt")
+    run_files.atomic_torch_save({"rng": checkpoints.rng_state(torch.device("cpu"))}, tmp_path / "s.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    engine.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], torch.device("cpu"))
+    checkpoints.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], torch.device("cpu"))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
@@ -82,7 +83,7 @@ def test_cpu_run_on_a_gpu_machine_uses_gloo_and_no_cuda_state(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")  # as torchrun sets it
     assert devices.setup_distributed(torch.device("cpu")) == (1, 2)
     assert calls == [("gloo", {})]
-    assert engine.rng_state(torch.device("cpu"))["cuda"] == []
+    assert checkpoints.rng_state(torch.device("cpu"))["cuda"] == []
     gpu = torch.device("cuda", 0)
     devices.setup_distributed(gpu)
     assert calls[-1] == ("nccl", {"device_id": gpu})
@@ -100,12 +101,12 @@ def test_checkpoints_load_to_the_cpu_whatever_the_device(cifar_dir, tmp_path, mo
         seen.append(kw.get("map_location"))
         return real_load(*args, **kw)
 
-    monkeypatch.setattr(engine.torch, "load", spy)
+    monkeypatch.setattr(checkpoints.torch, "load", spy)
     common = ["--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), "--device", "cpu", "--val-per-class", "10",
               "--quiet", "--batch-size", "200"]
-    train_cifar.run(common + ["--epochs", "1"])
-    train_cifar.run(common + ["--epochs", "2", "--resume"])
-    predict.run([str(tmp_path / "run" / "best.pt"), "--data-dir", str(cifar_dir), "--out", str(tmp_path / "p.csv"),
+    train_cifar.main(common + ["--epochs", "1"])
+    train_cifar.main(common + ["--epochs", "2", "--resume"])
+    predict.main([str(tmp_path / "run" / "best.pt"), "--data-dir", str(cifar_dir), "--out", str(tmp_path / "p.csv"),
                  "--device", "cpu"])
     assert len(seen) >= 4 and all(m == "cpu" for m in seen), seen
 
@@ -148,13 +149,13 @@ def test_a_range_error_names_the_one_flag_that_is_wrong(flag, value):
 
 
 def test_wall_clock_adds_the_earlier_processes(tmp_path):
-    first = engine.WallClock(tmp_path, resume=False, start=0.0)  # as if this process started at perf_counter 0
+    first = checkpoints.WallClock(tmp_path, resume=False, start=0.0)  # as if this process started at perf_counter 0
     first.save()
     saved = json.loads((tmp_path / "wall.json").read_text())["seconds"]
     assert saved > 0
-    resumed = engine.WallClock(tmp_path, resume=True)
+    resumed = checkpoints.WallClock(tmp_path, resume=True)
     assert resumed.before == saved and resumed.seconds() >= saved
-    assert engine.WallClock(tmp_path, resume=False).before == 0.0  # a fresh run starts from zero
+    assert checkpoints.WallClock(tmp_path, resume=False).before == 0.0  # a fresh run starts from zero
 
 
 def test_gpu_check_loader_checks_run_on_the_cpu(clean_cub_dir, tmp_path):

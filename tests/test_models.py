@@ -105,8 +105,13 @@ def test_init_auto_is_he_only_where_no_normalisation_follows():
     bn_default = models.build_cifar_model("convnet", depth=3, width=16, norm="bn", init="default")
     assert all(torch.equal(a, b) for a, b in zip(bn_auto.state_dict().values(), bn_default.state_dict().values(), strict=True))
     import train_cifar
-    assert train_cifar.parse_args(["--bn"]).init == "default" and train_cifar.parse_args(["--depth", "8"]).init == "kaiming"
-    assert train_cifar.parse_args(["--preset", "final"]).init == "kaiming"
+
+    def resolved(argv):
+        args = train_cifar.parse_args(argv)
+        train_cifar.resolve(args, argv)
+        return args
+    assert resolved(["--bn"]).init == "default" and resolved(["--depth", "8"]).init == "kaiming"
+    assert resolved(["--preset", "final"]).init == "kaiming"
 
 
 def test_kaiming_init_is_the_plain_convnet_default_and_default_is_kept_on_request():

@@ -283,7 +283,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_everything(cifar_dir, tmp_pat
     import train_cifar
     out = tmp_path / "r"
     argv = ["--data-dir", str(cifar_dir), "--out", str(out), *map(str, QUICK), "--batch-size", "200"]
-    engine.cli(train_cifar.run, argv + ["--epochs", "1"])
+    engine.cli(train_cifar.main, argv + ["--epochs", "1"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_save = torch.save
 
@@ -294,7 +294,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_everything(cifar_dir, tmp_pat
     monkeypatch.setattr(engine.torch, "save", disk_full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        engine.cli(train_cifar.run, argv + ["--epochs", "2", "--resume"])
+        engine.cli(train_cifar.main, argv + ["--epochs", "2", "--resume"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and "No space left on device" in err and len(err.splitlines()) == 1
     after = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -314,7 +314,8 @@ def test_every_preset_parses_and_runs_a_step(preset, tiny_cifar_dir, tmp_path):
     run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--out", out, "--preset", preset, "--epochs", "1",
                "--batch-size", "100", *small, *TINY)
     config = json.loads((out / "config.json").read_text())["args"]
-    assert config["preset"] == preset and config["epochs"] == 1 and config["model"] == train_cifar.PRESETS[preset]["model"]
+    assert config["preset"] == preset and config["epochs"] == 1
+    assert config["model"] == ({**train_cifar.RECIPE, **train_cifar.PRESETS[preset]}["model"] or "basenet")
     assert (out / "submission.csv").is_file()
     final = json.loads((out / "final.json").read_text())  # presets with TTA measure it on validation too
     assert (final["val_acc_tta"] is None) == (train_cifar.PRESETS[preset].get("tta", "none") == "none")
@@ -324,8 +325,8 @@ def test_every_preset_parses_and_runs_a_step(preset, tiny_cifar_dir, tmp_path):
 def test_predict_averages_an_ensemble_across_preprocessing(trained, cifar_dir, tmp_path):
     """predict.py with a normalised ConvNet and a BaseNet on raw pixels writes the argmax of their averaged softmax,
     each network seeing its own preprocessing (computed here by hand)."""
+    import checkpoints
     import data
-    import engine
     import models
     out, _ = trained
     other = tmp_path / "basenet"
@@ -337,7 +338,7 @@ def test_predict_averages_an_ensemble_across_preprocessing(trained, cifar_dir, t
     x_test, y_test = torch.from_numpy(cifar["test_x"]), torch.from_numpy(cifar["test_y"])
     probs, configs = 0, []
     for ckpt_path in (out / "best.pt", other / "best.pt"):
-        ckpt = engine.load_checkpoint(ckpt_path)
+        ckpt = checkpoints.load_checkpoint(ckpt_path)
         net = models.build_model(ckpt["model_config"])
         net.load_state_dict(ckpt["model"])
         net.eval()
@@ -354,7 +355,7 @@ def test_predict_averages_an_ensemble_across_preprocessing(trained, cifar_dir, t
 
 def fake_clock(dt):
     """engine.now for the time budget: each call is dt seconds after the one before, so each interval the budget
-    measures (a block of steps, a validation pass, a save) lasts dt."""
+    measures between two readings (a block of steps, a validation pass) lasts dt."""
     t = [0.0]
 
     def now():
@@ -377,18 +378,20 @@ def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_p
     import train_cifar
     small = fixtures.write_cifar100(tmp_path / "data", per_class_train=15, per_class_test=2)  # 10 steps an epoch
     argv = ["--data-dir", str(small), "--device", "cpu", "--val-per-class", "5", "--quiet", "--batch-size", "100",
-            "--schedule", "onecycle", "--lr", "0.05", "--time-budget", "24", "--deterministic"]
+            "--schedule", "onecycle", "--lr", "0.05", "--time-budget", "30", "--deterministic"]
     chosen = {}
     for dt in (1.0, 0.7):
         monkeypatch.setattr(engine, "now", fake_clock(dt))
-        engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / f"dt{dt}")])
+        engine.cli(train_cifar.main, [*argv, "--out", str(tmp_path / f"dt{dt}")])
         record = json.loads((tmp_path / f"dt{dt}" / "config.json").read_text())["time_budget"]
         assert record["timed_steps"] == min(engine.CALIBRATION_STEPS, 10 - 2)  # 2 warm-up steps, then the epoch's rest
         assert record["step_seconds"] == pytest.approx(dt / record["timed_steps"])
-        assert (record["eval_seconds"], record["startup_seconds"], record["save_seconds"]) == (dt, dt, dt)
+        assert (record["eval_seconds"], record["startup_seconds"]) == (dt, dt)
+        assert record["end_seconds"] == pytest.approx(3 * dt)  # the real end_epoch: its clock ticks around validation
         assert record["final_seconds"] == pytest.approx(dt * (200 + 500) / 500)  # test + validation images
-        epoch = dt + record["steps_per_epoch"] * record["step_seconds"] + dt
-        assert record["epochs"] == engine.epochs_for_budget(24, record["elapsed_seconds"], epoch, dt,
+        epoch = dt + record["steps_per_epoch"] * record["step_seconds"] + 3 * dt
+        assert record["epoch_seconds"] == pytest.approx(epoch)
+        assert record["epochs"] == engine.epochs_for_budget(30, record["elapsed_seconds"], epoch,
                                                             record["final_seconds"]) >= 2
         rows = pd.read_csv(tmp_path / f"dt{dt}" / "metrics.csv")
         assert len(rows) == record["epochs"] and rows["lr"].iloc[-1] < 0.05 * 0.1  # one-cycle over all of them
@@ -404,10 +407,10 @@ def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_p
     monkeypatch.setattr(engine, "now", fake_clock(1.0))
     monkeypatch.setattr(run_files, "write_metrics", write_then_crash)
     with pytest.raises(Crash):
-        engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / "cut")])
+        engine.cli(train_cifar.main, [*argv, "--out", str(tmp_path / "cut")])
     monkeypatch.setattr(run_files, "write_metrics", real)
     monkeypatch.setattr(engine, "now", fake_clock(0.25))  # a resume does not measure again
-    engine.cli(train_cifar.run, [*argv, "--out", str(tmp_path / "cut"), "--resume"])
+    engine.cli(train_cifar.main, [*argv, "--out", str(tmp_path / "cut"), "--resume"])
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "metrics.csv")[cols],
                                   pd.read_csv(tmp_path / "dt1.0" / "metrics.csv")[cols])
@@ -417,9 +420,13 @@ def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_p
 def test_time_budget_with_epochs_caps_and_help_says_so():
     import engine
     import train_cifar
-    assert train_cifar.parse_args(["--time-budget", "60", "--epochs", "3"]).epochs_cap == 3
-    assert train_cifar.parse_args(["--time-budget", "60"]).epochs_cap is None  # the default's 15 does not cap
-    assert train_cifar.parse_args(["--preset", "cpu5"]).time_budget == 300
-    assert engine.epochs_for_budget(100, 10, 20, 5, 15, cap=2) == 2 and engine.epochs_for_budget(10, 10, 20, 5, 15) == 1
+    def resolved(argv):
+        args = train_cifar.parse_args(argv)
+        train_cifar.resolve(args, argv)
+        return args
+    assert resolved(["--time-budget", "60", "--epochs", "3"]).epochs_cap == 3
+    assert resolved(["--time-budget", "60"]).epochs_cap is None  # the default's 15 does not cap
+    assert resolved(["--preset", "cpu5"]).time_budget == 300
+    assert engine.epochs_for_budget(100, 10, 25, 15) == 3 and engine.epochs_for_budget(10, 10, 25, 15) == 0
     text = run_script("train_cifar.py", "--help").stdout
     assert "--epochs given too is the most it may choose" in " ".join(text.split())
