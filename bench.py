@@ -373,23 +373,23 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
     return rows
 
 
-# ----------------------------------------------------------------------------- 9. batched crop + resize kernels
+# ----------------------------------------------------------------------------- 9. batched decode, crop + resize kernels
 
 def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
-    """The nvjpeg loader's choice of batched crop + resize, on decoded real images with their draw_augmentation boxes:
-    its Pillow-exact separable matmuls (device_images.resample_batch) against torchvision.ops.roi_align (averages
+    """The nvjpeg loader's batched decode (device_images.decode_jpegs, what the loaders call, and the decoder's call
+    alone beside it: what the ordering costs), then its choice of batched crop + resize, on the decoded real images with
+    their draw_augmentation boxes: its Pillow-exact separable matmuls (device_images.resample_batch) against torchvision.ops.roi_align (averages
     ceil(scale)^2 bilinear samples per output pixel) and one F.grid_sample (bilinear, no antialiasing): ms per batch,
     and mean |difference| to PIL's output in grey levels."""
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image
-    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.ops import roi_align
     samples = bird_samples(cub_dir, n_images)
     sizes, _, pil_files, _ = bird_data.scan_images(samples, pil_for_gpu_refused=True)
     keep = [i for i in range(len(samples)) if i not in pil_files]
     raw = [torch.from_numpy(np.fromfile(samples[i][0], dtype=np.uint8)) for i in keep]
-    images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    images = device_images.decode_jpegs(raw, device)  # as the nvjpeg loader decodes
     boxes = [bird_loaders.draw_augmentation(i, *sizes[i], {"rrc"}, (0.25, 1.0))[0] for i in keep]
     reference = []
     for i, (x, y, w, h) in zip(keep, boxes, strict=True):
@@ -414,7 +414,10 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
         gy = ((b[:, 1:2] + (t + 1) / 2 * (b[:, 3:4] - b[:, 1:2])) / hp * 2 - 1)
         return torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
 
-    kernels = {
+    decoder, decode = device_images.jpeg_decoder()
+    kernels = {  # the decode first: as the loaders call it (ordered after the step), then the decoder's call alone
+        f"JPEG decode, device_images.decode_jpegs ({decoder}, ordered)": lambda: device_images.decode_jpegs(raw, device),
+        f"JPEG decode, {decoder}'s call alone (unordered, what ordering costs)": lambda: decode(raw, device),
         "resample_batch (ours: Pillow's bilinear, antialiased)": lambda: device_images.resample_batch(images, geometry, size, no_flip).float(),
         "torchvision.ops.roi_align (aligned, adaptive sampling)": lambda: roi_align(padded, rois, size, aligned=True),
         "F.grid_sample (bilinear, no antialiasing)": lambda: F.grid_sample(padded, grid(), align_corners=False),
@@ -429,6 +432,10 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
             sync(device)
             return len(images), time.perf_counter() - t0
         rate = median_rate(timed, max(repeats, 5))
+        if name.startswith("JPEG decode"):
+            rows.append(dict(id=9, figure=f"batched {name}, img/s", value=rate, met=None, target="-",
+                             notes=f"{1000 * len(images) / rate:.1f} ms per batch of {len(images)} real CUB JPEGs"))
+            continue
         diff = (out.round().clamp(0, 255) - reference).abs().mean().item()
         rows.append(dict(id=9, figure=f"batched crop + resize to {size} px: {name}, img/s", value=rate, met=None,
                          target="the loader's choice: as close to PIL as the batch allows, at a rate far above the model's",

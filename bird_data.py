@@ -1,7 +1,7 @@
 """Bird images on disk, before any loader: the CUB-200-2011 text files (`load_cub`), a train/ test/ image folder
 (`load_image_folder`), cheap checks of every file (`check_image_file`, `drop_bad_images`, one warning per broken
-file: `warn_broken`) and the JPEG header scan that tells the GPU decoder's files from PIL's (`jpeg_header`,
-`scan_images`: sizes, EXIF orientation, coding process) without decoding any image. The loaders are in
+file: `warn_broken`) and the header scan that tells the GPU decoder's files from PIL's (`jpeg_header` on PIL's lazy
+open, `scan_images`: sizes, EXIF orientation, coding process) without decoding any image. The loaders are in
 bird_loaders.py. Not run directly.
 """
 import io
@@ -165,26 +165,7 @@ def placeholder_jpeg(size=8):
 # Lossless, hierarchical and arithmetic-coded files (the other SOF markers) go to PIL.
 NVJPEG_SOF = {0xC0, 0xC1, 0xC2}
 SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC are not frame headers
-
-
 EXIF_ORIENTATION = 0x0112  # the TIFF tag: 1 upright, 2-8 mirrored and/or rotated (5-8 swap width and height)
-
-
-def exif_orientation(payload):
-    """The orientation tag of an APP1 Exif payload (1 where absent or unreadable)."""
-    if payload[:6] != b"Exif\0\0" or len(payload) < 14:
-        return 1
-    tiff = payload[6:]
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None:
-        return 1
-    ifd = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[ifd:ifd + 2], order)
-    for k in range(count):
-        entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
-        if len(entry) == 12 and int.from_bytes(entry[:2], order) == EXIF_ORIENTATION:
-            return int.from_bytes(entry[8:10], order)
-    return 1
 
 
 def oriented(im):
@@ -194,77 +175,66 @@ def oriented(im):
     return ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im
 
 
-def jpeg_header(path):
-    """(width, height, None) for a JPEG the GPU decoder takes, or (width, height, why PIL decodes it instead), read
-    from the markers up to the frame header; (None, None, why) when no frame header is found. An EXIF-rotated JPEG
-    goes to PIL (torchvision's GPU decoder does not rotate), and its width and height are then PIL's, upright."""
-    adobe_transform, orientation = None, 1
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) != b"\xff\xd8":
-                return None, None, "not a JPEG"
-            while True:
-                byte = f.read(1)
-                if byte != b"\xff":
-                    return None, None, "no frame header before the image data"
+def jpeg_coding(path):
+    """The frame header's marker (0xC0-0xCF) of a JPEG file, from the markers before it, or None where none comes
+    before the image data. Written here because PIL reads the frame header but does not keep which one it was."""
+    with open(path, "rb") as f:
+        f.read(2)  # SOI
+        while f.read(1) == b"\xff":
+            marker = f.read(1)
+            while marker == b"\xff":  # fill bytes
                 marker = f.read(1)
-                while marker == b"\xff":  # fill bytes
-                    marker = f.read(1)
-                if not marker:
-                    return None, None, "no frame header"
-                m = marker[0]
-                if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-                    continue
-                length = int.from_bytes(f.read(2), "big")
-                if m == 0xDA or length < 2:  # start of scan before any frame header, or a broken length
-                    return None, None, "no frame header before the image data"
-                if m in SOF_MARKERS:
-                    frame = f.read(6)
-                    if len(frame) < 6:
-                        return None, None, "truncated frame header"
-                    bits, height, width, channels = frame[0], int.from_bytes(frame[1:3], "big"), \
-                        int.from_bytes(frame[3:5], "big"), frame[5]
-                    why = (f"JPEG process SOF{m - 0xC0} (lossless, hierarchical or arithmetic)" if m not in NVJPEG_SOF
-                           else f"EXIF orientation {orientation}" if orientation in range(2, 9)
-                           else f"{bits}-bit samples" if bits != 8
-                           else "grayscale" if channels == 1
-                           else "CMYK/YCCK" if channels == 4
-                           else "RGB-coded (Adobe, no YCbCr transform)" if channels == 3 and adobe_transform == 0
-                           else f"{channels} channels" if channels != 3
-                           else "no height in the frame header (DNL)" if not (width and height)
-                           else None)
-                    return width, height, why
-                payload = f.read(length - 2)
-                if m == 0xEE and payload[:5] == b"Adobe" and len(payload) >= 12:
-                    adobe_transform = payload[11]
-                if m == 0xE1:
-                    orientation = exif_orientation(payload)
-    except OSError as e:
-        return None, None, f"unreadable ({e.strerror})"
+            if not marker or marker[0] in SOF_MARKERS:
+                return marker[0] if marker else None
+            if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a length
+                continue
+            length = int.from_bytes(f.read(2), "big")
+            if marker[0] == 0xDA or length < 2:  # start of scan before any frame header, or a broken length
+                return None
+            f.seek(length - 2, 1)
+    return None
+
+
+def jpeg_header(path):
+    """(width, height, None) for a JPEG the GPU decoder takes, or (width, height, why PIL decodes it instead), both
+    upright (an EXIF rotation applied), from PIL's lazy open: headers only, no pixels decoded. (None, None, why) for
+    a file whose header PIL cannot read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            (width, height), mode, fmt = im.size, im.mode, im.format
+            orientation, adobe = im.getexif().get(EXIF_ORIENTATION, 1), im.info.get("adobe_transform")
+    except Image.DecompressionBombError:
+        return None, None, "more pixels than PIL's decompression-bomb limit"
+    except Exception as e:  # passed the byte check, yet its header is unreadable
+        return None, None, f"cannot read the image header ({type(e).__name__})"
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the upright size
+        width, height = height, width
+    sof = jpeg_coding(path) if fmt == "JPEG" else None
+    why = ("not a JPEG" if fmt != "JPEG"
+           else "no frame header before the image data" if sof is None
+           else f"JPEG process SOF{sof - 0xC0} (lossless, hierarchical or arithmetic)" if sof not in NVJPEG_SOF
+           else f"EXIF orientation {orientation}" if orientation in range(2, 9)
+           else "grayscale" if mode == "L"
+           else "CMYK/YCCK" if mode == "CMYK"
+           else "RGB-coded (Adobe, no YCbCr transform)" if adobe == 0
+           else "no height in the frame header (DNL)" if not (width and height)
+           else None)
+    return width, height, why
 
 
 def scan_images(samples, pil_for_gpu_refused):
     """What the nvJPEG and DALI loaders learn before the first epoch: each sample's (width, height) after its crop box,
     {index: why} of the broken files and, with pil_for_gpu_refused, the indices PIL decodes on the CPU (not a JPEG
     nvJPEG takes), with a count of the reasons. Headers are read, never the image data."""
-    from PIL import Image
     sizes, broken, pil, reasons = [], {}, set(), {}
     for i, (path, _, box) in enumerate(samples):
         why_broken = check_image_file(path)
-        width = height = None
         if why_broken is None:
             width, height, why_cpu = jpeg_header(path)
-            if why_cpu is not None or width is None:
-                try:
-                    with Image.open(path) as im:
-                        width, height = im.size
-                        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: upright size
-                            width, height = height, width
-                except Exception as e:  # passed the byte check, yet its header is unreadable
-                    why_broken = f"cannot read the image header ({type(e).__name__})"
-            if why_broken is None and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # where PIL refuses to decode
-                why_broken = f"{width} x {height} pixels: larger than PIL's decompression-bomb limit"
-            if why_broken is None and why_cpu is not None and pil_for_gpu_refused:
+            if width is None:
+                why_broken = why_cpu
+            elif why_cpu is not None and pil_for_gpu_refused:
                 pil.add(i)
                 reasons[why_cpu] = reasons.get(why_cpu, 0) + 1
         if why_broken is not None:

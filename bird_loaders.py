@@ -11,7 +11,7 @@ epoch) and `start_step` (to resume mid-epoch). The files they read come from bir
 import io
 import math
 import os
-from pathlib import Path
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -72,9 +72,12 @@ class BirdLoader(SampledLoader):
 
     def __iter__(self):
         for xb, yb in self._batches(self._epoch_items()):
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
+            yield xb.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format), yb
+
+    def close(self):
+        """Release what the loader keeps between epochs (reader processes; DALI's pipeline with its threads and
+        decoder buffers) once it is done: a script calls it after a loader's last pass."""
+        self.readers = self.pipe = self._reading = None
 
     def _batches(self, batches):
         raise NotImplementedError
@@ -399,8 +402,11 @@ class DaliImageLoader(BirdLoader):
         from nvidia.dali import fn, pipeline_def, types
         gpu = self.device.type == "cuda"
 
-        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers),
-                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=2, exec_dynamic=True)
+        # the device's own GPU; one named without an index ("cuda") is the current device, as for torch's tensors
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device() if gpu else None
+
+        @pipeline_def(batch_size=self.local_batch, num_threads=max(1, workers), device_id=index, prefetch_queue_depth=2,
+                      exec_dynamic=True)
         def pipe():
             jpegs, labels, mirror, roi_start, roi_end = fn.external_source(
                 source=self._feed, num_outputs=5, batch=True,
@@ -414,7 +420,8 @@ class DaliImageLoader(BirdLoader):
             # the sample's source box (from sample_geometry) to img_size x img_size, antialiased as PIL's bilinear
             images = fn.resize(images, resize_x=img_size, resize_y=img_size, roi_start=roi_start, roi_end=roi_end,
                                roi_relative=False, antialias=True)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
+            # HWC out: permuted to NCHW on the torch side, it is channels-last already (no layout copy)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mirror=mirror,
                                               mean=[m * 255 for m in mean], std=[s * 255 for s in std])
             return images, labels.gpu() if gpu else labels
 
@@ -453,21 +460,23 @@ class DaliImageLoader(BirdLoader):
             try:
                 images, labels = pipe.run(stream) if stream is not None else pipe.run()
             except RuntimeError as e:  # a file that passed the header check but does not decode stops DALI
-                names = ", ".join(Path(self.samples[i][0]).name for i, _ in batches[step][:4])
-                first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-                raise DataError(f"DALI could not decode an image of the batch holding {names}... ({first}); remove "
-                                f"it, or use --loader torch, which skips undecodable files with a warning") from None
-            yield _dali_to_torch(images, self.device)[:size], _dali_to_torch(labels, self.device)[:size].long().view(-1)
+                raise self._decode_error(e, padded[step]) from None
+            # zero-copy (exec_dynamic keeps each batch alive while torch holds it), as DALI's own iterator does
+            yield (torch.from_dlpack(images.as_tensor())[:size].permute(0, 3, 1, 2),
+                   torch.from_dlpack(labels.as_tensor())[:size].long().view(-1))
         self.pipe = pipe  # ran to the end of the epoch: reusable after reset()
 
+    def _decode_error(self, error, batch):
+        """DALI's decoder failing on a file: one sentence naming the file; any other DALI or CUDA error as it is."""
+        text = str(error)
+        if "decoders.image" not in text:
+            return error
+        found = re.search(r"Failed to decode sample #(\d+)", text)
+        name = self.samples[batch[int(found.group(1))][0]][0] if found else "an image of the batch"
+        return DataError(f"DALI could not decode {name}; remove it, or use --loader torch or nvjpeg, which skip "
+                         f"undecodable files with a warning")
 
-def _dali_to_torch(tensor_list, device):
-    """Copy a DALI batch (CPU or GPU) into a new torch tensor on `device`, on torch's current stream."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-    array = tensor_list.as_tensor()
-    out = torch.empty(array.shape(), dtype=to_torch_type[array.dtype], device=device)
-    feed_ndarray(array, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-    return out
+
 
 
 def default_loader(device):

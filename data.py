@@ -13,7 +13,6 @@ bird_data.py (files on disk) and bird_loaders.py (batches).
     python data.py prepare --cifar-dir data ...        # what run_all.sh needs, fetched where missing
 """
 import argparse
-import hashlib
 import math
 import os
 import pickle
@@ -46,18 +45,12 @@ CUB2011_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.t
 CUB2011_MD5 = "97eceeb196236b17998738112f37df78"
 
 
-def md5sum(path, chunk=1 << 20):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url, dest, md5):
-    """Fetch url to dest, resuming a partial `.part` file with an HTTP Range request."""
+    """Fetch url to dest, resuming a partial `.part` file with an HTTP Range request (why not torchvision's
+    download_url: it starts over), md5-checked with torchvision's check_integrity."""
+    from torchvision.datasets.utils import check_integrity
     dest = Path(dest)
-    if dest.exists() and md5sum(dest) == md5:
+    if check_integrity(dest, md5):
         return dest
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +65,7 @@ def download(url, dest, md5):
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"could not download {url} ({e}); fetch it by hand and save it as {dest}, "
                         f"then run again") from None
-    if md5sum(part) != md5:
+    if not check_integrity(part, md5):
         part.unlink()
         raise DataError(f"{url} downloaded with the wrong md5 (expected {md5}); the partial file was "
                         f"removed, run again to retry")
@@ -81,7 +74,8 @@ def download(url, dest, md5):
 
 
 def extract_atomically(archive, into, top_name):
-    """Unpack archive so that `into/top_name` appears whole or not at all."""
+    """Unpack archive so that `into/top_name` appears whole or not at all (why not torchvision's extract_archive: it
+    unpacks in place and without tarfile's 'data' filter)."""
     into = Path(into)
     if (into / top_name).exists():
         return into / top_name
@@ -298,6 +292,9 @@ class SampledLoader:
 
     def set_epoch(self, epoch):
         self.sampler.epoch = epoch
+
+    def close(self):
+        """Release what the loader keeps between epochs, once it is done (the bird loaders' readers and pipelines)."""
 
     def __len__(self):
         return len(self.sampler)

@@ -15,23 +15,26 @@ import torch
 # ----------------------------------------------------------------------------- decoding
 
 @functools.cache
-def jpeg_decoder():
+def jpeg_decoder(prefer="torchcodec"):
     """(name, decode): the batched JPEG decoder, decode(list of uint8 CPU tensors, device) -> list of RGB uint8
     (3, H, W) on the device. TorchCodec's where it imports (the maintained one: torchvision 0.29 deprecates its own
-    image decoding in its favour), else torchvision's. On a CPU device both are libjpeg-turbo and give PIL's pixels."""
-    try:
-        from torchcodec.decoders import decode_jpeg
-        return "torchcodec", lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
-    except Exception:  # not installed, or built for another torch (its wheels follow torch's versions)
-        from torchvision.io import ImageReadMode, decode_jpeg
-        return "torchvision", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    image decoding in its favour), else (or with prefer="torchvision") torchvision's. On a CPU device both are
+    libjpeg-turbo and give PIL's pixels."""
+    if prefer == "torchcodec":
+        try:
+            from torchcodec.decoders import decode_jpeg
+            return "torchcodec", lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
+        except Exception:  # not installed, or built for another torch (its wheels follow torch's versions)
+            pass
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return "torchvision", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
 # How decode_jpegs orders a CUDA decode after the work already queued on the caller's stream: "stream" (a side
-# stream, no host wait) or "sync" (the host waits for the caller's stream first); "none" is the unordered call
-# this repo made before, kept only so that tools/gpu_check.py can show its decode-under-load check failing on it.
+# stream, no wait for the caller's stream) or "sync" (the host waits for the caller's stream first); "none" is the
+# unordered call this repo made before, kept only so that tools/gpu_check.py can show its check failing on it.
 DECODE_ORDER = "stream"
-_DECODE_STREAMS = {}  # one side stream per CUDA device
+_DECODE_STREAMS = {}  # one side stream per CUDA device, made once
 
 
 @contextlib.contextmanager
@@ -50,38 +53,51 @@ def no_uninitialized_fill():
 
 
 def decode_jpegs(datas, device):
-    """The one place that decodes JPEGs on the device (training, evaluation, the feature cache and predict.py all come
-    here through NvjpegImageLoader): a list of uint8 CPU tensors of file bytes -> RGB uint8 (3, H, W) on `device`.
+    """The one place that decodes JPEGs on the device (training, evaluation, the feature cache, predict.py and bench.py
+    come here): a list of uint8 CPU tensors of file bytes -> RGB uint8 (3, H, W) on `device`.
 
-    On CUDA, torchvision 0.26's decode_jpeg allocates its outputs from PyTorch's caching allocator on the current
-    stream, then decodes on a private stream that does not wait for the work queued there; nvJPEG's hardware engine
-    also ignores stream order (TorchCodec's, too). The allocator hands out a block as soon as it is freed on its
-    stream, so the decoder can be given memory that a queued kernel of the running step (forward, backward,
-    evaluation) still reads or writes, and the images or the step come out wrong: reproduced upstream on an H100 in
-    199 runs of 200 (pytorch/vision PR 9606, TorchCodec PR 1634, neither in the torch 2.11 builds we run on). So the
-    decode runs with a side stream current: its outputs come from that stream's pool, which holds only blocks whose
-    every use is finished (the outputs of earlier decodes are recorded on the caller's stream below, so the allocator
-    keeps them until the caller's stream has passed their last use). Then the caller's stream waits for the side
-    stream (the decoder makes the side stream wait for its own), no host wait at all. DECODE_ORDER "sync" waits on
-    the host instead. No uninitialised-memory fill is queued either way (no_uninitialized_fill)."""
+    The fault it is built against: both decoders allocate their outputs from PyTorch's caching allocator on the current
+    stream, which hands a block out as soon as it is freed on that stream, while kernels queued there may still read
+    it; the decoder then writes without waiting for them. torchvision decodes on a private pool stream that does not
+    wait for the current one (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); nvJPEG's hardware engine ignores
+    the stream it is given (TorchCodec PR 1634, merged 2026-08-17, adds a host wait before nvjpegDecodeBatched for this
+    reason). pytorch/vision PR 9606 (closed) reports its reproducer, about 100 ms (2e8 cycles) queued on the caller's
+    stream, corrupting 199 of 200 runs on an H100 with torch 2.12.0.dev20260408 and torchvision 0.29.0a0 main, 0 of
+    200 with its fix. So on CUDA, with DECODE_ORDER "stream":
+    - the decode runs with this device's side stream current, made once (torch.cuda.Stream draws from a pool of 32
+      that torchvision's decoder and NCCL draw from too), and synchronised on the host first (microseconds when idle):
+      whoever else uses that stream, every block its pool hands out is then free of queued work;
+    - the caller's stream waits for the side stream, so it reads the outputs only after any decode work still queued
+      there (both decoders wait on the host before returning today; one that did not would be ordered all the same);
+    - each output is recorded on the caller's stream, so the allocator reuses its block only after the caller's
+      stream has passed its last use (a later decode cannot write into an image the step still reads).
+    No uninitialised-memory fill is queued (no_uninitialized_fill). DECODE_ORDER "sync" waits for the caller's stream
+    on the host instead; tools/gpu_check.py's decode-under-load check fails on each step removed."""
     _, decode = jpeg_decoder()
     device = torch.device(device)
-    if device.type != "cuda":
-        return decode(datas, device)
-    if DECODE_ORDER == "none":  # the old, unordered call: a planted fault for gpu_check, never the default
+    if device.type != "cuda" or DECODE_ORDER == "none":  # "none": the old, unordered call, a planted fault only
         return decode(datas, device)
     current = torch.cuda.current_stream(device)
     with no_uninitialized_fill():
         if DECODE_ORDER == "sync":
             current.synchronize()  # nothing is queued any more, so no block the allocator hands out is still in use
             return decode(datas, device)
-        side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+        side = side_stream(device)
+        side.synchronize()
         with torch.cuda.stream(side):
             images = decode(datas, device)
     current.wait_stream(side)
     for image in images:
         image.record_stream(current)  # freed later on the host: not reused before the caller's stream is past it
     return images
+
+
+def side_stream(device):
+    """The side stream decode_jpegs decodes on, one per CUDA device, made at its first use."""
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return _DECODE_STREAMS[device]
 
 
 def to_device(tensor, device):

@@ -89,10 +89,10 @@ def parse_args(argv=None):
     m("--freeze-stages", type=int, default=RECIPE["freeze_stages"], metavar="K",
       help="freeze the stem and the first K stages of the backbone (timm's stage grouping; torchvision ResNets: "
            "conv1/bn1, layer1..layer4) and fine-tune the rest; 0 fine-tunes everything")
+    m("--backbone-lr-mult", type=float, default=RECIPE["backbone_lr_mult"], help="backbone lr = --lr times this")
     m("--bn-mode", choices=models.BN_MODES, default=RECIPE["bn_mode"],
       help="BatchNorm layers that train: train (batch statistics), frozen (ImageNet running statistics kept, "
            "affine weights train), frozen-affine (statistics and affine weights fixed)")
-    m("--backbone-lr-mult", type=float, default=RECIPE["backbone_lr_mult"], help="backbone lr = --lr times this")
     m("--layer-decay", type=float, default=RECIPE["layer_decay"], metavar="D",
       help="layer-wise lr decay: each backbone stage's lr is D times the one above it (the last stage gets "
            "D x --backbone-lr-mult x --lr); 1 = off")
@@ -221,6 +221,7 @@ def cache_features(model, args, device, make_loader, loaders, names):
     sources = {**loaders, "train": make_loader("train", whole=True)}
     feats = {name: extract_features(model, sources[name], device, args.amp, not args.quiet, f"caching {name}")
              for name in names}
+    sources["train"].close()
     seconds = time.perf_counter() - t0
     if devices.is_main():
         print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {seconds:.1f}s")
@@ -310,7 +311,10 @@ def main(argv=None):
     lp = linear_probe(model, args, device, make_loader, loaders, meta, clock) if args.lp_epochs else {}
     cache_seconds = lp.get("cache_seconds")
     if args.cache_features:
-        loaders, cache_seconds = cache_features(model, args, device, make_loader, loaders, ("train", "val", "test"))
+        images, (loaders, cache_seconds) = loaders, cache_features(model, args, device, make_loader, loaders,
+                                                                   ("train", "val", "test"))
+        for loader in images.values():
+            loader.close()
     groups = ([{"params": list(model.head.parameters()), "lr_mult": 1.0}] if args.freeze_backbone
               else model.param_groups(args.backbone_lr_mult, args.layer_decay))
     checkpoints.seed_everything(args.seed, rank)
@@ -319,6 +323,7 @@ def main(argv=None):
                           title=f"birds {args.arch}: {describe(args)}", phase="lp" if args.freeze_backbone else "ft",
                           final_images=len(splits["test"]) * engine.tta_view_count(tta) + len(splits["val"]),
                           prior=lp.get("history", ()), clock=clock)
+    loaders["train"].close()
     if devices.is_main():
         predict_and_finish(args, model, device, make_loader, loaders, splits, classes, summary, tta, world,
                            {**lp, "cache_seconds": cache_seconds, "kind": kind, "skipped": skipped, "clock": clock})
@@ -346,6 +351,8 @@ def predict_and_finish(args, model, device, make_loader, loaders, splits, classe
     val = make_loader("val", whole=True) if world > 1 and not args.cache_features else loaders["val"]
     run_files.write_error_analysis(out, classes, engine.predict_probs(model, val, device, args.amp,
                                                                       progress=not args.quiet, desc="val"), test_probs)
+    for loader in (val, *loaders.values()):
+        loader.close()
     final = run_files.finish(out, summary, model, test_acc, {
         "arch": args.arch, "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
         "bn_mode": args.bn_mode, "layer_decay": args.layer_decay, "lp_epochs": args.lp_epochs,

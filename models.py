@@ -432,28 +432,22 @@ def unwrap(model):
     return model
 
 
+def module_outputs(model, input_shape=(1, 3, 32, 32)):
+    """[(module, output shape)] of every module call in one forward pass on zeros, in the order they ran, the model
+    itself first (torchinfo's summary, in eval mode; the model's mode is restored)."""
+    from torchinfo import summary
+    stats = summary(model, input_size=input_shape, device=next(model.parameters()).device, mode="eval", verbose=0)
+    return [(info.module, tuple(info.output_size)) for info in stats.summary_list]
+
+
 def architecture_table(model, input_shape=(1, 3, 32, 32)):
-    """Markdown table of every leaf layer: name, type, output shape, parameters."""
-    rows, hooks = [], []
-    for name, module in model.named_modules():
-        if len(list(module.children())) == 0 and name:
-            def hook(mod, inputs, output, name=name):
-                shape = tuple(output.shape) if torch.is_tensor(output) else "-"
-                rows.append((name, type(mod).__name__, shape, sum(p.numel() for p in mod.parameters(recurse=False))))
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(input_shape, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    """Markdown table of every leaf layer as it ran: name, type, output shape, parameters."""
+    names = {m: n for n, m in model.named_modules()}
     lines = ["| layer | type | output shape | parameters |", "|---|---|---|---:|"]
-    lines += [f"| {name} | {kind} | {'x'.join(map(str, shape[1:])) if shape != '-' else '-'} | {n:,} |"
-              for name, kind, shape, n in rows]
+    for module, shape in module_outputs(model, input_shape):
+        if names.get(module) and not any(module.children()):
+            lines.append(f"| {names[module]} | {type(module).__name__} | {'x'.join(map(str, shape[1:])) or '-'} | "
+                         f"{sum(p.numel() for p in module.parameters(recurse=False)):,} |")
     total, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
     lines.append(f"| **total** | | | **{total:,}** ({trainable:,} trainable) |")
     return "\n".join(lines)
@@ -479,17 +473,12 @@ def _stage_parts(model):
     children = dict(model.named_children())
     if "features" not in children:
         return [(n, [(n, m)]) for n, m in children.items()]
-    shapes = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[2:])))
-             for n, m in children["features"].named_children()]
-    _dry_run(model, (1, 3, 32, 32))
-    for h in hooks:
-        h.remove()
+    shapes = {m: shape[2:] for m, shape in module_outputs(model)}
     stages, current = [], None
     for n, m in children["features"].named_children():
         has_params = any(True for _ in m.parameters())
-        if current is None or (has_params and shapes[n] != current[1]):
-            current = ([], shapes[n])
+        if current is None or (has_params and shapes[m] != current[1]):
+            current = ([], shapes[m])
             stages.append(current)
         current[0].append((f"features.{n}", m))
     before = list(children).index("features")
@@ -498,31 +487,15 @@ def _stage_parts(model):
     return parts + [("head", [(n, children[n]) for n in list(children)[before + 1:]])]
 
 
-def _dry_run(model, input_shape):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(torch.zeros(input_shape, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-
-
 def stage_rows(model, input_shape=(1, 3, 32, 32)):
     """The compact, stage-level architecture: [(part, modules, output shape, parameters)] for the stem, each
     stage and the head (see _stage_parts). The parameters sum to the model's total."""
     parts = _stage_parts(model)
-    shapes, hooks = {}, []
-    for part, members in parts:
-        for _, m in members:  # the part's output: whatever its last module to run returned
-            hooks.append(m.register_forward_hook(
-                lambda mod, i, o, part=part: shapes.__setitem__(part, tuple(o.shape)) if torch.is_tensor(o) else None))
-    try:
-        output = _dry_run(model, input_shape)
-    finally:
-        for h in hooks:
-            h.remove()
-    shapes[parts[-1][0]] = tuple(output.shape)
+    part_of = {m: part for part, members in parts for _, m in members}
+    outputs = module_outputs(model, input_shape)
+    shapes = {part_of[m]: shape for m, shape in outputs if m in part_of}  # a part's output: its last module's to run
+    shapes[parts[-1][0]] = outputs[0][1]  # the head's: the model's
+
     def short(name):  # backbone.layer1.0.conv1 -> backbone.layer1; backbone.blocks.0.0.conv_dw -> backbone.blocks.0
         bits = name.split(".")
         return ".".join(bits[:3] if len(bits) > 2 and bits[1] == "blocks" else bits[:2])

@@ -128,6 +128,8 @@ def main(argv=None):
         if labels is not None and not torch.equal(y, labels):  # every loader lists the test split in one order
             raise flags.UsageError(f"{path} sees the test images in another order than {sets.first}")
         probs, labels = (p, y) if probs is None else (probs + p, labels)
+    for loader, _ in sets.loaders.values():
+        loader.close()
     test_acc = run_files.write_predictions(args.out, probs / len(args.checkpoints), labels)
     what = f"an ensemble of {len(args.checkpoints)} checkpoints" if len(args.checkpoints) > 1 else "one checkpoint"
     print(f"wrote {len(labels)} predictions from {what} to {args.out}"

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,30 @@ def test_dali_refuses_a_jpeg_whose_header_is_unreadable_in_one_sentence(tmp_path
         bird_loaders.DaliImageLoader(train, 32, 4, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"})
 
 
+def test_dali_names_the_file_its_decoder_fails_on_and_passes_other_errors_on(tmp_path, monkeypatch):
+    """A JPEG whose header reads but whose Huffman table is bogus stops DALI's decoder mid-epoch: one sentence naming
+    that file. Any other DALI or CUDA runtime error keeps its own message (it is no image's fault)."""
+    if not bird_loaders.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    train, _, _ = bird_data.load_cub(fixtures.write_cub(tmp_path, num_classes=2, per_class=4, broken=False))
+    plain = [s for s in train if bird_data.jpeg_header(s[0])[2] is None]
+    blob = bytearray(Path(plain[1][0]).read_bytes())
+    table = blob.index(b"\xff\xc4")  # the first Huffman table's code counts, all 255
+    blob[table + 5:table + 21] = b"\xff" * 16
+    Path(plain[1][0]).write_bytes(bytes(blob))
+    assert bird_data.jpeg_header(plain[1][0]) == bird_data.jpeg_header(plain[0][0])[:2] + (None,)  # the scan passes
+    loader = bird_loaders.DaliImageLoader(plain, 32, 4, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=1)
+    with pytest.raises(data.DataError, match=f"DALI could not decode {re.escape(plain[1][0])}; remove it"):
+        list(loader)
+    loader.close()
+    assert loader.pipe is None and loader.readers is None
+    fine = bird_loaders.DaliImageLoader(plain[2:], 32, 2, False, (0.5,) * 3, (0.5,) * 3, "cpu", workers=1)
+    list(fine)
+    monkeypatch.setattr(type(fine.pipe), "run", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory")))
+    with pytest.raises(RuntimeError, match="^CUDA error: out of memory$"):
+        list(fine)
+
+
 # ----------------------------------------------------------------------------- downloads
 
 def _tarball(tmp_path):
@@ -396,14 +421,15 @@ def _tarball(tmp_path):
 
 
 def test_download_checks_md5_resumes_and_unpacks_atomically(tmp_path):
+    from torchvision.datasets.utils import calculate_md5
     archive = _tarball(tmp_path)
-    good_md5 = data.md5sum(archive)
+    good_md5 = calculate_md5(archive)
     dest = tmp_path / "dl" / "cifar.tar.gz"
     dest.parent.mkdir()
     part = dest.with_name(dest.name + ".part")
     part.write_bytes(archive.read_bytes()[:10])  # an interrupted earlier download
     data.download(archive.as_uri(), dest, good_md5)
-    assert data.md5sum(dest) == good_md5 and not part.exists()
+    assert calculate_md5(dest) == good_md5 and not part.exists()
     root = data.extract_atomically(dest, tmp_path / "dl", "cifar-100-python")
     assert (root / "meta").read_bytes() == b"x"
     assert not list((tmp_path / "dl").glob(".extract-*"))
@@ -551,9 +577,10 @@ def test_exif_rotated_jpegs_are_upright_in_every_loader(cub_dir):
 
 
 def test_decode_jpegs_orders_the_decode_after_the_callers_stream(monkeypatch):
-    """The CUDA ordering, recorded with fake streams on the CPU: the decode runs with a side stream current and no
-    uninitialised-memory fill, the caller's stream then waits for the side stream, and every output is recorded on
-    the caller's stream; with DECODE_ORDER 'sync' the host waits for the caller's stream before the decode."""
+    """The CUDA ordering, recorded with fake streams on the CPU: the side stream is made once per device and waited
+    for on the host, the decode runs with it current and no uninitialised-memory fill, the caller's stream then waits
+    for the side stream, and every output is recorded on the caller's stream; with DECODE_ORDER 'sync' the host waits
+    for the caller's stream before the decode."""
     import torch.utils.deterministic as deterministic
     calls = []
 
@@ -584,13 +611,18 @@ def test_decode_jpegs_orders_the_decode_after_the_callers_stream(monkeypatch):
         return [Output() for _ in datas]
     monkeypatch.setattr(device_images, "jpeg_decoder", lambda: ("fake", fake_decode))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or FakeStream("side"))
     monkeypatch.setattr(torch.cuda, "stream", use)
     monkeypatch.setattr(device_images, "_DECODE_STREAMS", {})
     cuda = torch.device("cuda", 0)
     assert deterministic.fill_uninitialized_memory
-    device_images.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
-    assert calls == [("decode", "side", False), ("wait", "caller", "side"), ("record", "caller"), ("record", "caller")]
+    for _ in range(2):
+        calls.clear()
+        device_images.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
+        assert calls == [("synchronize", "side"), ("decode", "side", False), ("wait", "caller", "side"),
+                         ("record", "caller"), ("record", "caller")]
+    assert made == [cuda]  # one side stream for the device, not one drawn from the pool per call
     assert deterministic.fill_uninitialized_memory  # restored
     calls.clear()
     monkeypatch.setattr(device_images, "DECODE_ORDER", "sync")

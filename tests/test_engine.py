@@ -171,8 +171,49 @@ def test_gpu_check_loader_checks_run_on_the_cpu(clean_cub_dir, tmp_path):
     decode = gpu_check.check_gpu_decode(ctx)
     assert "to PIL at scan time: " in decode and "not a JPEG" in decode and "grayscale" in decode
     assert "EXIF orientation 6" in decode and "progressive JPEGs" in decode
-    with pytest.raises(gpu_check.Skip, match="needs a CUDA device"):
-        gpu_check.check_decode_under_load(ctx)
+
+
+def test_gpu_check_decode_under_load_runs_every_row_on_the_cpu_and_puts_everything_back(clean_cub_dir, tmp_path):
+    """The decode-under-load check's own code on the CPU: every row of DECODE_ROWS runs (each planted fault put in and
+    taken out again), and on a CPU, where nothing races, every row must pass."""
+    import argparse
+
+    import device_images
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+    ctx = gpu_check.Context(argparse.Namespace(cub_dir=str(clean_cub_dir), weights=None, out=str(tmp_path / "out")),
+                            tmp_path, device="cpu")
+    before = (torch.Tensor.record_stream, torch.cuda.Stream.wait_stream, device_images.jpeg_decoder,
+              device_images.DECODE_ORDER, torch.are_deterministic_algorithms_enabled())
+    figure = gpu_check.check_decode_under_load(ctx, batch_size=6, trials=1)
+    assert figure.startswith("dry run") and all(f"{name} [" in figure for name, _, _ in gpu_check.DECODE_ROWS)
+    assert "[torchvision]: pass" in figure  # the unordered row is forced onto torchvision's decoder
+    after = (torch.Tensor.record_stream, torch.cuda.Stream.wait_stream, device_images.jpeg_decoder,
+             device_images.DECODE_ORDER, torch.are_deterministic_algorithms_enabled())
+    assert after == before
+    with gpu_check.planted(("no-record-stream", "no-wait-stream", "unordered"), torch.device("cpu")) as decoder:
+        assert decoder == "torchvision" and device_images.DECODE_ORDER == "none"
+        assert torch.Tensor.record_stream is not before[0] and torch.cuda.Stream.wait_stream is not before[1]
+
+
+def test_decode_verdict_fails_on_a_planted_row_that_passes_and_a_shipped_row_that_fails():
+    """On a GPU every row must have its outcome: a planted fault the check did not see fails it (it would measure
+    nothing), as does a shipped row that differs from the idle decode; on a CPU only failing rows fail it."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+    right = [(name, expected, expected, int(expected == "fail"), 100.0, "torchcodec")
+             for name, _, expected in gpu_check.DECODE_ROWS]
+    assert gpu_check.decode_verdict(right, 1, on_gpu=True).startswith("every planted fault seen failing")
+    unseen = [r if r[1] == "pass" or "record_stream" not in r[0] else (*r[:2], "pass", 0, *r[4:]) for r in right]
+    with pytest.raises(gpu_check.CheckFailed, match="record_stream a no-op: passed: the check cannot see this fault"):
+        gpu_check.decode_verdict(unseen, 1, on_gpu=True)
+    broken = [(*right[0][:2], "fail", 1, *right[0][4:]), *right[1:]]
+    with pytest.raises(gpu_check.CheckFailed, match="shipped: differs from the idle decode: the ordering does not hold"):
+        gpu_check.decode_verdict(broken, 1, on_gpu=True)
+    calm = [(*r[:2], "pass", 0, *r[4:]) for r in right]
+    assert gpu_check.decode_verdict(calm, 1, on_gpu=False).startswith("dry run")
+    with pytest.raises(gpu_check.CheckFailed, match="on a CPU"):
+        gpu_check.decode_verdict(right, 1, on_gpu=False)
 
 
 def test_gpu_check_default_set_fits_its_slot():
@@ -187,6 +228,8 @@ def test_gpu_check_default_set_fits_its_slot():
     assert sum(listed.values()) <= 420 and f"{sum(listed.values())} s" in proc.stdout
     assert set(gpu_check.QUICK) <= set(gpu_check.CHECKS + gpu_check.OPTIONAL)
     assert "cpu-tests" not in gpu_check.CHECKS  # the device-path tests pin the CPU: not a GPU check
+    for name, _, expected in gpu_check.DECODE_ROWS:  # each planted row with the outcome it must have
+        assert f"- {name}: must {expected}" in proc.stdout and (expected == "fail") == name.startswith("planted")
 
 
 def test_every_difference_check_fails_on_a_shifted_image(clean_cub_dir):

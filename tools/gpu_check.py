@@ -13,10 +13,11 @@ difference compares it with a limit stated in LIMITS below, and fails past it.
 
 Checks (names for --only/--skip), in the order they run, with their estimated seconds on one H100/H200 (ESTIMATES;
 --budget: a check that would start after it is skipped, and a running one stopped, both reported as skip (budget)):
-  decode-under-load  the nvjpeg loader's batch decoded while a long kernel, and writes into blocks just freed, are
-                 queued on the current stream, against an idle decode of the same batch; with and without
-                 --deterministic. Must be identical; the old unordered call (DECODE_ORDER none) is run too, to show
-                 the check failing where the GPU has the fault, and the stream and sync orderings are timed
+  decode-under-load  the nvjpeg loader's batch and the same files reversed, decoded back to back behind ~100 ms
+                 queued on the current stream, against both decoded on an idle device, bit for bit, in each row of
+                 DECODE_ROWS (--list): the shipped ordering (also --deterministic, sync, and a decoder returning with
+                 its writes queued) must pass; each planted fault (the unordered call on torchvision's decoder,
+                 record_stream a no-op, wait_stream removed) must fail, and the check fails if one passes
   loader-pixels  each loader's GPU eval preprocessing against the PIL loader's (grey levels, LIMITS)
   gpu-decode     the nvjpeg loader's scan + one batched decode of the files it sends to the GPU, against PIL
                  (LIMITS), and progressive JPEGs decoded on the GPU against PIL in worker processes (which is faster)
@@ -50,6 +51,8 @@ EXIF-rotated and a progressive JPEG); without --weights the bird runs start from
 meaningless, speed is not, and the accuracy agreement is not checked). CIFAR data is always generated.
 """
 import argparse
+import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -60,6 +63,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -115,7 +119,7 @@ def compare_images(what, images, reference, limits):
     return mean, (diff > 0.5).float().mean().item(), most
 
 
-def run(cmd, log, timeout=600, env=None):
+def run_command(cmd, log, timeout=600, env=None):
     """Run a command (list), appending its output to log; raise with the first error line on failure. It is stopped
     at the --budget deadline too."""
     cmd = [str(c) for c in cmd]
@@ -169,7 +173,7 @@ def cifar_common(ctx, out, epochs=2):
 
 def check_cifar(ctx, name, extra):
     out = ctx.tmp / name
-    run([sys.executable, *cifar_common(ctx, out), "--model", "resnet18", "--lr", "0.1", "--schedule", "onecycle",
+    run_command([sys.executable, *cifar_common(ctx, out), "--model", "resnet18", "--lr", "0.1", "--schedule", "onecycle",
          "--wd", "5e-4", *extra], ctx.log(name))
     m, f = metrics(out), final(out)
     return (f"{m['images_per_second'].iloc[-1]:,.0f} img/s in epoch 2 (ResNet-18, batch 256); first step "
@@ -179,7 +183,7 @@ def check_cifar(ctx, name, extra):
 def check_deterministic(ctx):
     outs = [ctx.tmp / f"det{i}" for i in (1, 2)]
     for out in outs:
-        run([sys.executable, *cifar_common(ctx, out), "--model", "convnet", "--bn", "--deterministic", "--no-compile"],
+        run_command([sys.executable, *cifar_common(ctx, out), "--model", "convnet", "--bn", "--deterministic", "--no-compile"],
             ctx.log("deterministic"))
     if not same_weights(*outs):
         raise RuntimeError("two --deterministic runs ended with different weights")
@@ -190,7 +194,7 @@ def check_resume(ctx):
     args = [*cifar_common(ctx, None, epochs=3), "--model", "convnet", "--bn", "--deterministic", "--no-compile",
             "--batch-size", "64"]
     full = ctx.tmp / "resume-full"
-    run([sys.executable, *with_out(args, full)], ctx.log("resume"))
+    run_command([sys.executable, *with_out(args, full)], ctx.log("resume"))
     seconds = metrics(full)["epoch_seconds"].iloc[1]
     columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
     stops = []
@@ -211,7 +215,7 @@ def check_resume(ctx):
         step = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step_in_epoch"]
         if sig == signal.SIGTERM and not step:
             raise RuntimeError("SIGTERM landed on an epoch boundary: the mid-epoch save was not exercised")
-        run([sys.executable, *with_out(args, out), "--resume"], ctx.log("resume"))
+        run_command([sys.executable, *with_out(args, out), "--resume"], ctx.log("resume"))
         if not metrics(full)[columns].equals(metrics(out)[columns]):
             raise RuntimeError(f"metrics.csv after {sig.name} + resume differs from the uninterrupted run's")
         if not same_weights(full, out):
@@ -230,7 +234,7 @@ def with_out(args, out):
 
 def check_ddp(ctx):
     out = ctx.tmp / "ddp"
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+    run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
          *cifar_common(ctx, out), "--model", "convnet", "--bn", "--no-compile"], ctx.log("ddp-nccl"),
         env={"NCCL_DEBUG": "INFO"})
     if ctx.device.type != "cuda":
@@ -251,7 +255,7 @@ def check_birds(ctx, loader):
     if loader == "dali" and not ctx.dali:
         raise Skip("DALI is not installed (pip install nvidia-dali-cuda130); the nvjpeg and torch loaders are checked")
     out = ctx.tmp / f"birds-{loader}"
-    run(birds_args(ctx, out, loader), ctx.log(f"birds-{loader}"))
+    run_command(birds_args(ctx, out, loader), ctx.log(f"birds-{loader}"))
     m, f = metrics(out), final(out)
     ctx.birds[loader] = f["test_acc"]
     acc = "n/a" if f["test_acc"] is None else f"{f['test_acc']:.3f}"
@@ -388,65 +392,120 @@ def _pil_decode(blob):
     return bird_data.pil_rgb(io.BytesIO(blob)).shape
 
 
-def check_decode_under_load(ctx, batch_size=64, trials=5):
-    """The nvjpeg loader's batch (decode + resample, `_to_batch`) decoded while the current stream is busy: a long
-    kernel (torch.cuda._sleep) and then writes into blocks of the decoded images' sizes, freed at once, so that the
-    caching allocator holds blocks with writes still pending when the decoder asks for memory. The result must equal
-    an idle decode of the same batch bit for bit, with and without --deterministic (whose uninitialised-memory fill
-    would otherwise land after the decode). The old unordered call (DECODE_ORDER 'none') runs the same way, to show
-    the check can fail; the stream and sync orderings are timed behind the same queued work."""
+# The decode-under-load rows: (name, what is planted, the outcome it must have). A planted row is a fault the ordering in
+# device_images.decode_jpegs guards against; on a GPU it must fail, or the check could not see that fault at all.
+DECODE_ROWS = [
+    ("shipped", (), "pass"),
+    ("shipped, --deterministic", ("deterministic",), "pass"),
+    ("DECODE_ORDER sync", ("sync",), "pass"),
+    ("shipped, a decoder returning with its writes queued", ("queued-writes",), "pass"),
+    ("planted: the unordered call, torchvision's decoder", ("unordered",), "fail"),
+    ("planted: record_stream a no-op", ("no-record-stream",), "fail"),
+    ("planted: wait_stream removed, a decoder returning with its writes queued", ("no-wait-stream", "queued-writes"),
+     "fail"),
+]
+LOAD_CYCLES = 200_000_000  # about 100 ms of torch.cuda._sleep at an H100/H200's clock: pytorch/vision PR 9606's stall
+
+
+@contextlib.contextmanager
+def planted(faults, device):
+    """The decode path with `faults` put in for the length of the block, and everything put back after it."""
+    import torch
+
+    import device_images
+    with contextlib.ExitStack() as stack:
+        patch = lambda *a: stack.enter_context(mock.patch.object(*a))  # noqa: E731
+        if "deterministic" in faults:
+            stack.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled())
+            torch.use_deterministic_algorithms(True)
+        if "sync" in faults or "unordered" in faults:
+            patch(device_images, "DECODE_ORDER", "sync" if "sync" in faults else "none")
+        decoder = device_images.jpeg_decoder("torchvision" if "unordered" in faults else "torchcodec")
+        if "queued-writes" in faults:
+            decoder = (decoder[0], queued_writes(decoder[1], device))
+        patch(device_images, "jpeg_decoder", lambda: decoder)
+        if "no-record-stream" in faults:
+            patch(torch.Tensor, "record_stream", lambda self, stream: None)
+        if "no-wait-stream" in faults:
+            patch(torch.cuda.Stream, "wait_stream", lambda self, stream: None)
+        yield decoder[0]
+
+
+def queued_writes(decode, device):
+    """A decoder that returns before its last writes have run: the images, decoded, are copied into fresh outputs by
+    kernels queued on the decoding stream behind 3x the load (zero-filled first, so an early read sees zeros). Both
+    decoders wait on the host before returning today (TorchCodec's host wait: a TODO asks whether it should); this is
+    the decoder that the caller's wait_stream must still order after."""
+    import torch
+
+    def decode_late(datas, dev):
+        images = decode(datas, dev)
+        outputs = [torch.zeros_like(image) for image in images]
+        if torch.device(device).type == "cuda":
+            torch.cuda._sleep(3 * LOAD_CYCLES)
+        for out, image in zip(outputs, images, strict=True):
+            out.copy_(image)
+        return outputs
+    return decode_late
+
+
+def check_decode_under_load(ctx, batch_size=64, trials=3):
+    """The nvjpeg loader's decode + resample (`_to_batch`) of a batch and of the same files in reverse order, back to
+    back with no sync between, behind about 100 ms of work queued on the current stream (a training step still
+    running), against both decoded on an idle device: bit for bit, in every row of DECODE_ROWS. The shipped rows must
+    pass and each planted row must fail; a planted row that passes fails the check. On a CPU (a dry run) there are no
+    streams to race: every row runs and passes, and only that is checked."""
     import torch
 
     import bird_data
     import bird_loaders
-    import device_images
-    if ctx.device.type != "cuda":
-        raise Skip("needs a CUDA device (torch.cuda._sleep and a second stream)")
     samples = bird_data.load_cub(ctx.cub)[1][:batch_size]
     loader = bird_loaders.NvjpegImageLoader(samples, 224, batch_size, False, [0.5] * 3, [0.5] * 3, ctx.device, workers=0)
-    batch = bird_loaders.collate_files([loader.files[(i, 0)] for i in range(len(samples))])
-    shapes = [loader.files.sizes[it.index] for it in batch.items if not it.decoded]
-    order, determinism = device_images.DECODE_ORDER, torch.are_deterministic_algorithms_enabled()
+    forward = bird_loaders.collate_files([loader.files[(i, 0)] for i in range(len(samples))])
+    backward = bird_loaders.collate_files([loader.files[(i, 0)] for i in reversed(range(len(samples)))])
     ctx.sync()
-    reference = loader._to_batch(batch)[0].clone()
+    reference = [loader._to_batch(b)[0].clone() for b in (forward, backward)]
     ctx.sync()
-    results, timing, last = {}, {}, {}
-    try:
-        for deterministic in (False, True):
-            torch.use_deterministic_algorithms(deterministic)
-            for mode in ("none", "stream", "sync"):
-                device_images.DECODE_ORDER = mode
-                bad, seconds = 0, 0.0
-                for _ in range(trials):
-                    ctx.sync()
-                    t0 = time.perf_counter()
-                    torch.cuda._sleep(20_000_000)  # tens of milliseconds: a training step still running
-                    for w, h in shapes:  # blocks the decoder will ask for, with writes still queued on them
-                        fill = torch.empty(3, h, w, dtype=torch.uint8, device=ctx.device)
-                        fill.fill_(77)
-                        del fill
-                    x = loader._to_batch(batch)[0]
-                    ctx.sync()
-                    seconds += time.perf_counter() - t0
-                    bad += not torch.equal(x, reference)
-                results[(deterministic, mode)], last[(deterministic, mode)] = bad, x
-                timing[(deterministic, mode)] = 1000 * seconds / trials
-    finally:
-        device_images.DECODE_ORDER = order
-        torch.use_deterministic_algorithms(determinism)
-    for deterministic in (False, True):
-        what = f"DECODE_ORDER {order}{' with --deterministic' if deterministic else ''}"
-        if results[(deterministic, order)]:
-            raise CheckFailed(f"{what}: {results[(deterministic, order)]} of {trials} batches decoded under load "
-                              f"differ from the idle decode")
-        compare_images(what, last[(deterministic, order)], reference, LIMITS["decode-under-load"])
-    unordered = ", ".join(f"{results[(d, 'none')]}/{trials}{' deterministic' if d else ''}" for d in (False, True))
-    shows = ("the check fails on it here" if any(results[(d, "none")] for d in (False, True))
-             else "this GPU does not show the fault (A100s do not), so the check could not fail here")
-    times = "; ".join(f"{mode} {timing[(False, mode)]:.1f} ms" for mode in ("none", "stream", "sync"))
-    return (f"{order} ordering: {batch_size} images identical to the idle decode in {trials} of {trials} batches, "
-            f"with and without --deterministic; the unordered call differed in {unordered} ({shows}); per batch "
-            f"behind a queued step: {times}")
+    rows = []
+    for name, faults, expected in DECODE_ROWS:
+        bad, seconds = 0, 0.0
+        with planted(faults, ctx.device) as decoder:
+            for _ in range(trials):
+                ctx.sync()
+                t0 = time.perf_counter()
+                if ctx.device.type == "cuda":
+                    torch.cuda._sleep(LOAD_CYCLES)
+                out = [loader._to_batch(b)[0] for b in (forward, backward)]
+                ctx.sync()
+                seconds += time.perf_counter() - t0
+                bad += not all(torch.equal(o, r) for o, r in zip(out, reference, strict=True))
+        rows.append((name, expected, "fail" if bad else "pass", bad, 1000 * seconds / trials, decoder))
+    return decode_verdict(rows, trials, ctx.device.type == "cuda")
+
+
+def decode_verdict(rows, trials, on_gpu):
+    """The decode-under-load figure from its rows (name, expected, outcome, bad trials, ms a pair, decoder). Raises
+    CheckFailed for a row whose outcome is not the one it must have on a GPU (any failing row on a CPU), saying what
+    that outcome means: a planted row that passes is a fault the check cannot see; a shipped row that fails is an
+    ordering that does not hold."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = []
+    for package in ("torch", "torchvision", "torchcodec"):
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package} absent")
+    parts = [f"{name} [{decoder}]: {outcome} ({bad}/{trials} pairs differ, {ms:.0f} ms a pair; must {expected})"
+             for name, expected, outcome, bad, ms, decoder in rows]
+    meaning = {"fail": "passed: the check cannot see this fault here, so it measures nothing",
+               "pass": "differs from the idle decode: the ordering does not hold"}
+    for name, expected, outcome, *_ in rows:
+        if outcome != (expected if on_gpu else "pass"):
+            why = meaning[expected] if on_gpu else "differs from the idle decode on a CPU, where nothing races"
+            raise CheckFailed(f"{name}: {why} ({', '.join(versions)}); {'; '.join(parts)}")
+    what = ("every planted fault seen failing, every shipped row identical to the idle decode" if on_gpu else
+            "dry run: a CPU has no streams to race, so every row passes and the planted ones cannot fail here")
+    return f"{what} ({', '.join(versions)}): {'; '.join(parts)}"
 
 
 def check_bench(ctx, quick=False):
@@ -454,7 +513,7 @@ def check_bench(ctx, quick=False):
     sizes = ["--sections", "8", "--repeats", "1", "--fig8-images", "1024"] if quick else \
         ["--sections", "8,9", "--repeats", "2", "--fig8-images", "2048"]
     cmd = [sys.executable, "bench.py", *sizes, "--json", out_json, "--cub-dir", ctx.cub, "--device", ctx.device.type]
-    run(cmd, ctx.log("bench"), timeout=900)
+    run_command(cmd, ctx.log("bench"), timeout=900)
     report = json.loads(out_json.read_text())
     ctx.bench = report
     parts = [("model alone" if "alone" in r["figure"] else r["figure"].split("--loader ")[-1].split(",")[0]
@@ -468,7 +527,7 @@ def check_suite(ctx, files=(), name="suite-all"):
     log = ctx.log(name)
     try:
         serial = [] if importlib.util.find_spec("xdist") else ["-o", "addopts="]  # pytest.ini's -n needs pytest-xdist
-        run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *serial, *files], log, timeout=1500)
+        run_command([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *serial, *files], log, timeout=1500)
     finally:
         tail = [line for line in Path(log).read_text(errors="replace").splitlines() if " in " in line and "passed" in line]
     return tail[-1] if tail else "see log"
@@ -483,7 +542,7 @@ def check_cifar_final(ctx, epochs=3):
                                     per_class_test=2 if dry else 100)
     out = ctx.tmp / "cifar-final"
     t0 = time.perf_counter()
-    run([sys.executable, "train_cifar.py", "--preset", "final", "--data-dir", cifar, "--out", out, "--device", ctx.device,
+    run_command([sys.executable, "train_cifar.py", "--preset", "final", "--data-dir", cifar, "--out", out, "--device", ctx.device,
          "--quiet", "--epochs", epochs, *(["--depth", "10", "--widen", "1", "--val-per-class", "2"] if dry else [])],
         ctx.log("cifar-final"), timeout=480)
     wall = time.perf_counter() - t0  # the whole command: start-up, data, compile, calibration, epochs, TTA, the CSV
@@ -505,7 +564,7 @@ def check_ladder_jobs(ctx):
         env = {**os.environ, "RESULTS": str(ctx.tmp / f"ladder{jobs}"), "CIFAR_DATA": str(ctx.cifar), "CIFAR_FINAL": "0",
                "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": gpu, "EXTRA": "--val-per-class 20"}
         t0 = time.perf_counter()
-        run(["bash", "run_all.sh", "--only", "cifar", "--epochs-scale", "0.1", "--jobs", jobs], ctx.log("ladder-jobs"),
+        run_command(["bash", "run_all.sh", "--only", "cifar", "--epochs-scale", "0.1", "--jobs", jobs], ctx.log("ladder-jobs"),
             timeout=900, env=env)
         seconds[jobs] = time.perf_counter() - t0
     return (f"11 ladder runs (3 epochs each, report included) on GPU {gpu}: --jobs 1 {seconds[1]:.0f} s, --jobs 4 "
@@ -552,7 +611,37 @@ def list_checks():
     quick = sum({**ESTIMATES, **ESTIMATES_MORE}[name] for name in QUICK)
     lines.append(f"--quick: {', '.join(QUICK)} ({quick} s estimated, birds-dali only where DALI is installed)")
     lines.append(f"not in the default set: {', '.join(OPTIONAL)}")
+    lines.append("decode-under-load rows (on a GPU each must have its outcome; a planted row that passes fails the check):")
+    lines += [f"- {name}: must {expected}" for name, _, expected in DECODE_ROWS]
     return "\n".join(lines)
+
+
+CHECK_FUNCTIONS = {
+    "cifar-fast": lambda ctx: check_cifar(ctx, "cifar-fast", ["--ema", "0.99", "--cutmix", "1.0", "--mix-prob", "0.5",
+                                                             "--tta", "flip,shift"]),
+    "cifar-plain": lambda ctx: check_cifar(ctx, "cifar-plain", ["--no-compile", "--no-amp"]),
+    "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
+    "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
+    "birds-nvjpeg": lambda ctx: check_birds(ctx, "nvjpeg"), "cifar-final": check_cifar_final,
+    "loader-pixels": check_loader_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
+    "decode-under-load": check_decode_under_load, "bench": check_bench,
+    "bench-quick": lambda ctx: check_bench(ctx, quick=True),
+    "cpu-tests": lambda ctx: check_suite(ctx, DEVICE_PATH_TESTS, "cpu-tests"), "suite-all": check_suite,
+    "ladder-jobs": check_ladder_jobs,
+}
+
+
+def write_table(ctx, header, rows):
+    """gpu_check.md (and bench.json) in --out, the table printed too; the exit status: 1 where a check failed."""
+    table = ["| check | result | seconds (estimate) | figure or first error line |", "|---|---|---:|---|"]
+    table += [f"| {n} | {s} | {sec:.0f} ({ESTIMATES.get(n, ESTIMATES_MORE.get(n, '-'))}) | {fig.replace('|', '/')} |"
+              for n, s, fig, sec in rows]
+    text = f"{header}\n\n" + "\n".join(table) + "\n"
+    (ctx.out / "gpu_check.md").write_text(text)
+    if ctx.bench:
+        (ctx.out / "bench.json").write_text(json.dumps(ctx.bench, indent=2) + "\n")
+    print("\n" + text)
+    return 1 if any(s == "FAIL" for _, s, _, _ in rows) else 0
 
 
 def main():
@@ -590,19 +679,6 @@ def main():
     if unknown:
         sys.exit(f"error: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS + OPTIONAL)}")
     wanted = [c for c in wanted if c not in args.skip.split(",")]
-    functions = {
-        "cifar-fast": lambda ctx: check_cifar(ctx, "cifar-fast", ["--ema", "0.99", "--cutmix", "1.0", "--mix-prob", "0.5",
-                                                                 "--tta", "flip,shift"]),
-        "cifar-plain": lambda ctx: check_cifar(ctx, "cifar-plain", ["--no-compile", "--no-amp"]),
-        "deterministic": check_deterministic, "resume": check_resume, "ddp-nccl": check_ddp,
-        "birds-dali": lambda ctx: check_birds(ctx, "dali"), "birds-torch": lambda ctx: check_birds(ctx, "torch"),
-        "birds-nvjpeg": lambda ctx: check_birds(ctx, "nvjpeg"), "cifar-final": check_cifar_final,
-        "loader-pixels": check_loader_pixels, "dali-stream": check_dali_stream, "gpu-decode": check_gpu_decode,
-        "decode-under-load": check_decode_under_load, "bench": check_bench,
-        "bench-quick": lambda ctx: check_bench(ctx, quick=True),
-        "cpu-tests": lambda ctx: check_suite(ctx, DEVICE_PATH_TESTS, "cpu-tests"), "suite-all": check_suite,
-        "ladder-jobs": check_ladder_jobs,
-    }
     import device_images
     machine = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run (figures meaningless)"
     header = (f"{machine} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
@@ -618,7 +694,7 @@ def main():
             try:
                 if time.monotonic() > DEADLINE[0] - 5:
                     raise BudgetSpent(f"the --budget of {budget:.0f} s was spent before this check")
-                status, figure = "pass", functions[name](ctx)
+                status, figure = "pass", CHECK_FUNCTIONS[name](ctx)
             except BudgetSpent as e:
                 status, figure = "skip (budget)", str(e)
             except Skip as e:
@@ -628,15 +704,7 @@ def main():
             rows.append((name, status, figure, time.perf_counter() - t0))
             print(f"{name:18s} {status:13s} {rows[-1][3]:6.1f}s  {figure}", flush=True)
     header += f" | total {time.monotonic() - t_start:.0f} s of a {budget:.0f} s budget"
-    table = ["| check | result | seconds (estimate) | figure or first error line |", "|---|---|---:|---|"]
-    table += [f"| {n} | {s} | {sec:.0f} ({ESTIMATES.get(n, ESTIMATES_MORE.get(n, '-'))}) | {fig.replace('|', '/')} |" for n, s, fig, sec in rows]
-    text = f"{header}\n\n" + "\n".join(table) + "\n"
-    (ctx.out / "gpu_check.md").write_text(text)
-    if ctx.bench:
-        (ctx.out / "bench.json").write_text(json.dumps(ctx.bench, indent=2) + "\n")
-    print("\n" + text)
-    sys.exit(1 if any(s == "FAIL" for _, s, _, _ in rows) else 0)
-
+    sys.exit(write_table(ctx, header, rows))
 
 if __name__ == "__main__":
     main()
