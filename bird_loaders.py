@@ -53,7 +53,6 @@ class BirdLoader(SampledLoader):
     dropped, when training), the normalisation on the device and channels-last. Each loader's `_batches(batches)`
     turns this epoch's (sample index, augmentation seed) batches into (images, labels) on the device; `__iter__`
     resumes at start_step and gives every batch the memory format the model wants."""
-    may_yield_empty = False  # True where broken files are skipped, so that a batch can be empty
 
     def __init__(self, samples, img_size, batch_size, train, mean, std, device, aug=(), seed=0, workers=2,
                  rank=0, world=1, scale=(0.25, 1.0), channels_last=False, keep_broken=False, crop_frac=0.875):
@@ -147,21 +146,9 @@ def _collate(batch):
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 
-class _BatchList(torch.utils.data.Sampler):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 class TorchImageLoader(BirdLoader):
     """PIL decoding in DataLoader workers; normalisation on the GPU (uint8 crosses the bus), or in the
     workers when training on the CPU."""
-    may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -172,7 +159,7 @@ class TorchImageLoader(BirdLoader):
 
     def _batches(self, batches):
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_BatchList(batches), num_workers=self.workers, collate_fn=_collate,
+            self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.workers else None,
             generator=self.sampler.generator(salt=2))  # else DataLoader draws from the global RNG (dropout's)
@@ -273,7 +260,7 @@ class FileReaders:
     MAX_READERS = 4
 
     def __init__(self, files, workers, seed_generator, device):
-        self.batch_list = _BatchList([])
+        self.batch_list = []  # this epoch's batches: a list DataLoader iterates afresh each epoch
         workers = min(workers, self.MAX_READERS) if torch.device(device).type == "cuda" else 0
         self.loader = torch.utils.data.DataLoader(
             files, batch_sampler=self.batch_list, num_workers=workers, collate_fn=collate_files,
@@ -281,7 +268,7 @@ class FileReaders:
             generator=seed_generator)  # else DataLoader draws its base seed from the global RNG (dropout's)
 
     def epoch(self, batches):
-        self.batch_list.batches = batches
+        self.batch_list[:] = batches
         return iter(self.loader)
 
 
@@ -297,7 +284,6 @@ class NvjpegImageLoader(BirdLoader):
     (`resample_batch`): no per-image loop. Files nvJPEG does not take (PNG under a .jpg name, grayscale, CMYK,
     lossless/arithmetic JPEG, EXIF-rotated) are found by `scan_images` and decoded by PIL in the workers into the same
     batch. On a CPU device the same code runs with libjpeg-turbo (the tests' path)."""
-    may_yield_empty = True  # broken files are skipped: a batch of only broken files is empty
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)

@@ -86,40 +86,30 @@ def extract_atomically(archive, into, top_name):
     return into / top_name
 
 
-def find_or_download(data_dir, download, find, fetch, top_name):
+def find_or_download(data_dir, missing_ok, find, url, md5, top_name):
     """The data set's folder: `data_dir` itself or its subfolder `top_name`, whichever holds it (`find`). Only where
-    neither does and `download` is asked for, fetch it into the folder that is to hold `top_name` (the parent of a
-    `data_dir` named `top_name`), then find it there."""
+    neither does and a download is asked for (`missing_ok`), fetch `url` into the folder that is to hold `top_name`
+    (the parent of a `data_dir` named `top_name`), unpack it there, then find it."""
     try:
         return find(data_dir)
     except DataError:
-        if not download:
+        if not missing_ok:
             raise
     data_dir = Path(data_dir)
     into = data_dir.parent if data_dir.name == top_name else data_dir
     into.mkdir(parents=True, exist_ok=True)
-    fetch(into)
+    extract_atomically(download(url, into / url.rsplit("/", 1)[1], md5), into, top_name)
     return find(data_dir)
 
 
 def find_or_download_cifar(data_dir, download=False):
     """The cifar-100-python folder in data_dir (or data_dir itself), downloaded there first where it is missing."""
-    return find_or_download(data_dir, download, find_cifar_dir, download_cifar100, "cifar-100-python")
+    return find_or_download(data_dir, download, find_cifar_dir, CIFAR100_URL, CIFAR100_MD5, "cifar-100-python")
 
 
 def find_or_download_cub(data_dir, download=False):
     """The CUB_200_2011 folder (data_dir itself or its subfolder), downloaded first where it is missing."""
-    return find_or_download(data_dir, download, find_cub_root, download_cub2011, "CUB_200_2011")
-
-
-def download_cifar100(data_dir):
-    archive = download(CIFAR100_URL, Path(data_dir) / "cifar-100-python.tar.gz", CIFAR100_MD5)
-    return extract_atomically(archive, data_dir, "cifar-100-python")
-
-
-def download_cub2011(data_dir):
-    archive = download(CUB2011_URL, Path(data_dir) / "CUB_200_2011.tgz", CUB2011_MD5)
-    return extract_atomically(archive, data_dir, "CUB_200_2011")
+    return find_or_download(data_dir, download, find_cub_root, CUB2011_URL, CUB2011_MD5, "CUB_200_2011")
 
 
 # ----------------------------------------------------------------------------- CIFAR-100

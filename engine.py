@@ -177,8 +177,7 @@ def train_one_epoch(state, loader, args, progress, sums):
             sums.check_finite(checked, epoch, state.scaler.is_enabled())
             checked = sums.step
             if not bar.disable:
-                bar.set_postfix(loss=f"{sums.mean_loss():.3f}", acc=f"{sums.accuracy():.3f}",
-                                img_s=f"{sums.images_done() / max(time.perf_counter() - t0, 1e-9):.0f}")
+                bar.set_postfix(sums.postfix(t0))
                 bar.update(sums.step - bar.n)
     sums.check_finite(checked, epoch, state.scaler.is_enabled())
     bar.close()
@@ -219,16 +218,13 @@ class EpochSums:
             raise NonFiniteLoss(f"the training loss became non-finite at epoch {epoch + 1} step {first}; last.pt still "
                                 f"holds the last good epoch (lower --lr, or add --warmup)")
 
-    def mean_loss(self):
+    def postfix(self, t0):
+        """The progress bar's loss, accuracy and img/s of the epoch so far (this process's steps since t0)."""
         counts = torch.tensor(self.count, device=self.loss.device, dtype=self.loss.dtype)
-        return ((self.loss * counts).sum() / counts.sum().clamp(min=1)).item()
-
-    def accuracy(self):
-        return self.correct[:self.step].sum().item() / max(1, sum(self.count[:self.step]))
-
-    def images_done(self):
-        """Images of the steps this process took in the epoch (a resumed epoch: since it resumed)."""
-        return sum(self.count[self.start_step:self.step])
+        loss = ((self.loss * counts).sum() / counts.sum().clamp(min=1)).item()
+        images = sum(self.count[self.start_step:self.step])
+        return {"loss": f"{loss:.3f}", "acc": f"{self.correct.sum().item() / max(1, sum(self.count)):.3f}",
+                "img_s": f"{images / max(time.perf_counter() - t0, 1e-9):.0f}"}
 
     def totals(self):
         """(mean loss, accuracy, images) over the epoch, summed over processes; fp16-skipped steps left out."""

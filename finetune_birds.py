@@ -239,8 +239,8 @@ def train_phase(model, args, device, out, meta, train, val, groups, start, *, ti
     """One phase of training (the probe in OUT/lp, or the main one in OUT), resumed from its own last.pt."""
     state = engine.build_state(model, args, device, meta["model_config"]["num_classes"], groups)
     progress = checkpoints.resume_or_start(out, state, args.resume, clock)
-    log = run_files.EpochLog(out, title, phase, prior,
-                             run_files.open_board(board_dir or out, args, phase, prior, progress.history))
+    log = run_files.EpochLog(out, title, phase, prior, board_dir=(board_dir or out) if args.tensorboard else None,
+                             flags=run_files.flags_plain(args), history=progress.history)
     epochs = engine.choose_epochs(state, progress, train, val, args, out, meta, log, start, final_images)
     return engine.fit(state, progress, train, val, args, epochs, out, meta, log)
 

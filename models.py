@@ -461,10 +461,9 @@ def _stage_parts(model):
     parameters (ReLU, pooling) staying with the stage before them; `stem` before, everything after is the head."""
     named = dict(model.named_modules())
     if isinstance(model, TransferNet):
-        parts, seen = [], set()
+        parts = []
         for i, names in enumerate(backbone_stages(model.backbone)):
             mods = list(dict.fromkeys("backbone." + n.rsplit(".", 1)[0] for n in names))
-            seen.update(mods)
             parts.append(("stem" if i == 0 else f"stage {i}", [(m, named[m]) for m in mods]))
         owned = {p for _, mods in parts for _, m in mods for p in m.parameters(recurse=False)}
         rest = [(n, m) for n, m in model.backbone.named_modules()

@@ -23,6 +23,16 @@
 # BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run), CIFAR_FINAL (1; 0 leaves out the final
 # WRN-28-10 run, e.g. for the ladder alone on a CPU), BIRDS_LP_EPOCHS (10), THREADS (CPU threads per run;
 # default the cores divided by --jobs), NOTEBOOK (1; 0 writes the report without executing lab2.ipynb).
+#
+# Several runs at once: --jobs N runs N at a time, one GPU each (CUDA_VISIBLE_DEVICES, round-robin; default: the
+# visible GPUs' count), or sharing the CPU cores (each slot pinned to its share with taskset, cores / N threads each).
+# Results do not depend on --jobs (each run's seeds, order and augmentation are its own). On a cluster, hand the runs
+# to its scheduler, then write the report from what finished:
+#   bash run_all.sh --print-commands > runs.txt
+#   sbatch --array=1-$(wc -l < runs.txt)%8 --gres=gpu:1 --cpus-per-task=8 --wrap 'bash -c "$(sed -n ${SLURM_ARRAY_TASK_ID}p runs.txt)"'
+#   parallel -j 4 'CUDA_VISIBLE_DEVICES=$(({%} - 1)) bash -c {}' :::: runs.txt     # or GNU parallel, 4 GPUs
+#   bash run_all.sh --report-only
+# Every run writes TensorBoard event files into its folder: `tensorboard --logdir results` shows the sweep, live.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -37,7 +47,7 @@ while [ $# -gt 0 ]; do
     --jobs) JOBS="$2"; shift ;;
     --print-commands) PRINT=1 ;;
     --report-only) REPORT_ONLY=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

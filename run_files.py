@@ -1,6 +1,6 @@
 """Everything a run writes besides its checkpoints, each file written to a temporary name and renamed into place
-(`atomic_write`): what each epoch adds (`EpochLog`: metrics.csv, curves.png, the TensorBoard event files of `Board`
-and the printed line), the competition CSV, the error-analysis files and, at the end, final.json with the hparams
+(`atomic_write`): what each epoch adds (`EpochLog`: metrics.csv, curves.png, the TensorBoard event files and the
+printed line), the competition CSV, the error-analysis files and, at the end, final.json with the hparams
 entry (`finish`). A disk that fills or a folder that is a file ends in one sentence (`WriteError`) and leaves the
 files already there as they were. report.py imports the atomic writers alone. Not run directly.
 """
@@ -99,48 +99,6 @@ def plot_curves(path, history, title=""):
     plt.close(fig)
 
 
-class EpochLog:
-    """What each epoch's end writes on rank 0 besides the checkpoints: metrics.csv and curves.png (an earlier phase's
-    rows, `prior`, above this phase's, labelled `phase`), the TensorBoard curves (`board`, a Board or None) and, with
-    `echo`, the printed line."""
-
-    def __init__(self, out, title, phase="train", prior=(), board=None, echo=True):
-        self.out, self.title, self.phase, self.prior = Path(out), title, phase, list(prior)
-        self.board, self.echo = board, echo
-
-    def scratch(self, folder):
-        """The same files into another folder, with no TensorBoard and nothing printed (what the time budget times)."""
-        return EpochLog(folder, self.title, self.phase, self.prior, echo=False)
-
-    def epoch(self, history, epochs):
-        rows = [*self.prior, *history]
-        write_metrics(self.out / "metrics.csv", rows)
-        if self.board is not None:
-            self.board.epoch(len(rows), rows[-1])
-        plot_curves(self.out / "curves.png", rows, self.title)
-        if self.echo:
-            h = rows[-1]
-            print(f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
-                  f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
-                  f"({h['images_per_second']:.0f} img/s)", flush=True)
-
-    def note(self, tag, text):
-        if self.board is not None:
-            self.board.note(tag, text)
-
-    def board_summary(self):
-        """Where the curves are and the flags logged with them, for finish's hparams entry (None without a board)."""
-        return None if self.board is None else {"dir": str(self.board.log_dir), "flags": self.board.flags}
-
-    def close(self, finished):
-        """End the TensorBoard file; a finished phase first logs what is pending (a resumed run with no epoch left
-        still logs its checkpoint's last row), a failed one adds nothing."""
-        if self.board is not None:
-            if finished:
-                self.board.epoch()
-            self.board.close()
-
-
 def write_predictions(path, probs, labels):
     """The competition CSV from class probabilities; return the test accuracy, or None where the test labels
     are placeholders (all zero) and must not be scored."""
@@ -212,67 +170,77 @@ def summary_writer(log_dir, **kw):
     return SummaryWriter(str(log_dir), **kw)
 
 
-class Board:
-    """TensorBoard curves of one run (torch.utils.tensorboard), written by rank 0 after each epoch's last.pt: the
-    metrics.csv row's loss, accuracy, lr and img/s at global step = the row's place in metrics.csv (an LP-FT
-    run's fine-tuning continues its probe's steps). A resumed process purges the steps from its checkpoint's last
-    row on (TensorBoard's purge_step) and logs that row again: a process killed between saving last.pt and
-    logging leaves no gap, and one killed after logging leaves no duplicate. The event file is opened at the
-    first epoch this process finishes, so a process that fails before it adds no file to the run folder."""
+class EpochLog:
+    """What each epoch's end writes on rank 0 besides the checkpoints: metrics.csv and curves.png (an earlier phase's
+    rows, `prior`, above this phase's, labelled `phase`), the printed line (`echo`) and, with a `board_dir`,
+    TensorBoard curves: each row's loss, accuracy, lr and img/s at global step = its place in metrics.csv (an LP-FT
+    run's fine-tuning continues its probe's steps). A resumed phase (a `history` already) purges the steps from its
+    checkpoint's last row on (TensorBoard's purge_step) and logs that row again: a process killed between saving
+    last.pt and logging leaves no gap, one killed after logging no duplicate. The event file opens at the first epoch
+    this process finishes, so a process that fails before adds none; a fresh phase logs its `flags` first."""
 
     TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
             "lr": "lr", "images_per_second": "images_per_second"}
 
-    def __init__(self, log_dir, first_step, flags, phase="train", resumed_row=None):
-        self.log_dir, self.first_step, self.flags, self.phase = log_dir, first_step, flags, phase
-        self.pending = [(first_step, resumed_row)] if resumed_row is not None else []
-        self.resumed = resumed_row is not None
+    def __init__(self, out, title, phase="train", prior=(), echo=True, board_dir=None, flags=None, history=()):
+        self.out, self.title, self.phase, self.prior, self.echo = Path(out), title, phase, list(prior), echo
+        self.board_dir, self.flags, self.resumed = board_dir, flags, bool(history)
+        self.first_step = len(self.prior) + (len(history) if history else 1)
+        self.pending = [(self.first_step, history[-1])] if history else []
         self.writer, self.notes = None, {}
 
-    def _open(self):
-        self.writer = summary_writer(self.log_dir, purge_step=self.first_step)  # hides older events from here on
-        if self.writer is not None and not self.resumed:  # a fresh phase's own flags (an LP-FT probe has its own lr)
-            self.writer.add_text("flags" if self.phase == "train" else f"flags/{self.phase}",
-                                 "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())), self.first_step)
-        for tag, text in self.notes.items() if self.writer is not None else ():
-            self.writer.add_text(tag, text, self.first_step)
+    def scratch(self, folder):
+        """The same files into another folder, with no TensorBoard and nothing printed (what the time budget times)."""
+        return EpochLog(folder, self.title, self.phase, self.prior, echo=False)
+
+    def epoch(self, history, epochs):
+        rows = [*self.prior, *history]
+        write_metrics(self.out / "metrics.csv", rows)
+        self.board(len(rows), rows[-1])
+        plot_curves(self.out / "curves.png", rows, self.title)
+        if self.echo:
+            h = rows[-1]
+            print(f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
+                  f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}  {h['epoch_seconds']:.1f}s "
+                  f"({h['images_per_second']:.0f} img/s)", flush=True)
 
     def note(self, tag, text):
-        """A text entry (the time budget's calibration), written when the event file opens."""
+        """A TensorBoard text entry (the time budget's calibration), written when the event file opens."""
         self.notes[tag] = text
 
-    def epoch(self, step=None, row=None):
-        """Log one finished epoch's row (after the resumed checkpoint's last row, if not logged yet); no row: only
-        the latter."""
-        if row is not None:
-            self.pending.append((step, row))
-        if not self.pending:
+    def board(self, step=None, row=None):
+        """Log one finished epoch's row to TensorBoard (after the resumed checkpoint's last row, if not logged yet)."""
+        self.pending += [(step, row)] if row is not None else []
+        if self.board_dir is None or not self.pending:
             return
         if self.writer is None:
-            self._open()
-        if self.writer is None:  # no tensorboard installed: summary_writer said so once
-            self.pending = []
-            return
+            self.writer = summary_writer(self.board_dir, purge_step=self.first_step)  # hides older events from here
+            if self.writer is None:  # no tensorboard installed: summary_writer said so once
+                self.board_dir = None
+                return
+            if not self.resumed:  # a fresh phase's own flags (an LP-FT probe has its own lr)
+                self.writer.add_text("flags" if self.phase == "train" else f"flags/{self.phase}",
+                                     "\n".join(f"    {k} = {v!r}" for k, v in sorted(self.flags.items())),
+                                     self.first_step)
+            for tag, text in self.notes.items():
+                self.writer.add_text(tag, text, self.first_step)
         for at, r in self.pending:
             for key, tag in self.TAGS.items():
                 self.writer.add_scalar(tag, r[key], at)
         self.pending = []
         self.writer.flush()
 
-    def close(self):
+    def board_summary(self):
+        """Where the curves are and the flags logged with them, for finish's hparams entry (None without them)."""
+        return None if self.board_dir is None else {"dir": str(self.board_dir), "flags": self.flags}
+
+    def close(self, finished):
+        """End the TensorBoard file; a finished phase first logs what is pending (a resumed run with no epoch left
+        still logs its checkpoint's last row), a failed one adds nothing."""
+        if finished:
+            self.board()
         if self.writer is not None:
             self.writer.close()
-
-
-def open_board(log_dir, args, phase, prior, history):
-    """The run's Board on rank 0 with --tensorboard (else None). A resumed run (a `history` already) starts at its
-    checkpoint's last row and logs it again; a fresh one logs its flags first."""
-    import torch.distributed as dist
-    if not args.tensorboard or (dist.is_initialized() and dist.get_rank() != 0):
-        return None
-    resumed = bool(history)
-    first = len(prior) + (len(history) if resumed else 1)
-    return Board(log_dir, first, flags_plain(args), phase, history[-1] if resumed else None)
 
 
 def flags_plain(args):

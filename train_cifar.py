@@ -157,8 +157,8 @@ def main(argv=None):
 
     state = engine.build_state(model, args, device, config["num_classes"])
     progress = checkpoints.resume_or_start(args.out, state, args.resume)
-    log = run_files.EpochLog(args.out, f"CIFAR-100 {args.model}",
-                             board=run_files.open_board(args.out, args, "train", (), progress.history))
+    log = run_files.EpochLog(args.out, f"CIFAR-100 {args.model}", board_dir=args.out if args.tensorboard else None,
+                             flags=meta["config"], history=progress.history)
     views = engine.tta_view_count(args.tta_views)  # what predicts after training: test and validation, with TTA
     final_images = len(cifar["test_y"]) * views + info["val_size"] * (1 + (views if args.tta_views else 0))
     epochs = engine.choose_epochs(state, progress, train, val, args, args.out, meta, log, start, final_images)

@@ -641,7 +641,7 @@ def test_reader_batches_carry_the_files_bytes_as_one_tensor(clean_cub_dir):
     loader = bird_loaders.NvjpegImageLoader(train, 32, 6, True, (0.5,) * 3, (0.5,) * 3, "cpu", aug={"rrc"}, workers=0)
     batches = [[(i, i) for i in range(k, k + 6)] for k in (0, 6)]
     in_processes = torch.utils.data.DataLoader(  # FileReaders' DataLoader as on a CUDA device: 2 reader processes
-        loader.files, batch_sampler=bird_loaders._BatchList(batches), num_workers=2, collate_fn=bird_loaders.collate_files)
+        loader.files, batch_sampler=batches, num_workers=2, collate_fn=bird_loaders.collate_files)
     for epoch in (bird_loaders.FileReaders(loader.files, 0, torch.Generator(), "cpu").epoch(batches), in_processes):
         for batch in epoch:
             assert isinstance(batch, bird_loaders.FileBatch) and batch.data.dtype == torch.uint8 and batch.data.ndim == 1
