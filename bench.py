@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import bird_data
 import bird_loaders
@@ -171,36 +170,38 @@ def bench_basenet_epoch(cifar_root, device, repeats):
 
 # ----------------------------------------------------------------------------- 3./6. training throughput
 
-def train_pass(model, opt, batches, device, amp=False):
-    """(images, seconds) of one training pass (forward, cross-entropy, backward, step) over batches."""
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    sync(device)
-    t0, n = time.perf_counter(), 0
-    for xb, yb in batches:
-        with devices.autocast(device, amp):
-            loss = loss_fn(model(xb).float(), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n += len(yb)
-    sync(device)
-    return n, time.perf_counter() - t0
+def train_pass(state, args, batches):
+    """(images, seconds) of one pass of the project's own training step (engine.train_one_epoch: learning rate,
+    forward under autocast, loss, backward, optimizer step) over `batches`, a loader or a list."""
+    sync(state.device)
+    t0 = time.perf_counter()
+    engine.train_one_epoch(state, batches, args, checkpoints.Progress(epochs=1),
+                           engine.EpochSums(len(batches), state.device))
+    sync(state.device)
+    return sum(len(y) for _, y in batches), time.perf_counter() - t0
+
+
+def step_state(model, device, amp, channels_last, compile_model, argv=(), param_groups=None):
+    """The training state train_cifar.py builds for `model` (its flags, plus `argv`; SGD Nesterov), and the flags."""
+    import train_cifar
+    argv = ["--quiet", "--nesterov", "--device", str(device), "--amp" if amp else "--no-amp",
+            "--compile" if compile_model else "--no-compile", *argv]
+    args = train_cifar.parse_args(argv)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return engine.build_state(model, args, device, 100, param_groups), args
 
 
 def train_rate(model, device, batch, size, steps, amp, channels_last, compile_model, classes=100, warmup_steps=3):
     """Training images/second of model on random data, and the seconds the first (compiling) steps took."""
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    step_model = torch.compile(model) if compile_model else model
+    state, args = step_state(model, device, amp, channels_last, compile_model)
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=device)
-    _, warmup = train_pass(step_model, opt, [(x, y)] * warmup_steps, device, amp)
-    images, seconds = train_pass(step_model, opt, [(x, y)] * steps, device, amp)
+    _, warmup = train_pass(state, args, [(x, y)] * warmup_steps)
+    images, seconds = train_pass(state, args, [(x, y)] * steps)
     return images / seconds, warmup
 
 
@@ -317,15 +318,16 @@ def bench_bird_loaders(cub_dir, device, repeats, n_images, workers=2):
 
 def bench_feature_cache(cub_dir, weights, device, repeats, n_images):
     samples = bird_samples(cub_dir, n_images)
-    model = models.TransferNet("tf_efficientnet_lite0", 100, freeze_backbone=True).to(device)
+    model = models.TransferNet("tf_efficientnet_lite0", 100, freeze_backbone=True)
     models.load_backbone_weights(model.backbone, weights)
-    opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
+    state, args = step_state(model, device, False, False, False, ["--lr", "0.01"],
+                             [{"params": list(model.head.parameters()), "lr_mult": 1.0}])
     loader = bird_loaders.TorchImageLoader(samples, 224, 64, True, model.mean, model.std, device, aug=(), workers=2)
-    uncached = median_rate(lambda: train_pass(model, opt, loader, device), repeats)
+    uncached = median_rate(lambda: train_pass(state, args, loader), repeats)
     with torch.inference_mode():
         feats = [(model.features(xb).clone(), yb.clone()) for xb, yb in loader]
     cache = data.DeviceLoader(torch.cat([f for f, _ in feats]), torch.cat([y for _, y in feats]), 64, shuffle=True)
-    cached = median_rate(lambda: train_pass(model, opt, cache, device), max(repeats, 5))
+    cached = median_rate(lambda: train_pass(state, args, cache), max(repeats, 5))
     return [dict(id=5, figure="frozen-backbone head training per epoch, feature cache vs none, img/s", value=cached,
                  baseline=uncached, ratio=cached / uncached, target=">= 10x", met=cached / uncached >= 10,
                  notes=f"tf_efficientnet_lite0 at 224 px, {len(samples)} real CUB images, epochs after the first")]
@@ -343,15 +345,15 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
     on_gpu = device.type == "cuda"
     # the step the default fine-tune trains: finetune_birds.py's own model (BatchNorm statistics frozen) and optimizer
     import finetune_birds
-    args = finetune_birds.parse_args(["--arch", arch, "--weights", "none", "--batch-size", str(batch)])
+    args = finetune_birds.parse_args(["--arch", arch, "--weights", "none", "--batch-size", str(batch), "--quiet", "--amp",
+                                      "--compile" if on_gpu else "--no-compile"])
     model = finetune_birds.build_model(args, 100).to(device).to(memory_format=torch.channels_last)
-    opt = engine.make_optimizer(model.param_groups(args.backbone_lr_mult, args.layer_decay), args)
-    step_model = torch.compile(model) if on_gpu else model
+    state = engine.build_state(model, args, device, 100, model.param_groups(args.backbone_lr_mult, args.layer_decay))
     steps = len(samples) // batch
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (batch,), device=device)
-    train_pass(step_model, opt, [(x, y)] * 3, device, amp=True)  # compile + warm-up
-    alone = median_rate(lambda: train_pass(step_model, opt, [(x, y)] * steps, device, amp=True), repeats)
+    train_pass(state, args, [(x, y)] * 3)  # compile + warm-up
+    alone = median_rate(lambda: train_pass(state, args, [(x, y)] * steps), repeats)
     kinds = ["torch", "nvjpeg"] + (["dali"] if bird_loaders.dali_available() else [])
     rows = [dict(id=8, figure=f"{arch} fine-tuning at {size} px, model alone (random tensors on the device), img/s",
                  value=alone, target="the ceiling for the loaders below", met=None,
@@ -360,7 +362,7 @@ def bench_resnet50_jpeg(cub_dir, device, repeats, n_images, workers, arch="resne
     for kind in kinds:
         loader = bird_loaders.bird_loader(kind, samples, size, batch, True, model.mean, model.std, device, aug={"rrc", "flip"},
                                   workers=workers, channels_last=True)
-        epoch = lambda loader=loader: train_pass(step_model, opt, loader, device, amp=True)  # noqa: E731
+        epoch = lambda loader=loader: train_pass(state, args, loader)  # noqa: E731
         epoch()  # warm-up: worker start, DALI's pipeline, the decoder's buffers
         rate = median_rate(epoch, repeats)
         full = on_gpu and arch == "resnet50" and size == 224
