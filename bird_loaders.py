@@ -4,9 +4,13 @@ All three draw their sample order from the same `EpochSampler`, each crop and mi
 `draw_augmentation`, and resize as Pillow does, so that a checkpoint predicts the same whichever loader reads its
 images: `TorchImageLoader` decodes with PIL in DataLoader workers; `NvjpegImageLoader` has reader workers hand over
 each batch's file bytes and decodes and resamples the batch on the device (device_images.py); `DaliImageLoader` runs
-a DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise) fed by the same readers. Every loader yields
-`(images, labels)` already on the device, float and normalised, and has `set_epoch(epoch)`, `len()` (batches per
-epoch) and `start_step` (to resume mid-epoch). The files they read come from bird_data.py. Not run directly.
+a DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise) fed by the same readers. `--loader auto` picks DALI
+where it imports, else nvjpeg on a CUDA device, else torch. The eval preprocessing (shorter side to img_size / 0.875,
+centre crop, Pillow's antialiased bilinear) is one for all three (on the real subset: torch and nvjpeg predict the same
+to the image, DALI 99.2% of them; BENCHMARKS.md), and every loader applies EXIF orientation. A broken file is skipped
+when training and black in a test set (every id keeps its row). Every loader yields `(images, labels)` already on the
+device, float and normalised, and has `set_epoch(epoch)`, `len()` (batches per epoch), `start_step` (to resume
+mid-epoch) and `close()`. The files they read come from bird_data.py. Not run directly.
 """
 import io
 import math
@@ -440,7 +444,7 @@ class DaliImageLoader(BirdLoader):
             self.pipe.reset()
         pipe, self.pipe = self.pipe, None
         # On a GPU the outputs are bound to torch's stream (no host sync per batch, so DALI's prefetch overlaps
-        # the training step) and copied on that stream; on the CPU they are host tensors anyway.
+        # the training step) and handed to torch on that stream; on the CPU they are host tensors anyway.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" and self.on_torch_stream else None
         for step, size in enumerate(sizes):
             try:
@@ -461,8 +465,6 @@ class DaliImageLoader(BirdLoader):
         name = self.samples[batch[int(found.group(1))][0]][0] if found else "an image of the batch"
         return DataError(f"DALI could not decode {name}; remove it, or use --loader torch or nvjpeg, which skip "
                          f"undecodable files with a warning")
-
-
 
 
 def default_loader(device):

@@ -57,20 +57,18 @@ def decode_jpegs(datas, device):
     come here): a list of uint8 CPU tensors of file bytes -> RGB uint8 (3, H, W) on `device`.
 
     The fault it is built against: both decoders allocate their outputs from PyTorch's caching allocator on the current
-    stream, which hands a block out as soon as it is freed on that stream, while kernels queued there may still read
-    it; the decoder then writes without waiting for them. torchvision decodes on a private pool stream that does not
-    wait for the current one (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); nvJPEG's hardware engine ignores
-    the stream it is given (TorchCodec PR 1634, merged 2026-08-17, adds a host wait before nvjpegDecodeBatched for this
-    reason). pytorch/vision PR 9606 (closed) reports its reproducer, about 100 ms (2e8 cycles) queued on the caller's
-    stream, corrupting 199 of 200 runs on an H100 with torch 2.12.0.dev20260408 and torchvision 0.29.0a0 main, 0 of
-    200 with its fix. So on CUDA, with DECODE_ORDER "stream":
+    stream, which hands a block out as soon as it is freed there, while kernels queued there may still read it, and
+    then write without waiting for them. torchvision decodes on a private pool stream that does not wait for the
+    current one (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); nvJPEG's hardware engine ignores the stream it
+    is given (TorchCodec PR 1634, merged 2026-08-17, adds a host wait before nvjpegDecodeBatched for it). pytorch/vision
+    PR 9606 (closed) reports its reproducer (2e8 cycles, about 100 ms, queued on the caller's stream) corrupting 199 of
+    200 runs on an H100 with torch 2.12.0.dev20260408 and torchvision 0.29.0a0 main, 0 of 200 with its fix. So on CUDA:
     - the decode runs with this device's side stream current, made once (torch.cuda.Stream draws from a pool of 32
-      that torchvision's decoder and NCCL draw from too), and synchronised on the host first (microseconds when idle):
+      that torchvision's decoder and NCCL draw from too) and waited for on the host first (microseconds when idle):
       whoever else uses that stream, every block its pool hands out is then free of queued work;
-    - the caller's stream waits for the side stream, so it reads the outputs only after any decode work still queued
-      there (both decoders wait on the host before returning today; one that did not would be ordered all the same);
-    - each output is recorded on the caller's stream, so the allocator reuses its block only after the caller's
-      stream has passed its last use (a later decode cannot write into an image the step still reads).
+    - the caller's stream waits for the side stream: it reads the outputs after any decode work still queued there
+      (both decoders wait on the host before returning today; one that did not would be ordered all the same);
+    - each output is recorded on the caller's stream: its block is reused only once that stream is past its last use.
     No uninitialised-memory fill is queued (no_uninitialized_fill). DECODE_ORDER "sync" waits for the caller's stream
     on the host instead; tools/gpu_check.py's decode-under-load check fails on each step removed."""
     _, decode = jpeg_decoder()

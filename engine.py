@@ -43,13 +43,9 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # loss scaling under fp16 autocast; elsewhere disabled, a pass-through
     ema: object  # timm's ModelEmaV3 with --ema, else None
+    eval_model: nn.Module  # what is validated and saved as best.pt: the EMA's weights with --ema, else `model`
     device: torch.device  # the device the run resolved
     num_classes: int
-
-    @property
-    def eval_model(self):
-        """What is validated and saved as best.pt: the EMA's weights with --ema."""
-        return self.ema.module if self.ema is not None else self.model
 
 
 def build_state(model, args, device, num_classes, param_groups=None):
@@ -64,7 +60,7 @@ def build_state(model, args, device, num_classes, param_groups=None):
     model = torch.compile(raw) if args.compile else raw
     if dist.is_initialized():  # around the compiled model: DDP's buffer broadcast would break the graph inside it
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return TrainState(model, raw, optimizer, scaler, ema, device, num_classes)
+    return TrainState(model, raw, optimizer, scaler, ema, ema.module if ema else model, device, num_classes)
 
 
 def make_optimizer(param_groups, args):

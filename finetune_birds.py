@@ -1,15 +1,12 @@
 """Transfer learning on Caltech-UCSD Birds: an ImageNet backbone with a new dropout + linear head, as a frozen
 feature extractor, frozen up to some depth, or fine-tuned whole after a linear probe (LP-FT, the default).
 
-    python finetune_birds.py --freeze-backbone                   # linear probe: ResNet-50 run once over the data,
-                                                                 # then the head alone (AdamW 1e-3, 10 epochs)
-    python finetune_birds.py --freeze-backbone --no-cache-features  # the same head on augmented images (slow)
-    python finetune_birds.py --freeze-stages 2                   # stem + first 2 stages frozen, rest fine-tuned
-    python finetune_birds.py --lp-epochs 5                       # LP-FT: probe the head on cached features, then fine-tune
-    python finetune_birds.py --bn-mode frozen --layer-decay 0.7  # BatchNorm statistics fixed; lr x0.7 per stage down
+    python finetune_birds.py --freeze-backbone          # linear probe: the backbone once over the data, then the head
+    python finetune_birds.py                            # LP-FT: that probe, then the whole network fine-tuned
+    python finetune_birds.py --freeze-stages 2 --layer-decay 0.7   # stem + 2 stages frozen; lr x0.7 per stage down
     python finetune_birds.py --arch tf_efficientnet_lite0 --weights ../shared/weights/tf_efficientnet_lite0_in1k.pth \
-        --data-dir ../shared/data/CUB_200_2011_subset100 --device cpu --img-size 224
-    torchrun --nproc_per_node=4 finetune_birds.py ...            # DistributedDataParallel
+        --data-dir ../shared/data/CUB_200_2011_subset100 --img-size 160
+    torchrun --nproc_per_node=4 finetune_birds.py ...   # DistributedDataParallel
 
 Validation is carved from the official training split (--val-frac, stratified, seeded); the official
 test split is scored where labels exist and predicted into OUT/submission.csv in images.txt order.
@@ -301,7 +298,14 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     make_loader, kind, loaders = image_loaders(args, model, device, splits, rank, world)
-    announce(args, model, device, kind, splits, classes, skipped)
+    if devices.is_main():
+        run_files.atomic_write_text(out / "architecture.md", models.architecture_markdown(
+            model, f"{args.arch} ({describe(args)})", (1, 3, args.img_size, args.img_size)))
+        trainable, total = models.count_parameters(model, trainable_only=True), models.count_parameters(model)
+        print(f"{args.arch}, {describe(args)}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.1f}%) on {device}; loader {kind}; {len(classes)} classes, "
+              f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}"
+              f"{f', skipped {len(skipped)} broken' if skipped else ''}; amp={args.amp} compile={args.compile}")
     meta = {"model_config": {"kind": "transfer", "arch": args.arch, "num_classes": len(classes), "dropout": args.dropout,
                              "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
                              "bn_mode": args.bn_mode},
@@ -327,19 +331,6 @@ def main(argv=None):
     if devices.is_main():
         predict_and_finish(args, model, device, make_loader, loaders, splits, classes, summary, tta, world,
                            {**lp, "cache_seconds": cache_seconds, "kind": kind, "skipped": skipped, "clock": clock})
-
-
-def announce(args, model, device, kind, splits, classes, skipped):
-    """architecture.md, and one line on what trains on what."""
-    if not devices.is_main():
-        return
-    trainable, total = models.count_parameters(model, trainable_only=True), models.count_parameters(model)
-    run_files.atomic_write_text(Path(args.out) / "architecture.md", models.architecture_markdown(
-        model, f"{args.arch} ({describe(args)})", (1, 3, args.img_size, args.img_size)))
-    print(f"{args.arch}, {describe(args)}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.1f}%) "
-          f"on {device}; loader {kind}; {len(classes)} classes, train {len(splits['train'])}, val "
-          f"{len(splits['val'])}, test {len(splits['test'])}{f', skipped {len(skipped)} broken' if skipped else ''}; "
-          f"amp={args.amp} compile={args.compile}")
 
 
 def predict_and_finish(args, model, device, make_loader, loaders, splits, classes, summary, tta, world, extra):

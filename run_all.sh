@@ -244,12 +244,12 @@ slot_cpus() {
 }
 
 if [ "$REPORT_ONLY" = 0 ]; then
-  # The plan with a time estimate from a short measured step per network (bench.py --estimate), for --jobs runs at
+  # The plan with a time estimate from a short measured step per network (tools/plan_estimate.py), for --jobs runs at
   # once: the longest chain of the schedule, not the sum. --plan-only stops here.
   # Nothing pending (every run finished): no estimate to make, straight to the CSVs and the report.
   if [ ${#KEYS[@]} -gt 0 ] || [ "$PLAN_ONLY" = 1 ]; then
     # shellcheck disable=SC2086
-    $PYTHON bench.py --estimate "$PLAN_TMP" $DEVICE_FLAG --jobs "$JOBS" --gpus "$NGPU" --times "$TIMES_TMP"
+    $PYTHON tools/plan_estimate.py "$PLAN_TMP" $DEVICE_FLAG --jobs "$JOBS" --gpus "$NGPU" --times "$TIMES_TMP"
   else
     echo "nothing to run: every run of the plan is finished"
     : > "$TIMES_TMP"

@@ -319,7 +319,8 @@ def test_run_all_rejects_unknown_options():
 
 
 def test_plan_estimate_with_jobs_is_the_longest_chain():
-    import bench
+    sys.path.insert(0, str(ROOT / "tools"))
+    import plan_estimate as bench
     assert bench.schedule_seconds([10, 10, 10, 10], jobs=1, units=1) == 40  # one at a time: the sum
     assert bench.schedule_seconds([10, 10, 10, 10], jobs=2, units=2) == 20  # two GPUs: half
     assert bench.schedule_seconds([30, 10, 10, 10], jobs=2, units=2) == 30  # the longest chain, not the sum / 2
