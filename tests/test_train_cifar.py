@@ -417,6 +417,18 @@ def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_p
     assert (tmp_path / "cut" / "submission.csv").read_bytes() == (tmp_path / "dt1.0" / "submission.csv").read_bytes()
 
 
+def test_a_budget_that_cannot_hold_one_epoch_says_so(tiny_cifar_dir, tmp_path):
+    """--time-budget 0.01: not even one epoch fits after the start-up and the timing; one warning with the time an
+    epoch takes, then one epoch (at least one, over the budget), recorded as holding none."""
+    proc = run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--out", tmp_path / "r", "--time-budget", "0.01",
+                      "--batch-size", "100", *TINY)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: --time-budget 0.01 s")]
+    assert len(warnings) == 1 and "cannot hold one epoch here: one takes about" in warnings[0], proc.stderr
+    record = json.loads((tmp_path / "r" / "config.json").read_text())["time_budget"]
+    assert record["fits_epochs"] == 0 and record["epochs"] == 1 and record["epoch_seconds"] > 0
+    assert len(pd.read_csv(tmp_path / "r" / "metrics.csv")) == 1
+
+
 def test_time_budget_with_epochs_caps_and_help_says_so():
     import engine
     import train_cifar

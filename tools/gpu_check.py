@@ -45,7 +45,8 @@ Not in the default set (name them with --only):
   suite-all      the whole test suite (python -m pytest -q)
 
 Needs, beyond requirements.txt: a CUDA GPU and its driver; torchrun (part of torch). Without DALI the DALI
-checks say so. Without --cub-dir the shared real subset (../shared) is used where present, else a generated CUB tree
+checks say so. Without --cub-dir the shared real subset (../shared) is used where present (on a GPU; the CPU dry run
+runs the bird checks at 64 px on the generated tree), else a generated CUB tree
 (600 images of 448 px, about a CUB photo's area; with a grayscale JPEG, a CMYK JPEG, a PNG named .jpg, an
 EXIF-rotated and a progressive JPEG); without --weights the bird runs start from random weights (accuracy is then
 meaningless, speed is not, and the accuracy agreement is not checked). CIFAR data is always generated.
@@ -248,7 +249,8 @@ def birds_args(ctx, out, loader):
     arch, weights = ("tf_efficientnet_lite0", ctx.weights) if ctx.weights else ("resnet18", "none")
     return [sys.executable, "finetune_birds.py", "--data-dir", ctx.cub, "--out", out, "--device", ctx.device, "--quiet",
             "--arch", arch, "--weights", weights, "--loader", loader, "--epochs", "1", "--batch-size", "64",
-            "--img-size", "224", "--no-compile"]  # the default recipe (LP-FT); --workers: this machine's cores
+            "--img-size", "224" if ctx.device.type == "cuda" else "64",  # the CPU dry run: small, to stay short
+            "--no-compile"]  # the default recipe (LP-FT); --workers: this machine's cores
 
 
 def check_birds(ctx, loader):
@@ -516,11 +518,20 @@ def check_bench(ctx, quick=False):
     run_command(cmd, ctx.log("bench"), timeout=900)
     report = json.loads(out_json.read_text())
     ctx.bench = report
-    parts = [("model alone" if "alone" in r["figure"] else r["figure"].split("--loader ")[-1].split(",")[0]
-              if "--loader " in r["figure"] else r["figure"].split(": ")[-1].split(" (")[0])
-             + f" {r['value']:,.0f} img/s" + (f" ({r['ratio']:.0%} of it)" if r.get("ratio") else "")
+    parts = [bench_label(r["figure"]) + f" {r['value']:,.0f} img/s" + (f" ({r['ratio']:.0%} of it)" if r.get("ratio") else "")
              for r in report["results"]]
     return "; ".join(parts) + (f"; skipped: {', '.join(report['skipped'])}" if report["skipped"] else "")
+
+
+def bench_label(figure):
+    """A bench.py figure's short name in the table: figure 8's model alone or its loader, figure 9's decode or kernel."""
+    if "model alone" in figure:
+        return "model alone"
+    if "--loader " in figure:
+        return figure.split("--loader ")[-1].split(",")[0]
+    if figure.startswith("batched JPEG decode"):
+        return figure.removeprefix("batched JPEG decode, ").removesuffix(", img/s")
+    return figure.split(": ")[-1].split(" (")[0]
 
 
 def check_suite(ctx, files=(), name="suite-all"):
@@ -590,7 +601,7 @@ class Context:
         self.birds = {}  # test accuracy per loader, for the agreement check
         import fixtures
         self.cifar = fixtures.write_cifar100(self.tmp / "cifar", per_class_train=100, per_class_test=20)
-        cub = Path(args.cub_dir) if args.cub_dir else SHARED_CUB
+        cub = Path(args.cub_dir) if args.cub_dir else SHARED_CUB if self.device.type == "cuda" else Path("none")
         self.cub_is_real = cub.is_dir()
         self.cub = cub if self.cub_is_real else fixtures.write_cub(self.tmp / "cub", num_classes=10, per_class=60,
                                                                    size=448, broken=False)
@@ -661,12 +672,12 @@ def main():
                              "checks skipped), so that a broken check is found before a GPU slot is spent on it")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds the whole check may take: later checks are skipped and a running one stopped, "
-                             "as skip (budget) (default: 540, or 240 with --quick)")
+                             "as skip (budget) (default: 540, or 240 with --quick; a CPU dry run 1800)")
     args = parser.parse_args()
     if args.list:
         print(list_checks())
         return
-    budget = args.budget if args.budget is not None else (240 if args.quick else 540)
+    budget = args.budget if args.budget is not None else 240 if args.quick else 540 if args.device == "cuda" else 1800
     t_start = time.monotonic()
     DEADLINE[0] = t_start + budget
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # decode-under-load runs deterministic kernels too
