@@ -10,7 +10,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,8 @@ def save_last(out, state, progress, meta):
     else:
         saved["rng"] = [saved["rng"]]
     if is_main():
-        progress_now = {k: v for k, v in asdict(progress).items() if k not in ("clock", "first_step_seconds")}
+        progress_now = {f.name: getattr(progress, f.name) for f in fields(progress)
+                        if f.name not in ("clock", "first_step_seconds")}
         atomic_torch_save({**saved, **progress_now, **meta}, Path(out) / "last.pt")
         if progress.clock is not None:
             progress.clock.save()

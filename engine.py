@@ -60,7 +60,7 @@ def build_state(model, args, device, num_classes, param_groups=None):
     model = torch.compile(raw) if args.compile else raw
     if dist.is_initialized():  # around the compiled model: DDP's buffer broadcast would break the graph inside it
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return TrainState(model, raw, optimizer, scaler, ema, ema.module if ema else model, device, num_classes)
+    return TrainState(model, raw, optimizer, scaler, ema, model if ema is None else ema.module, device, num_classes)
 
 
 def make_optimizer(param_groups, args):

@@ -8,13 +8,20 @@ import math
 import sys
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, where it has one (an unset default is described in the help itself)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, its usage errors on one line (exit 2) like every other bad input of this repo, and each
     flag's default shown in --help. `doc`: the script's docstring, whose first paragraph opens --help."""
 
     def __init__(self, doc, **kw):
         super().__init__(description=" ".join(doc.split("\n\n")[0].split()),
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+                         formatter_class=DefaultsHelp, **kw)
 
     def error(self, message):
         self.exit(2, f"error: {' '.join(message.split())}\n")
