@@ -484,9 +484,10 @@ def default_workers():
 
 
 LOADERS = ("auto", "dali", "nvjpeg", "torch")
-LOADER_HELP = ("dali: DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise); nvjpeg: torchvision's batched "
-               "nvJPEG decode and batched crop/resize on the device (libjpeg-turbo on a CPU device); torch: PIL in "
-               "DataLoader workers; auto: dali when installed, else nvjpeg on a CUDA device, else torch")
+LOADER_HELP = ("dali: DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise); nvjpeg: batched JPEG decode "
+               "(TorchCodec's, else torchvision's) and batched crop/resize on the device (libjpeg-turbo on a CPU "
+               "device); torch: PIL in DataLoader workers; auto: dali when installed, else nvjpeg on a CUDA device, "
+               "else torch")
 
 
 def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):
