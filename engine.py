@@ -111,6 +111,13 @@ def lr_factor(step, total_steps, warmup_steps, schedule):
     return 1.0
 
 
+def lr_factor_at(args, step, steps_per_epoch, epochs):
+    """lr_factor at optimizer step `step` of a run of `epochs` epochs, its warm-up from --warmup (nanoGPT's get_lr):
+    what each training step and each metrics row read."""
+    total = steps_per_epoch * epochs
+    return lr_factor(min(step, total - 1), total, round(args.warmup * steps_per_epoch), args.schedule)
+
+
 # ----------------------------------------------------------------------------- one epoch
 
 STOP = threading.Event()  # set by Ctrl-C or SIGTERM (fit's handlers): the epoch stops at the next step boundary
@@ -121,7 +128,6 @@ def train_one_epoch(state, loader, args, progress, sums):
     device (the host reads them every 50 steps). Raises KeyboardInterrupt at a step boundary once STOP is set."""
     from tqdm import tqdm
     steps, epoch = len(loader), progress.epoch
-    total, warmup = steps * progress.epochs, round(args.warmup * steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     ddp, rank = dist.is_initialized(), dist.get_rank() if dist.is_initialized() else 0
     scale = state.scaler.get_scale()
@@ -138,7 +144,7 @@ def train_one_epoch(state, loader, args, progress, sums):
         step, t_step = epoch * steps + sums.step, time.perf_counter()  # optimizer steps the run took before this one
         # 1. this step's learning rate
         for group in state.optimizer.param_groups:
-            group["lr"] = args.lr * group["lr_mult"] * lr_factor(step, total, warmup, args.schedule)
+            group["lr"] = args.lr * group["lr_mult"] * lr_factor_at(args, step, steps, progress.epochs)
         # 2. MixUp/CutMix: soft targets (label smoothing folded in), drawn from this step's own seed
         target = None
         if args.mixup or args.cutmix:
@@ -241,11 +247,10 @@ def end_epoch(state, progress, sums, seconds, val_loader, args, out, meta, log):
     val_loss, val_acc = evaluate(state.eval_model, val_loader, state.device, args.amp)
     eval_seconds = now() - t0
     train_loss, train_acc, images = sums.totals()
-    steps = len(sums.count)
-    total = steps * progress.epochs
     progress.epoch, progress.step_in_epoch, progress.partial = progress.epoch + 1, 0, None
     progress.skipped_steps += sums.skipped
-    lr = args.lr * lr_factor(min(progress.epoch * steps, total) - 1, total, round(args.warmup * steps), args.schedule)
+    steps = len(sums.count)
+    lr = args.lr * lr_factor_at(args, progress.epoch * steps - 1, steps, progress.epochs)  # the last step's rate
     row = {"epoch": progress.epoch, "phase": log.phase, "train_loss": round(train_loss, 6),
            "train_acc": round(train_acc, 6), "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
            "lr": round(lr, 8), "epoch_seconds": round(seconds, 3),
