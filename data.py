@@ -261,6 +261,10 @@ class EpochSampler:
     def __len__(self):
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
+    def local_count(self):
+        """How many samples of an epoch this rank takes (its share of every global batch)."""
+        return sum(len(pos) for pos, _ in self.batches())
+
     def sample_seeds(self, pos):
         """Seeds for the augmentation of the samples at these positions of this epoch's order."""
         return [stream_seed(self.seed, self.epoch, int(p)) for p in pos]
@@ -306,7 +310,7 @@ def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cut
     `images` is uint8 (M, N, C, H + 2*pad, W + 2*pad): the data set zero-padded by `pad`, and with
     M == 2 its mirror image as images[1], so a mirrored crop is a plain crop of the mirrored copy.
     `shifts` (B, 2) pick the crop's top-left corner in 0..2*pad, `flips` (B,) mirror (needs M == 2),
-    `centres` (B, 2) place a cutout x cutout square (pixels set to 0 before normalising).
+    `centres` (B, 2) place a cutout x cutout square (set to 0 after normalising: the training mean with --normalize).
     Output: float (x * scale + bias), shape (B, C, H, W).
     """
     hp, wp = images.shape[-2:]
@@ -322,10 +326,11 @@ def augment_batch(images, idx, shifts=None, flips=None, centres=None, pad=0, cut
         dx = torch.where(flips, 2 * pad - dx, dx)  # column offset of the same crop in the mirrored copy
         mirror = flips.long()
     out = windows[mirror, idx, :, dy, dx]  # (B, C, H, W)
-    if centres is not None and cutout:
+    out = torch.addcmul(torch.as_tensor(bias, device=out.device), out.float(), torch.as_tensor(scale, device=out.device))
+    if centres is not None and cutout:  # the hole is 0 after normalising: the mean, as DeVries & Taylor's code has it
         top, left = centres[:, 0] - cutout // 2, centres[:, 1] - cutout // 2
         out = out.masked_fill(box_mask(top, top + cutout, left, left + cutout, h, w), 0)
-    return torch.addcmul(torch.as_tensor(bias, device=out.device), out.float(), torch.as_tensor(scale, device=out.device))
+    return out
 
 
 def box_mask(y0, y1, x0, x1, h, w):

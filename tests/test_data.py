@@ -663,3 +663,18 @@ def test_the_decode_raises_no_deprecation_warning(clean_cub_dir):
         warnings.simplefilter("error", DeprecationWarning)
         assert len(torch.cat([x for x, _ in loader])) == 6
     assert device_images.jpeg_decoder()[0] == "torchcodec"
+
+
+def test_cutout_hole_is_the_mean_after_normalising():
+    """Cutout as DeVries & Taylor's code has it: the hole is 0 after normalisation (the training mean); the rest of
+    the image is normalised as without cutout."""
+    images = torch.randint(0, 256, (1, 4, 3, 16, 16), dtype=torch.uint8)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    idx, centres = torch.arange(4), torch.tensor([[8, 8], [0, 0], [15, 3], [4, 12]])
+    scale, bias = 1 / (255 * std), -mean / std
+    plain = data.augment_batch(images, idx, scale=scale, bias=bias)
+    cut = data.augment_batch(images, idx, centres=centres, cutout=6, scale=scale, bias=bias)
+    hole = data.box_mask(centres[:, 0] - 3, centres[:, 0] + 3, centres[:, 1] - 3, centres[:, 1] + 3, 16, 16)
+    hole = hole.expand_as(cut)
+    assert hole.any() and torch.all(cut[hole] == 0)
+    assert torch.equal(cut[~hole], plain[~hole])
