@@ -22,7 +22,7 @@ from flags import UsageError
 from run_files import atomic_torch_save, atomic_write_text
 
 # Flags a resumed run may change: where and how it runs, not what it computes.
-RESUMABLE_CHANGES = {"epochs", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download",
+RESUMABLE_CHANGES = {"epochs", "epochs_given", "device", "quiet", "compile", "resume", "force", "workers", "loader", "out", "download",
                      "tensorboard", "epochs_cap"}
 
 
@@ -118,6 +118,14 @@ def load_best(model, out):
     return ckpt
 
 
+def eval_weights(ckpt):
+    """The weights a checkpoint predicts with: its model's, or in last.pt of an --ema run the EMA's (what the run
+    validated and saves as best.pt), with a note saying so (None for the model's own)."""
+    if ckpt.get("ema") is not None:
+        return ckpt["ema"], "the EMA's weights (what the run validated and saved as best.pt)"
+    return ckpt["model"], None
+
+
 def load_checkpoint(path):
     """Checkpoints are only ever loaded with weights_only=True (tensors and plain types), and always to the CPU:
     load_state_dict copies weights onto the model's device, and RNG states must stay CPU tensors."""
@@ -209,11 +217,17 @@ def prepare_run_dir(out, config, resume, force):
     barrier()
 
 
-def update_config(out, record):
-    """config.json gains the time budget's record: the budget, the measured times and the chosen epochs."""
+def record_length(out, epochs, budget):
+    """config.json states the run's length as chosen before training (engine.choose_epochs): `epochs`, also as the
+    flag's resolved value, and the time budget's record (the budget, the measured times, the chosen epochs), which a
+    resume keeps. A phase folder without a config.json (LP-FT's lp/) has nothing to update."""
     path = Path(out) / "config.json"
+    if not path.is_file():
+        return
     config = json.loads(path.read_text())
-    config["time_budget"] = record
+    config["epochs"] = config["args"]["epochs"] = epochs
+    if budget is not None:
+        config["time_budget"] = budget
     atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 

@@ -54,7 +54,7 @@ def build_state(model, args, device, num_classes, param_groups=None):
     raw = model
     if args.sync_bn and dist.is_initialized() and dist.get_world_size() > 1:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same Parameter objects, so param_groups hold
-    optimizer = make_optimizer(param_groups or [{"params": list(raw.parameters())}], args)
+    optimizer = make_optimizer(param_groups or [{"params": list(raw.parameters())}], args, no_weight_decay_params(raw))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype(device) == torch.float16)
     ema = make_ema(raw, args.ema, args.ema_warmup)
     model = torch.compile(raw) if args.compile else raw
@@ -63,15 +63,16 @@ def build_state(model, args, device, num_classes, param_groups=None):
     return TrainState(model, raw, optimizer, scaler, ema, model if ema is None else ema.module, device, num_classes)
 
 
-def make_optimizer(param_groups, args):
+def make_optimizer(param_groups, args, no_decay_params=frozenset()):
     """SGD (momentum, optional Nesterov) or AdamW over param_groups; weight decay on weights, none on biases and norm
-    layers (ndim <= 1). Split here rather than by timm's param_groups_weight_decay, which splits a whole model: these
-    groups are already split by learning rate (the per-stage rates of --layer-decay)."""
+    layers (ndim <= 1) nor on the parameters whose ids are in `no_decay_params` (no_weight_decay_params). Split here rather than by
+    timm's param_groups_weight_decay, which splits a whole model: these groups are already split by learning rate (the
+    per-stage rates of --layer-decay)."""
     groups = []
     for g in param_groups:
         params = [p for p in g["params"] if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        decay = [p for p in params if p.ndim > 1 and id(p) not in no_decay_params]
+        no_decay = [p for p in params if p.ndim <= 1 or id(p) in no_decay_params]
         for ps, wd in ((decay, args.wd), (no_decay, 0.0)):
             if ps:
                 groups.append({"params": ps, "weight_decay": wd, "lr": args.lr * g.get("lr_mult", 1.0),
@@ -81,6 +82,18 @@ def make_optimizer(param_groups, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
+
+
+def no_weight_decay_params(model):
+    """The parameters that `model`, or any module inside it (a timm backbone), names in its no_weight_decay(): a ViT's
+    pos_embed and cls_token, say, as a set of ids. timm's optimizer factory exempts them from weight decay, matching the
+    names as fnmatch patterns; so does this repo."""
+    from fnmatch import fnmatch
+    skip = set()
+    for module in model.modules():
+        names = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        skip.update(id(p) for name, p in module.named_parameters() if any(fnmatch(name, pattern) for pattern in names))
+    return skip
 
 
 def make_ema(model, decay, warmup=False):
@@ -243,6 +256,9 @@ def end_epoch(state, progress, sums, seconds, val_loader, args, out, meta, log):
     """The end of an epoch: validation, the metrics row, best.pt where validation improved, last.pt, then `log`
     (metrics.csv, curves.png, TensorBoard, the printed line). `meta`: what every checkpoint carries besides the
     weights (model_config, data_config, the flags). Every rank calls it. Returns the row."""
+    if state.ema is not None and dist.is_initialized():  # each rank's EMA averaged its own BatchNorm statistics:
+        for buffer in state.ema.module.buffers():      # every rank validates rank 0's, which best.pt holds (the
+            dist.broadcast(buffer, 0)                  # weights agree already: DDP averaged their gradients)
     t0 = now()
     val_loss, val_acc = evaluate(state.eval_model, val_loader, state.device, args.amp)
     eval_seconds = now() - t0
@@ -305,7 +321,7 @@ def fit(state, progress, train_loader, val_loader, args, epochs, out, meta, log)
     if progress.skipped_steps and is_main():
         print(f"fp16 loss scaling skipped {progress.skipped_steps} steps with overflowing gradients")
     barrier()
-    return {"best_val_acc": progress.best_val_acc, "best_epoch": progress.best_epoch,
+    return {"best_val_acc": progress.best_val_acc, "best_epoch": progress.best_epoch, "epochs": epochs,
             "train_seconds": round(progress.train_seconds, 2), "first_step_seconds": progress.first_step_seconds,
             "skipped_steps": int(progress.skipped_steps), "history": progress.history, "board": log.board_summary()}
 
@@ -313,25 +329,55 @@ def fit(state, progress, train_loader, val_loader, args, epochs, out, meta, log)
 # ----------------------------------------------------------------------------- the run's length
 
 def choose_epochs(state, progress, train_loader, val_loader, args, out, meta, log, start, final_images):
-    """The run's length in epochs, chosen before fit: a resumed budgeted run keeps what its first process chose;
-    with --time-budget, as many as the budget holds on this machine (budget_epochs, recorded in config.json and
-    last.pt); else --epochs. `start`: the now() the budget counts from; `final_images`: what the script predicts
-    after training (test and validation, TTA views counted)."""
-    if progress.budget is not None and args.time_budget:
-        return progress.budget["epochs"]
-    if not args.time_budget:
-        return args.epochs
-    progress.budget = budget_epochs(state, train_loader, val_loader, args, meta, log, start, final_images)
-    line = budget_line(progress.budget)
-    if is_main():
-        print(line, flush=True)
-        if progress.budget.get("fits_epochs") == 0:
-            print(f"warning: --time-budget {args.time_budget:g} s cannot hold one epoch here: one takes about "
-                  f"{progress.budget['epoch_seconds']:.0f} s, and {progress.budget['elapsed_seconds']:.0f} s went "
-                  f"before training; training 1 epoch, over the budget", file=sys.stderr, flush=True)
-        checkpoints.update_config(out, progress.budget)
+    """The run's length in epochs, chosen before fit, and recorded in config.json (`epochs`, with the time budget's
+    record): a resumed run keeps the length it was started with (resumed_epochs: an --epochs given on the command line
+    changes it, and says how); with --time-budget, as many as the budget holds on this machine (budget_epochs, also
+    kept in last.pt); else --epochs. `start`: the now() the budget counts from; `final_images`: what the script
+    predicts after training (test and validation, TTA views counted)."""
+    if progress.epochs is not None:
+        epochs = resumed_epochs(progress, args, len(train_loader))
+    elif args.time_budget:
+        progress.budget = budget_epochs(state, train_loader, val_loader, args, meta, log, start, final_images)
+        line = budget_line(progress.budget)
+        if is_main():
+            print(line, flush=True)
+            if progress.budget.get("fits_epochs") == 0:
+                print(f"warning: --time-budget {args.time_budget:g} s cannot hold one epoch here: one takes about "
+                      f"{seconds_text(progress.budget['epoch_seconds'])}, and "
+                      f"{seconds_text(progress.budget['elapsed_seconds'])} went before training; training 1 epoch, "
+                      f"over the budget", file=sys.stderr, flush=True)
         log.note("time_budget", line)
-    return progress.budget["epochs"]
+        epochs = progress.budget["epochs"]
+    else:
+        epochs = args.epochs
+    if is_main():
+        checkpoints.record_length(out, epochs, progress.budget)
+    return epochs
+
+
+def resumed_epochs(progress, args, steps_per_epoch):
+    """A resumed run's length: the one it was started with (progress.epochs, from last.pt), unless --epochs is given on
+    the command line (with --time-budget, as the cap of the budget's choice); a change is said in one line, with the
+    learning rate it moves the next step to."""
+    started = progress.epochs
+    if not args.epochs_given:
+        return started
+    fits = (progress.budget or {}).get("fits_epochs")
+    epochs = max(1, min(args.epochs, fits)) if args.time_budget and fits else args.epochs
+    if epochs != started and is_main():
+        step = progress.epoch * steps_per_epoch + progress.step_in_epoch
+        before, after = (lr_factor_at(args, step, steps_per_epoch, n) for n in (started, epochs))
+        done = f"{progress.epoch} epochs" + (f" and {progress.step_in_epoch} steps" if progress.step_in_epoch else "")
+        print(f"--epochs {args.epochs}: this run was started with {started} epochs and now trains {epochs}; "
+              + (f"it has trained {done} already, so it stops here" if progress.epoch >= epochs else
+                 f"the {args.schedule} schedule is laid over {epochs} from here (the next step's lr: {after:.3g} of "
+                 f"--lr, {before:.3g} before)"), flush=True)
+    return epochs
+
+
+def seconds_text(seconds):
+    """A duration with the precision it needs: 0.43 s, 4.3 s, 43 s."""
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
 
 
 # Timed training steps, after 2 warm-up steps (compilation, cuDNN's autotuning, the loader's start): 30, because 8
@@ -402,7 +448,8 @@ def budget_epochs(state, train_loader, val_loader, args, meta, log, start, final
     checkpoints.load_training_state(state, saved)
     step_seconds, timed_steps = timed.step_seconds()
     eval_seconds, end = row["eval_seconds"], end_seconds[-1]
-    final_seconds = eval_seconds * final_images / max(1, getattr(val_loader.sampler, "n", 1))
+    # rank 0 alone makes the final predictions, at the rate it validated its own share of the validation split
+    final_seconds = eval_seconds * final_images / max(1, val_loader.sampler.local_count())
     epoch_seconds = timed.startup + len(train_loader) * step_seconds + end
     elapsed = now() - start
     fits = epochs_for_budget(args.time_budget, elapsed, epoch_seconds, final_seconds)

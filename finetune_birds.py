@@ -114,7 +114,8 @@ def resolve(args, argv=None):
         args.cache_features = args.freeze_backbone
     if args.lp_epochs is None:
         args.lp_epochs = 0 if args.freeze_backbone else PROBE["epochs"]
-    args.epochs_cap = flags.epochs_cap(args, argv)  # an --epochs given with --time-budget caps its choice
+    args.epochs_given = flags.given(argv, "--epochs")  # a resumed run keeps its length unless --epochs is given
+    args.epochs_cap = flags.epochs_cap(args)  # an --epochs given with --time-budget caps its choice
     args.aug_set = sorted(bird_loaders.BIRD_AUG.names(args.aug))
     flags.require(0 < args.val_frac < 1, "--val-frac", args.val_frac, "between 0 and 1")
     flags.require(args.img_size >= 16, "--img-size", args.img_size, ">= 16")
@@ -213,16 +214,23 @@ def extract_features(model, loader, device, amp, progress=False, desc="features"
 
 def cache_features(model, args, device, make_loader, loaders, names):
     """The frozen backbone's features of each named split (centre crops, no augmentation) as device loaders, and the
-    seconds it took. Training features are taken from every image on each rank, then sharded like images."""
+    seconds it took. Training and validation features are taken from every image on each rank, then sharded like
+    images; `val_all` keeps all of validation for rank 0's error analysis."""
     t0 = time.perf_counter()
-    sources = {**loaders, "train": make_loader("train", whole=True)}
+    whole = {name: make_loader(name, whole=True) for name in ("train", "val") if loaders[name].sampler.world > 1
+             or name == "train"}  # validation's loader already reads every image in one process
+    sources = {**loaders, **whole}
     feats = {name: extract_features(model, sources[name], device, args.amp, not args.quiet, f"caching {name}")
              for name in names}
-    sources["train"].close()
+    for loader in whole.values():
+        loader.close()
     seconds = time.perf_counter() - t0
     if devices.is_main():
         print(f"cached {sum(len(f[0]) for f in feats.values())} feature vectors in {seconds:.1f}s")
-    cached = {name: data.DeviceLoader(*feats[name], loaders["val"].sampler.batch_size) for name in names if name != "train"}
+    val = loaders["val"].sampler  # validation sharded as the images are
+    cached = {"test": data.DeviceLoader(*feats["test"], val.batch_size)} if "test" in names else {}
+    cached["val"] = data.DeviceLoader(*feats["val"], val.batch_size, rank=val.rank, world=val.world)
+    cached["val_all"] = data.DeviceLoader(*feats["val"], val.batch_size) if val.world > 1 else cached["val"]
     shard = loaders["train"].sampler  # the features train sharded as the images would
     cached["train"] = data.DeviceLoader(*feats["train"], args.batch_size, shuffle=True, seed=args.seed,
                                         drop_last=shard.n > args.batch_size, rank=shard.rank, world=shard.world)
@@ -339,7 +347,7 @@ def predict_and_finish(args, model, device, make_loader, loaders, splits, classe
     checkpoints.load_best(model, out)
     test_probs = engine.predict_probs(model, loaders["test"], device, args.amp, tta, not args.quiet, "test")
     test_acc = run_files.write_predictions(out / "submission.csv", *test_probs)
-    val = make_loader("val", whole=True) if world > 1 and not args.cache_features else loaders["val"]
+    val = loaders.get("val_all") or (make_loader("val", whole=True) if world > 1 else loaders["val"])  # all of it
     run_files.write_error_analysis(out, classes, engine.predict_probs(model, val, device, args.amp,
                                                                       progress=not args.quiet, desc="val"), test_probs)
     for loader in (val, *loaders.values()):

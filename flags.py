@@ -34,7 +34,9 @@ class UsageError(Exception):
 def add_training_args(parser, recipe):
     """Flags both scripts share, in --help sections; `recipe`: the script's table of defaults."""
     opt = parser.add_argument_group("optimisation").add_argument
-    opt("--epochs", type=int, default=recipe["epochs"], help="passes over the training split")
+    opt("--epochs", type=int, default=recipe["epochs"],
+        help="passes over the training split; a --resume without it keeps the length the run was started with "
+             "(config.json's epochs), with it the schedule is laid over the new length from where the run stands")
     opt("--batch-size", type=int, default=recipe["batch_size"],
         help="global batch size (split over torchrun processes)")
     opt("--optimizer", choices=["sgd", "adamw"], default=recipe["optimizer"], help="optimizer")
@@ -98,12 +100,16 @@ def require(ok, flag, value, what):
         raise UsageError(f"{flag} must be {what}, got {value}")
 
 
-def epochs_cap(args, argv):
-    """With --time-budget, an --epochs given on the command line caps the epochs the budget chooses (a default or a
-    preset's epochs do not)."""
+def given(argv, flag):
+    """Whether `flag` is on the command line (argv; None: sys.argv[1:]), as FLAG VALUE or FLAG=VALUE."""
     argv = sys.argv[1:] if argv is None else argv
-    given = any(a == "--epochs" or a.startswith("--epochs=") for a in argv)
-    return args.epochs if args.time_budget and given else None
+    return any(str(a) == flag or str(a).startswith(flag + "=") for a in argv)
+
+
+def epochs_cap(args):
+    """With --time-budget, an --epochs given on the command line (args.epochs_given) caps the epochs the budget
+    chooses (a default or a preset's epochs do not)."""
+    return args.epochs if args.time_budget and args.epochs_given else None
 
 
 def check_training_args(args, train_size):

@@ -102,8 +102,11 @@ def load_model(ckpt, path, device, num_classes, data_dir):
         raise flags.UsageError(f"{path} predicts {ckpt['model_config'].get('num_classes')} classes but "
                                 f"{data_dir} has {num_classes}: checkpoint and data set do not match")
     model = models.build_model(ckpt["model_config"]).to(device)
+    weights, note = checkpoints.eval_weights(ckpt)
+    if note:
+        print(f"{path}: predicting with {note}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1:2] or [""]
         raise flags.UsageError(f"{path} holds weights of a different model than its config "

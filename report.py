@@ -91,10 +91,16 @@ def summarise(seed_dirs):
         "val_tta": mean_std([f.get("val_acc_tta") for f in finals]),
         "seconds": mean_std(seconds),
         "params": first.get("parameters"), "trainable": first.get("trainable_parameters"),
-        "epochs": config.get("args", {}).get("epochs"), "finished": len(finals), "seeds": len(seed_dirs),
+        "epochs": run_epochs(first, config), "finished": len(finals), "seeds": len(seed_dirs),
         "config": config, "final": first, "dirs": seed_dirs,
         "history": read_metrics(seed_dirs[0]) if (seed_dirs[0] / "metrics.csv").is_file() else [],
     }
+
+
+def run_epochs(final, config):
+    """The epochs a run trained: final.json's, else config.json's record (a time budget's choice, a resume's length),
+    else its --epochs (folders written before either existed)."""
+    return final.get("epochs") or config.get("epochs") or config.get("args", {}).get("epochs")
 
 
 def best_run(results, study):
@@ -362,7 +368,7 @@ def section_method(results, runs, finals, notes):
             lines += [f"*{title}: no finished run yet.*", ""]
             continue
         config, final = load_json(run_dir / "config.json"), load_json(run_dir / "final.json")
-        args = config.get("args", {})
+        args = {**config.get("args", {}), "epochs": run_epochs(final, config)}
         lines += [f"### {title}", ""]
         if study == "cifar":
             lines += [f"- **Data**: CIFAR-100 (`{args.get('data_dir')}`), 32x32 colour images of "

@@ -254,6 +254,7 @@ def log_final(log_dir, flags, final):
     if writer is None:
         return
     hparams = {k: ("none" if v is None else v) for k, v in flags.items() if k not in ("out", "resume", "force", "quiet")}
+    hparams["epochs"] = final.get("epochs", hparams.get("epochs"))  # what the run trained (a time budget's choice)
     metrics = {f"final/{k}": v for k, v in final.items()
                if k in ("best_val_acc", "test_acc", "val_acc_tta", "train_seconds") and isinstance(v, (int, float))}
     with writer:
@@ -265,7 +266,8 @@ def log_final(log_dir, flags, final):
 def finish(out, summary, model, test_acc, extra=None):
     """final.json: the run's figures (the summary fit returned, the test accuracy, the parameters, the script's
     extras), and the same figures as TensorBoard hparams beside its curves."""
-    final = {"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"], "test_acc": test_acc,
+    final = {"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"], "epochs": summary["epochs"],
+             "test_acc": test_acc,
              "train_seconds": summary["train_seconds"], "first_step_seconds": summary["first_step_seconds"],
              "parameters": count_parameters(unwrap(model)),
              "trainable_parameters": count_parameters(unwrap(model), trainable_only=True),

@@ -109,7 +109,8 @@ def resolve(args, argv=None):
     args.width = 32 if args.width is None else args.width
     args.norm = args.norm or "none"
     args.init = models.resolve_init(args.init, args.model, args.norm)  # auto: per family (models.resolve_init)
-    args.epochs_cap = flags.epochs_cap(args, argv)  # an --epochs given with --time-budget caps its choice
+    args.epochs_given = flags.given(argv, "--epochs")  # a resumed run keeps its length unless --epochs is given
+    args.epochs_cap = flags.epochs_cap(args)  # an --epochs given with --time-budget caps its choice
     args.tta_views = sorted(engine.TTA.names(args.tta))
     if args.model == "wrn" and ((args.depth - 4) % 6 or args.depth < 10 or args.widen < 1):
         raise flags.UsageError(f"a Wide ResNet needs --depth 6n+4 (10, 16, 22, 28, ...) and --widen >= 1, got "

@@ -66,3 +66,43 @@ def test_ranks_skip_a_step_together_when_one_rank_has_only_broken_images(tmp_pat
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_birds.py", *common,
                env={"OMP_NUM_THREADS": "1"}, timeout=120)  # the old code hung here
     assert len(pd.read_csv(tmp_path / "two" / "metrics.csv")) == 2
+
+
+def test_ema_under_ddp_validates_rank_0s_model_and_the_budget_counts_rank_0s_predictions(tiny_cifar_dir, tmp_path):
+    """Under torchrun with --ema, every rank validates the model best.pt holds (rank 0's EMA, BatchNorm buffers
+    included): the validation loss of metrics.csv is best.pt's over the whole split. The time budget times the final
+    predictions at the rate rank 0 validated its own half of the split."""
+    import checkpoints
+    import data
+    import engine
+    import predict
+    out = tmp_path / "two"
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_cifar.py",
+               "--data-dir", tiny_cifar_dir, "--out", out, "--device", "cpu", "--quiet", "--val-per-class", "4",
+               "--bn", "--depth", "2", "--width", "8", "--batch-size", "100", "--lr", "0.05", "--ema", "0.5", "--time-budget", "600",
+               "--epochs", "2", "--no-tensorboard", "--no-compile", env={"OMP_NUM_THREADS": "1"})
+    record = json.loads((out / "config.json").read_text())["time_budget"]
+    assert record["final_seconds"] == pytest.approx(record["eval_seconds"] * (200 + 400) / 200, rel=1e-3)
+    best = checkpoints.load_checkpoint(out / "best.pt")
+    cifar = data.load_cifar100(tiny_cifar_dir)
+    _, val_idx = data.stratified_split(cifar["train_y"], val_per_class=4, seed=0)
+    cfg = best["data_config"]
+    val = data.DeviceLoader(torch.from_numpy(cifar["train_x"][val_idx]), torch.from_numpy(cifar["train_y"][val_idx]),
+                            400, mean=cfg["mean"], std=cfg["std"])
+    model = predict.load_model(best, out / "best.pt", torch.device("cpu"), 100, tiny_cifar_dir)
+    loss, _ = engine.evaluate(model, val, torch.device("cpu"), False)
+    rows = pd.read_csv(out / "metrics.csv")
+    assert rows.val_loss[rows.epoch == best["epoch"]].item() == pytest.approx(loss, abs=1e-6)
+
+
+def test_cached_features_under_ddp_analyse_all_of_validation(clean_cub_dir, tmp_path):
+    """--freeze-backbone caches features; under torchrun the error analysis still covers the whole validation split."""
+    out = tmp_path / "two"
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_birds.py",
+               "--data-dir", clean_cub_dir, "--arch", "resnet18", "--weights", "none", "--freeze-backbone",
+               "--img-size", "32", "--batch-size", "4", "--val-frac", "0.5", "--epochs", "1", "--device", "cpu",
+               "--quiet", "--workers", "0", "--loader", "torch", "--no-tensorboard", "--out", out,
+               env={"OMP_NUM_THREADS": "1"})
+    val_size = json.loads((out / "final.json").read_text())["val_size"]
+    assert pd.read_csv(out / "per_class.csv").val_n.sum() == val_size > 2
+    assert pd.read_csv(out / "confusion_val.csv", index_col=0).to_numpy().sum() == val_size

@@ -266,3 +266,20 @@ def test_a_run_without_tensorboard_warns_once_and_finishes(cub_dir, tmp_path):
     assert len(mentions) == 1 and mentions[0].startswith("warning: no TensorBoard event files"), proc.stderr
     assert (out / "final.json").is_file() and (out / "submission.csv").is_file()
     assert not list(out.rglob("events.out.tfevents.*"))
+
+
+def test_weight_decay_skips_what_a_timm_model_names_in_no_weight_decay():
+    """A timm ViT names pos_embed and cls_token in no_weight_decay(): they get none, as timm's optimizer factory
+    gives them, inside a transfer network too; biases and norms none; weights the flag's."""
+    import argparse
+
+    import engine
+    import models
+    model = models.TransferNet("vit_tiny_patch16_224", 5)
+    args = argparse.Namespace(lr=0.1, wd=0.05, optimizer="sgd", momentum=0.9, nesterov=False)
+    optimizer = engine.make_optimizer(model.param_groups(), args, engine.no_weight_decay_params(model))
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay[id(named["backbone.pos_embed"])] == decay[id(named["backbone.cls_token"])] == 0.0
+    assert decay[id(named["backbone.blocks.0.norm1.weight"])] == 0.0
+    assert decay[id(named["backbone.blocks.0.attn.qkv.weight"])] == decay[id(named["head.1.weight"])] == 0.05

@@ -332,3 +332,18 @@ def test_run_all_rejects_bad_jobs():
     for bad in ("0", "two"):
         proc = subprocess.run(["bash", "run_all.sh", "--jobs", bad], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 2 and "--jobs takes a positive integer" in proc.stderr
+
+
+def test_a_budgeted_runs_epochs_are_the_epochs_it_trained(tmp_path):
+    """config.json's args keep the unused default (15) in folders written before the run's length was recorded;
+    final.json's epochs (the budget's choice) are what the table and the recipe line state."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "plan.tsv").write_text("study\trun\tchange\tseeds\ncifar\t12_final\tbudgeted\t1\n")
+    fake_run(results, "cifar", "12_final", 0, 0.5, 0.5, epochs=7)
+    d = results / "cifar" / "12_final" / "seed0"
+    (d / "config.json").write_text(json.dumps({"args": {"epochs": 15, "time_budget": 600, "optimizer": "sgd"}}))
+    final = json.loads((d / "final.json").read_text())
+    (d / "final.json").write_text(json.dumps({**final, "epochs": 7}))
+    text = report.make_report(results).read_text()
+    assert "| 7 |" in text.split("## Ablations")[1].split("##")[0] and "epochs 7" in text and "epochs 15" not in text

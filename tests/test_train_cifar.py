@@ -411,6 +411,9 @@ def test_time_budget_chooses_the_epochs_from_the_measured_steps(cifar_dir, tmp_p
     monkeypatch.setattr(run_files, "write_metrics", real)
     monkeypatch.setattr(engine, "now", fake_clock(0.25))  # a resume does not measure again
     engine.cli(train_cifar.main, [*argv, "--out", str(tmp_path / "cut"), "--resume"])
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())  # the resume kept the budget's record
+    assert config["time_budget"]["epochs"] == config["epochs"] == chosen[1.0] != 15
+    assert json.loads((tmp_path / "cut" / "final.json").read_text())["epochs"] == chosen[1.0]
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "metrics.csv")[cols],
                                   pd.read_csv(tmp_path / "dt1.0" / "metrics.csv")[cols])
@@ -424,6 +427,8 @@ def test_a_budget_that_cannot_hold_one_epoch_says_so(tiny_cifar_dir, tmp_path):
                       "--batch-size", "100", *TINY)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: --time-budget 0.01 s")]
     assert len(warnings) == 1 and "cannot hold one epoch here: one takes about" in warnings[0], proc.stderr
+    said = float(warnings[0].split("one takes about ")[1].split(" s")[0])  # with the digits it needs: not "0 s"
+    assert said > 0
     record = json.loads((tmp_path / "r" / "config.json").read_text())["time_budget"]
     assert record["fits_epochs"] == 0 and record["epochs"] == 1 and record["epoch_seconds"] > 0
     assert len(pd.read_csv(tmp_path / "r" / "metrics.csv")) == 1
@@ -442,3 +447,71 @@ def test_time_budget_with_epochs_caps_and_help_says_so():
     assert engine.epochs_for_budget(100, 10, 25, 15) == 3 and engine.epochs_for_budget(10, 10, 25, 15) == 0
     text = run_script("train_cifar.py", "--help").stdout
     assert "--epochs given too is the most it may choose" in " ".join(text.split())
+
+
+def sigterm_after(monkeypatch, epochs):
+    """SIGTERM this process once metrics.csv holds `epochs` rows, as a scheduler's kill would: fit's handler saves
+    last.pt at the next step and the script exits 130."""
+    import os
+
+    import run_files
+    real = run_files.write_metrics
+
+    def write(path, history):
+        real(path, history)
+        if len(history) == epochs:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(run_files, "write_metrics", write)
+    return real
+
+
+def test_resume_keeps_the_runs_length(tiny_cifar_dir, tmp_path, monkeypatch):
+    """A 40-epoch cosine run, SIGTERMed after 2 epochs and resumed without --epochs (default 15), trains 40 epochs on
+    the 40-epoch schedule; config.json and final.json say 40."""
+    import engine
+    import run_files
+    out, argv = tmp_path / "r", ["--data-dir", tiny_cifar_dir, "--schedule", "cosine", "--lr", "0.05", "--batch-size",
+                                 "200", "--no-tensorboard", *TINY]
+    real = sigterm_after(monkeypatch, 2)
+    assert run_inline("train_cifar.py", *argv, "--epochs", "40", "--out", out, check=False).returncode == 130
+    monkeypatch.setattr(run_files, "write_metrics", real)
+    assert "now trains" not in run_inline("train_cifar.py", *argv, "--out", out, "--resume").stdout
+    rows = pd.read_csv(out / "metrics.csv")
+    assert list(rows.epoch) == list(range(1, 41))
+    steps = 800 // 200
+    expected = [round(0.05 * engine.lr_factor(e * steps - 1, 40 * steps, 0, "cosine"), 8) for e in rows.epoch]
+    assert list(rows.lr) == pytest.approx(expected, abs=1e-8)
+    config, final = (json.loads((out / name).read_text()) for name in ("config.json", "final.json"))
+    assert config["epochs"] == config["args"]["epochs"] == final["epochs"] == 40
+
+
+def test_resume_with_other_epochs_says_how_the_schedule_changes(tiny_cifar_dir, tmp_path, monkeypatch):
+    import run_files
+    out, argv = tmp_path / "r", ["--data-dir", tiny_cifar_dir, "--schedule", "cosine", "--lr", "0.05", "--batch-size",
+                                 "200", "--no-tensorboard", *TINY, "--out", tmp_path / "r"]
+    real = sigterm_after(monkeypatch, 2)
+    assert run_inline("train_cifar.py", *argv, "--epochs", "6", check=False).returncode == 130
+    monkeypatch.setattr(run_files, "write_metrics", real)
+    said = run_inline("train_cifar.py", *argv, "--epochs", "4", "--resume").stdout
+    assert ("--epochs 4: this run was started with 6 epochs and now trains 4; the cosine schedule is laid over 4 from "
+            "here (the next step's lr: 0.5 of --lr, 0.75 before)") in said, said
+    assert len(pd.read_csv(out / "metrics.csv")) == 4
+    assert json.loads((out / "config.json").read_text())["epochs"] == 4
+    said = run_inline("train_cifar.py", *argv, "--epochs", "3", "--resume").stdout  # shorter than what it trained
+    assert "it has trained 4 epochs already, so it stops here" in said, said
+
+
+def test_predict_on_last_pt_uses_the_ema_weights(tiny_cifar_dir, tmp_path):
+    """last.pt of an --ema run predicts with the EMA's weights: after one epoch, best.pt's (the EMA's, validated)."""
+    import checkpoints
+    import predict
+    out = tmp_path / "r"
+    run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--out", out, "--epochs", "1", "--ema", "0.5",
+               "--bn", "--depth", "2", "--width", "8", "--batch-size", "100", "--no-tensorboard", *TINY)
+    last, best = checkpoints.load_checkpoint(out / "last.pt"), checkpoints.load_checkpoint(out / "best.pt")
+    assert any(not torch.equal(last["model"][k], best["model"][k]) for k in best["model"])  # raw weights differ
+    model = predict.load_model(last, out / "last.pt", torch.device("cpu"), 100, tiny_cifar_dir)
+    assert all(torch.equal(v, best["model"][k]) for k, v in model.state_dict().items())
+    for name in ("last", "best"):
+        run_inline("predict.py", out / f"{name}.pt", "--data-dir", tiny_cifar_dir, "--out", tmp_path / f"{name}.csv")
+    assert (tmp_path / "last.csv").read_bytes() == (tmp_path / "best.csv").read_bytes()
