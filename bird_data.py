@@ -7,6 +7,7 @@ bird_loaders.py. Not run directly.
 import io
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -248,8 +249,24 @@ def scan_images(samples, pil_for_gpu_refused):
     return sizes, broken, pil, reasons
 
 
+def to_rgb(im):
+    """Any PIL mode as 8-bit RGB: 16- and 32-bit grey levels scaled to 8 bits (PIL's own convert clips them at 255),
+    palette, grey, CMYK and alpha as PIL converts them (the alpha channel dropped)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        from PIL import Image
+        grey = np.asarray(im, dtype=np.float64) / (256.0 if im.mode.startswith("I") else 1.0)
+        im = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    return im.convert("RGB")  # a loaded copy even of an RGB image: the file may close after this
+
+
 def pil_rgb(source):
-    """A file (path or file object) decoded by PIL, any mode to RGB, as uint8 (3, H, W)."""
+    """A file (path or file object) decoded by PIL, upright (its EXIF orientation applied), any mode to RGB, as uint8
+    (3, H, W)."""
     from PIL import Image
     with Image.open(source) as im:
-        return torch.from_numpy(np.asarray(oriented(im).convert("RGB")).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(to_rgb(oriented(im))).copy()).permute(2, 0, 1)
+
+
+def display_name(name):
+    """A class as a person reads it: CUB's folder name "001.Black_footed_Albatross" as "Black footed Albatross"."""
+    return re.sub(r"^\d+\.", "", str(name)).replace("_", " ")

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bird_data import oriented, pil_rgb, placeholder_jpeg, scan_images, warn_broken
+from bird_data import oriented, pil_rgb, placeholder_jpeg, scan_images, to_rgb, warn_broken
 from data import DataError, EpochSampler, ListFlag, SampledLoader, warn
 from device_images import decode_jpegs, resample_batch, sample_geometry, to_device
 
@@ -114,7 +114,7 @@ class BirdImages(torch.utils.data.Dataset):
         path, label, box = self.samples[index]
         try:
             with Image.open(path) as im:
-                im = oriented(im).convert("RGB")
+                im = to_rgb(oriented(im))
         except Exception as e:  # any decoder failure: never crash the epoch
             warn_broken(path, f"cannot decode ({e})", self.keep_broken)
             if not self.keep_broken:

@@ -318,7 +318,8 @@ def main(argv=None):
                              "freeze_backbone": args.freeze_backbone, "freeze_stages": args.freeze_stages,
                              "bn_mode": args.bn_mode},
             "data_config": {"dataset": args.dataset, "img_size": args.img_size, "mean": list(model.mean),
-                            "std": list(model.std), "crop_boxes": args.crop_boxes},
+                            "std": list(model.std), "crop_boxes": args.crop_boxes,
+                            "classes": [bird_data.display_name(c) for c in classes]},  # names, in label order
             "config": run_files.flags_plain(args)}
     lp = linear_probe(model, args, device, make_loader, loaders, meta, clock) if args.lp_epochs else {}
     cache_seconds = lp.get("cache_seconds")
@@ -348,7 +349,7 @@ def predict_and_finish(args, model, device, make_loader, loaders, splits, classe
     test_probs = engine.predict_probs(model, loaders["test"], device, args.amp, tta, not args.quiet, "test")
     test_acc = run_files.write_predictions(out / "submission.csv", *test_probs)
     val = loaders.get("val_all") or (make_loader("val", whole=True) if world > 1 else loaders["val"])  # all of it
-    run_files.write_error_analysis(out, classes, engine.predict_probs(model, val, device, args.amp,
+    run_files.write_error_analysis(out, [bird_data.display_name(c) for c in classes], engine.predict_probs(model, val, device, args.amp,
                                                                       progress=not args.quiet, desc="val"), test_probs)
     for loader in (val, *loaders.values()):
         loader.close()

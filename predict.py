@@ -1,18 +1,32 @@
-"""Write the competition CSV ("Id","Prediction1") for the test set from saved checkpoints: one, or an
-ensemble of several (their softmax averaged), each with optional test-time augmentation.
+"""Predict with saved checkpoints: the competition CSV ("Id","Prediction1") of a data set's test split, or the top
+classes of any images (your own photos) by name, with Grad-CAM pictures of where the network looked. One checkpoint,
+or an ensemble of several (their softmax averaged), each with optional test-time augmentation.
 
     python predict.py runs/cifar/best.pt --data-dir data --out submission.csv --tta flip,shift
     python predict.py runs/final/seed*/best.pt --data-dir data --out ensemble.csv --tta flip
     python predict.py runs/birds/best.pt --data-dir data/CUB_200_2011 --out birds.csv
     python predict.py runs/basenet/best.pt runs/d8/best.pt --data-dir data --out mixed.csv  # any two CIFAR models
+    python predict.py runs/birds/best.pt --images photos/ garden.png 'trip/*.webp' --top 3 --out top3.csv
+    python predict.py runs/birds/best.pt --images photos/ --explain cams/   # one Grad-CAM PNG per image
 
 Each checkpoint says which network and which preprocessing it needs (CIFAR-100 or birds; its normalisation and
-image size), and each member of an ensemble is evaluated through its own; they must share the data set and its
-classes. Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the test labels are real.
+image size) and its class names, and each member of an ensemble is evaluated through its own; they must share the data
+set and its classes. --images takes files, folders (searched recursively) and globs, any image Pillow opens, upright
+as its EXIF orientation says, through the checkpoint's own evaluation preprocessing: a bird model's resize and centre
+crop (its loader), a CIFAR model's centred square resized to 32 px; so a picture gets the answer it would get as a test
+image of --data-dir. Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the
+test labels are real.
 """
 import argparse
+import csv
+import glob
+import io
 import json
+import math
+import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
 
 import bird_data
@@ -32,8 +46,18 @@ def parse_args(argv=None):
                         help="best.pt (or last.pt) written by train_cifar.py or finetune_birds.py; several: an ensemble "
                              "(same data set and classes; each through its own preprocessing: normalisation, image "
                              "size), softmax averaged")
-    parser.add_argument("--data-dir", required=True, help="the data set the checkpoint was trained for")
-    parser.add_argument("--out", required=True, help="CSV file to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="the data set the checkpoint was trained for: its test split to the "
+                                           "competition CSV")
+    source.add_argument("--images", nargs="+", metavar="PATH",
+                        help="image files, folders (searched recursively for image files) or globs: each image's top "
+                             "classes, one printed line per image")
+    parser.add_argument("--out", help="file to write: with --data-dir the competition CSV (required); with --images a CSV "
+                                      "(path, name_1, prob_1, ..., name_K, prob_K), or JSON where it ends in .json")
+    parser.add_argument("--top", type=int, default=5, metavar="K", help="--images: the K most probable classes")
+    parser.add_argument("--explain", metavar="DIR",
+                        help="--images: one PNG per image into DIR: the image as the (first) network saw it, its "
+                             "Grad-CAM map for the top class on the last convolutional stage (captum), the top-3 names")
     parser.add_argument("--tta", type=engine.TTA, nargs="?", const="flip", default="none",
                         help="test-time augmentation: none, flip, or flip,shift (mirror and one-pixel shifts)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -96,9 +120,11 @@ class TestSets:
         return loader, num_classes
 
 
-def load_model(ckpt, path, device, num_classes, data_dir):
-    """The checkpoint's network on the device (checkpoints are loaded to the CPU; load_state_dict moves them)."""
-    if ckpt["model_config"].get("num_classes") != num_classes:
+def load_model(ckpt, path, device, num_classes=None, data_dir=None):
+    """The checkpoint's network on the device (checkpoints are loaded to the CPU; load_state_dict moves them), with the
+    weights it predicts with (checkpoints.eval_weights: last.pt's EMA where it has one); `num_classes`: the data set's,
+    which the checkpoint must predict."""
+    if num_classes is not None and ckpt["model_config"].get("num_classes") != num_classes:
         raise flags.UsageError(f"{path} predicts {ckpt['model_config'].get('num_classes')} classes but "
                                 f"{data_dir} has {num_classes}: checkpoint and data set do not match")
     model = models.build_model(ckpt["model_config"]).to(device)
@@ -118,9 +144,14 @@ def main(argv=None):
     args = parse_args(argv)
     flags.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
+    flags.require(args.top >= 1, "--top", args.top, "at least 1")
+    if args.data_dir is not None and (args.out is None or args.explain):
+        raise flags.UsageError("--data-dir writes the competition CSV: it needs --out, and --explain goes with --images")
     tta = engine.TTA.names(args.tta)
     device = devices.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
+    if args.images:
+        return predict_images(args, device, amp, tta)
     sets = TestSets(args, device)
     probs, labels = None, None
     for path in args.checkpoints:  # one at a time: only one network is in memory
@@ -137,6 +168,178 @@ def main(argv=None):
     what = f"an ensemble of {len(args.checkpoints)} checkpoints" if len(args.checkpoints) > 1 else "one checkpoint"
     print(f"wrote {len(labels)} predictions from {what} to {args.out}"
           + ("" if test_acc is None else f"; test accuracy {test_acc:.4f}"))
+
+
+# ----------------------------------------------------------------------------- --images: any picture
+
+def find_images(patterns):
+    """The image files of --images, sorted within each argument: a file as it is, a folder's image files (by their
+    suffix, recursively), a glob's matches. A path that matches nothing is one sentence."""
+    found = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            matches = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in bird_data.IMAGE_EXTENSIONS]
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+            if not matches:
+                raise flags.UsageError(f"--images {pattern}: no such file or folder, and no file matches it")
+        found += sorted(matches)
+    found = list(dict.fromkeys(found))  # each file once, in the order given
+    if not found:
+        raise flags.UsageError(f"--images {' '.join(patterns)}: no image files found (looked for "
+                               f"{', '.join(sorted(bird_data.IMAGE_EXTENSIONS))})")
+    return found
+
+
+def readable_images(paths):
+    """The paths whose header Pillow reads, each other file named in one warning and left out. An image over Pillow's
+    decompression-bomb limit stops everything first, in one sentence: it is refused before any pixel is decoded."""
+    from PIL import Image
+    kept = []
+    for path in paths:
+        try:
+            with warnings.catch_warnings():  # Pillow warns below twice its limit; the sentence below says it once
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    width, height = im.size
+        except Image.DecompressionBombError:
+            width, height = None, None
+        except Exception as e:
+            data.warn(f"skipping {path}: not an image Pillow opens ({type(e).__name__})")
+            continue
+        if width is None or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+            raise data.DataError(f"{path} has more pixels than Pillow's decompression-bomb limit "
+                                 f"({Image.MAX_IMAGE_PIXELS:,}); refused, nothing written")
+        why = bird_data.check_image_file(path) if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png") else None
+        if why is not None and why != "not an image":  # a truncated JPEG or PNG
+            data.warn(f"skipping {path}: {why}")
+            continue
+        kept.append(path)
+    if not kept:
+        raise data.DataError(f"none of the {len(paths)} files of --images is an image Pillow opens")
+    return kept
+
+
+def cifar_view(path, size=32):
+    """A picture as a CIFAR model sees one: upright, RGB, its centred square resized to 32 px (Pillow's antialiased
+    bilinear; a 32x32 image, a CIFAR test image, is unchanged): uint8 (3, 32, 32)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = bird_data.to_rgb(bird_data.oriented(im))
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+def image_loader(ckpt, path, paths, args, device):
+    """The images through the checkpoint's own evaluation preprocessing, batched: (images, index into paths). A
+    bird model's: its loader's resize and centre crop (--loader); a CIFAR model's: cifar_view. A file that does not
+    decode is skipped with a warning."""
+    cfg = ckpt.get("data_config") or {}
+    if cfg.get("dataset") not in DATASETS:
+        raise flags.UsageError(f"{path} does not say which data set it was trained on")
+    if cfg["dataset"] != "cifar100":
+        samples = [(str(p), i, None) for i, p in enumerate(paths)]
+        return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"], args.batch_size, False, cfg["mean"],
+                                        cfg["std"], device, workers=args.workers)
+    images, index = [], []
+    for i, p in enumerate(paths):
+        try:
+            images.append(cifar_view(p))
+            index.append(i)
+        except Exception as e:  # passed the header check, yet does not decode
+            bird_data.warn_broken(str(p), f"cannot decode ({type(e).__name__}: {e})", keep=False)
+    x = torch.stack(images) if images else torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    return data.DeviceLoader(x.to(device), torch.tensor(index, dtype=torch.long).to(device), args.batch_size,
+                             mean=cfg["mean"], std=cfg["std"])
+
+
+def class_names(ckpt, path, names_so_far):
+    """The checkpoint's class names (data_config), which every member of an ensemble must share; a checkpoint written
+    before they were stored: its class indices, said in one line."""
+    names = (ckpt.get("data_config") or {}).get("classes")
+    if names is None:
+        names = [str(i) for i in range(ckpt["model_config"]["num_classes"])]
+        print(f"{path} holds no class names (saved before checkpoints carried them): classes are shown by index")
+    if names_so_far is not None and list(names) != list(names_so_far):
+        raise flags.UsageError(f"{path} predicts other classes than the checkpoint before it: an ensemble needs one "
+                               f"set of classes")
+    return list(names)
+
+
+def predict_images(args, device, amp, tta):
+    """--images: every checkpoint's softmax over the readable images, averaged; one printed line per image with its
+    top-K names, --out as CSV or JSON, --explain's Grad-CAM pictures."""
+    paths = readable_images(find_images(args.images))
+    probs, index, names = None, None, None
+    for path in args.checkpoints:  # one at a time: only one network is in memory
+        ckpt = checkpoints.load_checkpoint(path)
+        names = class_names(ckpt, path, names)
+        loader = image_loader(ckpt, path, paths, args, device)
+        model = load_model(ckpt, path, device)
+        p, i = engine.predict_probs(model, loader, device, amp, tta, progress=True, desc=f"predict {Path(path).name}")
+        loader.close()
+        order = i.argsort()
+        p, i = p[order], i[order]
+        if index is not None and not torch.equal(i, index):
+            raise data.DataError(f"{path}'s loader decoded other images than {args.checkpoints[0]}'s")
+        probs, index = (p, i) if probs is None else (probs + p, index)
+    if not len(index):
+        raise data.DataError("no image of --images could be decoded")
+    probs = probs / len(args.checkpoints)
+    top_p, top_c = probs.topk(min(args.top, probs.shape[1]), dim=1)
+    rows = [(str(paths[i]), [(names[c], float(pr)) for c, pr in zip(cs, ps, strict=True)])
+            for i, cs, ps in zip(index.tolist(), top_c.tolist(), top_p.tolist(), strict=True)]
+    for path, top in rows:
+        print(f"{path}  " + "  ".join(f"{name} {p:.3f}" for name, p in top))
+    if args.out:
+        write_top(args.out, rows)
+    if args.explain:
+        explain_images(args, [paths[i] for i in index.tolist()], probs, names, device)
+    what = f"an ensemble of {len(args.checkpoints)} checkpoints" if len(args.checkpoints) > 1 else "one checkpoint"
+    print(f"predicted {len(rows)} images with {what}" + (f"; wrote {args.out}" if args.out else ""))
+
+
+def write_top(out, rows):
+    """--out: JSON where the name ends in .json, else CSV with the columns path, name_1, prob_1, ..., name_K, prob_K."""
+    if str(out).lower().endswith(".json"):
+        text = json.dumps([{"path": path, "top": [{"name": n, "prob": round(p, 6)} for n, p in top]}
+                           for path, top in rows], indent=1) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        k = len(rows[0][1])
+        writer.writerow(["path", *[f"{col}_{r}" for r in range(1, k + 1) for col in ("name", "prob")]])
+        writer.writerows([path, *[v for n, p in top for v in (n, f"{p:.6f}")]] for path, top in rows)
+        text = buf.getvalue()
+    run_files.atomic_write_text(out, text)
+
+
+def explain_images(args, paths, probs, names, device):
+    """--explain DIR: the first checkpoint's Grad-CAM map of the (ensemble's) top class of each image, on its last
+    convolutional stage, in float32; one PNG per image, numbered in the order of the printed lines."""
+    import explain
+    path = args.checkpoints[0]
+    ckpt = checkpoints.load_checkpoint(path)
+    model, cfg = load_model(ckpt, path, device), ckpt["data_config"]
+    loader = image_loader(ckpt, path, paths, args, device)
+    layer = None
+    for x, idx in loader:
+        if layer is None:
+            layer_name, layer = explain.last_conv_stage(model, (1, *x.shape[1:]))
+        cams = explain.grad_cam(model, layer, x, probs[idx.cpu()].argmax(1))
+        for xi, i, cam in zip(x, idx.tolist(), cams, strict=True):
+            top_p, top_c = probs[i].topk(min(3, probs.shape[1]))
+            explain.draw(Path(args.explain) / f"{i + 1:05d}_{Path(paths[i]).stem}.png",
+                         explain.to_picture(xi, cfg["mean"], cfg["std"]), cam.numpy(),
+                         [(names[c], float(p)) for c, p in zip(top_c.tolist(), top_p.tolist(), strict=True)],
+                         f"{paths[i]}\n{Path(path).parent.name}/{Path(path).name}, Grad-CAM on {layer_name}")
+    loader.close()
+    print(f"wrote {len(paths)} Grad-CAM pictures to {args.explain} ({Path(path).name}'s {layer_name})")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def write_error_analysis(out, classes, val, test):
 
     per_class.csv       class, name, val_n, val_acc, test_n, test_acc (test columns empty without test labels)
     confusion_val.csv   counts, row = true class, column = predicted class (confusion_test.csv with test labels)
-    predictions.csv     every test image: Id, label (empty without labels), top-5 classes and probabilities
+    predictions.csv     every test image: Id, label (empty without labels), top-5 classes and probabilities, then the
+                        same classes by name (label_name, name1..name5)
     """
     out, k = Path(out), len(classes)
     per_class = {"class": list(range(k)), "name": [str(c) for c in classes]}
@@ -139,10 +140,12 @@ def write_error_analysis(out, classes, val, test):
             top_p, top_c = probs.topk(min(5, k), dim=1)
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(["Id", "label", *[f"top{i + 1}" for i in range(top_c.shape[1])],
-                             *[f"p{i + 1}" for i in range(top_c.shape[1])]])
+            ranks = range(1, top_c.shape[1] + 1)
+            writer.writerow(["Id", "label", *[f"top{i}" for i in ranks], *[f"p{i}" for i in ranks], "label_name",
+                             *[f"name{i}" for i in ranks]])
             for i, (c, pr) in enumerate(zip(top_c.tolist(), top_p.tolist(), strict=True)):
-                writer.writerow([i, int(labels[i]) if real else "", *c, *(f"{v:.5f}" for v in pr)])
+                writer.writerow([i, int(labels[i]) if real else "", *c, *(f"{v:.5f}" for v in pr),
+                                 per_class["name"][int(labels[i])] if real else "", *(per_class["name"][j] for j in c)])
             atomic_write_text(out / "predictions.csv", buf.getvalue())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

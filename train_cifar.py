@@ -153,7 +153,8 @@ def main(argv=None):
               f"train {info['train_size']}, val {info['val_size']}, test {len(cifar['test_y'])}; "
               f"amp={args.amp} compile={args.compile} channels_last={args.channels_last}")
     checkpoints.seed_everything(args.seed, rank)
-    meta = {"model_config": config, "data_config": {"dataset": "cifar100", "mean": info["mean"], "std": info["std"]},
+    meta = {"model_config": config, "data_config": {"dataset": "cifar100", "mean": info["mean"], "std": info["std"],
+                                                    "classes": [str(c) for c in cifar["classes"]]},  # names, in order
             "config": run_files.flags_plain(args)}
 
     state = engine.build_state(model, args, device, config["num_classes"])

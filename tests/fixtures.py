@@ -89,6 +89,24 @@ def write_cub(root, num_classes=3, per_class=8, size=48, seed=0, broken=True):
     return root
 
 
+def real_cub_subset(shared_cub, tmp_path, num_classes):
+    """The first classes of the shared real CUB subset, re-listed in the official layout (images linked, not copied)."""
+    import os
+    root = Path(tmp_path) / "CUB_200_2011"
+    (root / "images").mkdir(parents=True)
+    classes = (shared_cub / "classes.txt").read_text().split("\n")[:num_classes]
+    keep = {line.split()[0] for line in classes}
+    labels = dict(l.split() for l in (shared_cub / "image_class_labels.txt").read_text().split("\n") if l)
+    ids = {i for i, c in labels.items() if c in keep}
+    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt"):
+        lines = [l for l in (shared_cub / name).read_text().split("\n") if l and l.split()[0] in ids]
+        (root / name).write_text("\n".join(lines) + "\n")
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for line in classes:
+        os.symlink(shared_cub / "images" / line.split()[1], root / "images" / line.split()[1])
+    return root
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Write small generated data sets in the official layouts "

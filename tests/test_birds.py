@@ -10,6 +10,7 @@ import torch
 import bird_data
 import bird_loaders
 import data
+import fixtures
 import models
 from conftest import SHARED_CUB, SHARED_WEIGHTS, run_inline, run_script
 
@@ -261,26 +262,9 @@ def test_bad_bird_flags(cub_dir, tmp_path, flags, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _real_subset(tmp_path, num_classes):
-    """The first classes of the shared real CUB subset, re-listed in the official layout."""
-    root = tmp_path / "CUB_200_2011"
-    (root / "images").mkdir(parents=True)
-    classes = (SHARED_CUB / "classes.txt").read_text().split("\n")[:num_classes]
-    keep = {line.split()[0] for line in classes}
-    labels = dict(l.split() for l in (SHARED_CUB / "image_class_labels.txt").read_text().split("\n") if l)
-    ids = {i for i, c in labels.items() if c in keep}
-    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt"):
-        lines = [l for l in (SHARED_CUB / name).read_text().split("\n") if l and l.split()[0] in ids]
-        (root / name).write_text("\n".join(lines) + "\n")
-    (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    for line in classes:
-        os.symlink(SHARED_CUB / "images" / line.split()[1], root / "images" / line.split()[1])
-    return root
-
-
 @pytest.mark.skipif(not (SHARED_CUB.is_dir() and SHARED_WEIGHTS.is_file()), reason="../shared is absent")
 def test_real_birds_transfer_beats_random_weights(tmp_path):
-    root = _real_subset(tmp_path, num_classes=10)
+    root = fixtures.real_cub_subset(SHARED_CUB, tmp_path, num_classes=10)
     common = ["--data-dir", root, "--arch", "tf_efficientnet_lite0", "--freeze-backbone", "--cache-features",
               "--img-size", "128", "--epochs", "8", "--optimizer", "adamw", "--lr", "3e-3", "--batch-size", "32",
               "--device", "cpu", "--quiet"]
@@ -464,3 +448,36 @@ def test_proxy32_writes_the_training_split_and_on_request_the_labelled_test_spli
     assert (plain["train_x"] == labelled["train_x"]).all() and list(plain["train_y"]) == [s[1] for s in train]
     assert not plain["test_y"].any() and not plain["test_x"].any()  # the never-scored placeholder
     assert list(labelled["test_y"]) == [s[1] for s in test] and labelled["test_x"].shape == (len(test), 3, 32, 32)
+
+
+def informative(maps):
+    """Grad-CAM maps that say something: none constant, and no two alike."""
+    flat = maps.flatten(1)
+    distinct = all(not torch.allclose(flat[i], flat[j], atol=1e-3) for i in range(len(flat)) for j in range(i))
+    return bool((flat.std(1) > 0.01).all()) and distinct
+
+
+def test_explain_draws_where_each_model_looked(probe32, finetuned, cub_dir, tmp_path):
+    """--explain writes one PNG per image; the maps differ between images and between the frozen probe and the
+    fine-tuned network (a constant map fails the check)."""
+    import checkpoints
+    import explain
+    import predict
+    _, test, _ = bird_data.load_cub(cub_dir)
+    images = [p for p, _, _ in test if bird_data.check_image_file(p) is None][:3]
+    proc = run_inline("predict.py", finetuned / "best.pt", "--images", *images, "--explain", tmp_path / "cams",
+                      "--loader", "torch")
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [f"{i:05d}_{Path(p).stem}.png"
+                                                                     for i, p in enumerate(images, 1)]
+    assert "Bird " in proc.stdout  # class names, not indices
+    maps = {}
+    for name, run in (("frozen", probe32[0]), ("fine-tuned", finetuned)):
+        ckpt = checkpoints.load_checkpoint(run / "best.pt")
+        model = predict.load_model(ckpt, run / "best.pt", torch.device("cpu"))
+        args = predict.parse_args([str(run / "best.pt"), "--images", *images, "--loader", "torch", "--workers", "0"])
+        x, _ = next(iter(predict.image_loader(ckpt, run, images, args, torch.device("cpu"))))
+        _, layer = explain.last_conv_stage(model, (1, *x.shape[1:]))
+        maps[name] = explain.grad_cam(model, layer, x, model.eval()(x).argmax(1))
+    assert informative(maps["frozen"]) and informative(maps["fine-tuned"])
+    assert informative(torch.stack([maps["frozen"][0], maps["fine-tuned"][0]]))
+    assert not informative(torch.stack([maps["frozen"][0], torch.full_like(maps["frozen"][0], 0.5)]))  # constant

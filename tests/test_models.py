@@ -212,3 +212,23 @@ def test_stage_table_of_resnet18_has_stem_four_stages_and_head(make, shape):
     assert rows[-1][2] == (1, 100 if shape[-1] == 32 else 10)
     table = models.stage_table(model, shape)
     assert f"**{models.count_parameters(model):,}**" in table
+
+
+@pytest.mark.parametrize("config, size", [
+    (dict(kind="cifar", name="basenet", num_classes=10), 32),
+    (dict(kind="cifar", name="convnet", num_classes=10, depth=4, width=8, norm="bn", residual=True), 32),
+    (dict(kind="cifar", name="resnet18", num_classes=10, width=8), 32),
+    (dict(kind="cifar", name="wrn", num_classes=10, depth=10, widen=1), 32),
+    (dict(kind="transfer", arch="resnet18", num_classes=5, freeze_backbone=True), 64),
+    (dict(kind="transfer", arch="tf_efficientnet_lite0", num_classes=5), 64)])
+def test_grad_cam_works_on_every_model_family(config, size):
+    """Grad-CAM (captum's LayerGradCam) on the last convolutional stage of each family: one map per image at the
+    input's size, in [0, 1], not constant, and different for two images."""
+    import explain
+    torch.manual_seed(0)
+    model = models.build_model(config)
+    name, layer = explain.last_conv_stage(model, (1, 3, size, size))
+    x = torch.randn(2, 3, size, size)
+    cams = explain.grad_cam(model, layer, x, model.eval()(x).argmax(1))  # the top class, as predict.py explains
+    assert cams.shape == (2, size, size) and cams.min() >= 0 and cams.max() <= 1
+    assert all(c.std() > 0.01 for c in cams) and not torch.allclose(cams[0], cams[1]), name

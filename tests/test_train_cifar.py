@@ -515,3 +515,39 @@ def test_predict_on_last_pt_uses_the_ema_weights(tiny_cifar_dir, tmp_path):
     for name in ("last", "best"):
         run_inline("predict.py", out / f"{name}.pt", "--data-dir", tiny_cifar_dir, "--out", tmp_path / f"{name}.csv")
     assert (tmp_path / "last.csv").read_bytes() == (tmp_path / "best.csv").read_bytes()
+
+
+def test_predict_images_names_cifar_classes_and_matches_the_test_split(trained, cifar_dir, tmp_path, monkeypatch):
+    """A CIFAR checkpoint on pictures: a CIFAR test image saved as PNG gets the class --data-dir gives it, by name; a
+    larger photo is centre-cropped and resized to 32 px. A checkpoint without class names prints indices and says so;
+    a missing path, and an image over Pillow's decompression-bomb limit, are one sentence with nothing written."""
+    import checkpoints
+    import data
+    from PIL import Image
+    out, _ = trained
+    test_x = data.load_cifar100(cifar_dir)["test_x"]
+    submitted = pd.read_csv(out / "submission.csv").Prediction1
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.fromarray(test_x[i].transpose(1, 2, 0)).save(tmp_path / "photos" / f"test{i}.png")
+    Image.fromarray(test_x[3].transpose(1, 2, 0)).resize((96, 64)).save(tmp_path / "photos" / "wide.jpg")
+    proc = run_inline("predict.py", out / "best.pt", "--images", tmp_path / "photos", "--top", "2",
+                      "--out", tmp_path / "top.json")
+    rows = {Path(r["path"]).name: r["top"] for r in json.loads((tmp_path / "top.json").read_text())}
+    assert len(rows) == 4 and all(len(top) == 2 for top in rows.values())
+    for i in range(3):
+        assert rows[f"test{i}.png"][0]["name"] == f"class_{submitted[i]}"
+        assert f"test{i}.png  class_{submitted[i]} " in proc.stdout
+    old = checkpoints.load_checkpoint(out / "best.pt")
+    del old["data_config"]["classes"]
+    torch.save(old, tmp_path / "old.pt")
+    proc = run_inline("predict.py", tmp_path / "old.pt", "--images", tmp_path / "photos" / "test0.png")
+    assert "holds no class names" in proc.stdout and f"test0.png  {submitted[0]} " in proc.stdout
+    proc = run_inline("predict.py", out / "best.pt", "--images", tmp_path / "nowhere", "--out", tmp_path / "x.csv",
+                      check=False)
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr and not (tmp_path / "x.csv").exists()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 * 4)
+    proc = run_inline("predict.py", out / "best.pt", "--images", tmp_path / "photos", "--out", tmp_path / "x.csv",
+                      check=False)
+    assert proc.returncode == 1 and "wide.jpg has more pixels than Pillow's decompression-bomb limit" in proc.stderr
+    assert not (tmp_path / "x.csv").exists()

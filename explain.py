@@ -1,0 +1,110 @@
+"""Where a network looked: Grad-CAM (Selvaraju et al. 2017) for a class on the network's last convolutional stage,
+computed by captum's LayerGradCam (PyTorch's interpretability library), and the pictures that show it: one image with
+its heat map and top-3 names (`draw`), or a grid comparing models on the same images (`compare_grid`). predict.py
+--explain and the report use it. Not run directly.
+"""
+import numpy as np
+import torch
+
+from run_files import atomic_write
+
+
+def last_conv_stage(model, input_shape):
+    """(name, module) of the network's last convolutional stage: the last module, in the order a forward pass on zeros
+    of `input_shape` finishes them, whose output is a feature map (4-D, more than one pixel). A torchvision ResNet: its
+    layer4; timm's EfficientNet: its head's BatchNorm-activation; a Wide ResNet: its last BatchNorm; BaseNet: its second
+    max-pool. In-place activations are passed over: their output is their input, changed after the hook has seen it."""
+    seen = []
+    hooks = [module.register_forward_hook(lambda m, _, out, name=name: seen.append((name, m, out)))
+             for name, module in model.named_modules() if module is not model]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    maps = [(name, m) for name, m, out in seen if torch.is_tensor(out) and out.ndim == 4 and out.shape[-2:].numel() > 1
+            and not getattr(m, "inplace", False)]
+    if not maps:
+        raise ValueError(f"{type(model).__name__} has no layer with a spatial output for Grad-CAM")
+    return maps[-1]
+
+
+def grad_cam(model, layer, x, targets):
+    """Grad-CAM maps of `targets` (one class per image) for the batch x, as (N, H, W) float in [0, 1] at the input's
+    size: the layer's activations weighted by their spatially averaged gradients, ReLU'd, bilinearly upsampled and
+    divided by each map's maximum (a map with no positive evidence stays 0)."""
+    from captum.attr import LayerAttribution, LayerGradCam
+    model.eval()
+    with torch.enable_grad():
+        attr = LayerGradCam(model, layer).attribute(x.float().detach().requires_grad_(), target=targets.tolist(),
+                                                    relu_attributions=True)
+    maps = LayerAttribution.interpolate(attr.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0].clamp(min=0)
+    return (maps / maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)).cpu()
+
+
+def to_picture(x, mean, std):
+    """The network's normalised input (3, H, W) back to the uint8 (H, W, 3) picture it saw."""
+    mean = torch.tensor(mean if mean is not None else [0.0] * 3).view(3, 1, 1)
+    std = torch.tensor(std if std is not None else [1.0] * 3).view(3, 1, 1)
+    return ((x.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _overlay(ax, picture, cam):
+    big = max(1, 128 // picture.shape[0])  # a 32-px CIFAR view drawn as 128 px, its pixels kept sharp
+    picture = np.kron(picture, np.ones((big, big, 1), dtype=np.uint8)) if big > 1 else picture
+    cam = np.kron(cam, np.ones((big, big))) if big > 1 else cam
+    ax.imshow(picture)
+    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    _plt().close(fig)
+
+
+def draw(path, picture, cam, top, title=""):
+    """One PNG: the photo as the network saw it, the Grad-CAM map over it, and the top-3 (name, probability)."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7, 4.1))
+    ax1.imshow(picture)
+    ax1.set(xticks=[], yticks=[], title="the network's view")
+    _overlay(ax2, picture, cam)
+    ax2.set_title(f"Grad-CAM: {top[0][0]}")
+    fig.suptitle(title, fontsize=9)
+    fig.text(0.5, 0.02, "   ".join(f"{i}. {name} ({p:.2f})" for i, (name, p) in enumerate(top[:3], 1)),
+             ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    _save(fig, path)
+
+
+def compare_grid(path, pictures, columns, title):
+    """Rows of images, one column per model: `columns` = [(column title, [map per image], [caption per image])]; the
+    first column shows the picture alone."""
+    plt = _plt()
+    rows, cols = len(pictures), len(columns) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
+    for r, picture in enumerate(pictures):
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set(xticks=[], yticks=[])
+        for c, (name, cams, captions) in enumerate(columns, 1):
+            _overlay(axes[r, c], picture, cams[r])
+            axes[r, c].set_title(captions[r], fontsize=8)
+            if r == 0:
+                axes[r, c].text(0.5, 1.25, name, transform=axes[r, c].transAxes, ha="center", fontsize=10,
+                                weight="bold")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
