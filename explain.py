@@ -3,6 +3,8 @@ computed by captum's LayerGradCam (PyTorch's interpretability library), and the 
 its heat map and top-3 names (`draw`), or a grid comparing models on the same images (`compare_grid`). predict.py
 --explain and the report use it. Not run directly.
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -37,7 +39,9 @@ def grad_cam(model, layer, x, targets):
     """Grad-CAM maps of `targets` (one class per image) for the batch x, as (N, H, W) float in [0, 1] at the input's
     size: the layer's activations weighted by their spatially averaged gradients, ReLU'd, bilinearly upsampled and
     divided by each map's maximum (a map with no positive evidence stays 0)."""
-    from captum.attr import LayerAttribution, LayerGradCam
+    with warnings.catch_warnings():  # captum imports tqdm.auto, which warns in a notebook without ipywidgets
+        warnings.simplefilter("ignore")
+        from captum.attr import LayerAttribution, LayerGradCam
     model.eval()
     with torch.enable_grad():
         attr = LayerGradCam(model, layer).attribute(x.float().detach().requires_grad_(), target=targets.tolist(),
@@ -101,10 +105,7 @@ def compare_grid(path, pictures, columns, title):
         axes[r, 0].set(xticks=[], yticks=[])
         for c, (name, cams, captions) in enumerate(columns, 1):
             _overlay(axes[r, c], picture, cams[r])
-            axes[r, c].set_title(captions[r], fontsize=8)
-            if r == 0:
-                axes[r, c].text(0.5, 1.25, name, transform=axes[r, c].transAxes, ha="center", fontsize=10,
-                                weight="bold")
+            axes[r, c].set_title(f"{name}\n{captions[r]}" if r == 0 else captions[r], fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))  # room for the title above the first row's captions
     _save(fig, path)

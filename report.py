@@ -2,9 +2,11 @@
 Method (data, split, augmented samples drawn by the project's own loaders, stage-level architecture tables,
 recipe, machine, versions, seeds), Ablations (the CIFAR ladder with a delta per row and whether it exceeds
 the seed spread), Transfer learning (the birds study: accuracy against trainable parameters and time),
-Error analysis (best and worst classes, most-confused pairs, misclassified test images) and Reproduce (the
-commands and their times). Works on whatever runs exist: a missing part gets a one-line note. No model is
-run: everything comes from the files each run wrote (final.json, metrics.csv, per_class.csv, ...).
+Error analysis (best and worst classes, most-confused pairs, misclassified test images), Where the networks look
+(Grad-CAM of six test birds under the frozen probe and LP-FT, and of the final CIFAR model on its most-confused pair)
+and Reproduce (the commands and their times). Works on whatever runs exist: a missing part gets a one-line note. No
+model is trained: everything comes from the files each run wrote (final.json, metrics.csv, per_class.csv, best.pt
+for the Grad-CAM figures, ...).
 
     python report.py --results results            # results/REPORT.md (+ PNGs beside it)
     python report.py --results results --html     # also results/REPORT.html, one file with the images inside
@@ -545,6 +547,106 @@ def section_errors(results, finals, notes):
     return lines
 
 
+# ----------------------------------------------------------------------------- where the networks look
+
+def gradcam_column(run_dir, images, labels, size=None):
+    """One model's Grad-CAM column for compare_grid: its best.pt on `images` (bird image paths, or CIFAR uint8
+    (N, 3, 32, 32)) through its own evaluation preprocessing (predict.image_loader's, the torch loader), the map of its
+    top class at `size` px, and a caption with its prediction against the true `labels`. Returns (pictures, column)."""
+    import argparse
+
+    import torch
+
+    import bird_data
+    import checkpoints
+    import data
+    import explain
+    import predict
+    device = torch.device("cpu")
+    ckpt = checkpoints.load_checkpoint(run_dir / "best.pt")
+    model, cfg = predict.load_model(ckpt, run_dir / "best.pt", device), ckpt["data_config"]
+    if torch.is_tensor(images):
+        loader = data.DeviceLoader(images, torch.arange(len(images)), len(images), mean=cfg["mean"], std=cfg["std"])
+    else:
+        flags = argparse.Namespace(loader="torch", batch_size=len(images), workers=0)
+        loader = predict.image_loader(ckpt, run_dir / "best.pt", images, flags, device)
+    x, _ = next(iter(loader))
+    with torch.no_grad():
+        probs = model.eval()(x).float().softmax(1)
+    top_p, top_c = probs.max(1)
+    _, layer = explain.last_conv_stage(model, (1, *x.shape[1:]))
+    cams = explain.grad_cam(model, layer, x, top_c)
+    size = size or x.shape[-1]
+    cams = torch.nn.functional.interpolate(cams[:, None], size=(size, size), mode="bilinear")[:, 0].numpy()
+    names = cfg.get("classes") or [bird_data.display_name(r["name"]) for r in read_csv(run_dir / "per_class.csv")] \
+        if (run_dir / "per_class.csv").is_file() or cfg.get("classes") else [str(i) for i in range(probs.shape[1])]
+    captions = [f"{'right' if c == y else 'wrong'}: {names[c][:22]} ({p:.2f})"
+                for c, p, y in zip(top_c.tolist(), top_p.tolist(), labels, strict=True)]
+    pictures = [explain.to_picture(xi, cfg["mean"], cfg["std"]) for xi in x]
+    return pictures, (cams, captions, names)
+
+
+def gradcam_figures(results, runs, finals, n=6):
+    """The Grad-CAM figures: (png name, what it shows), drawn into results. Birds: n test images spread over the
+    classes, under the frozen probe (`frozen`) and LP-FT (`lpft`), each model's map for its own top class. CIFAR: the
+    final model on validation images of its most-confused pair of classes (confusion_val.csv)."""
+    import explain
+    figures = []
+    frozen, lpft = runs.get(("birds", "frozen")), runs.get(("birds", "lpft"))
+    if frozen and lpft and (frozen[0] / "best.pt").is_file() and (lpft[0] / "best.pt").is_file():
+        import bird_data
+        _, test, _ = _bird_samples(load_json(lpft[0] / "config.json")["args"])
+        test = [t for t in test if bird_data.check_image_file(t[0]) is None]
+        chosen = test[:: max(1, len(test) // n)][:n]
+        paths, labels = [p for p, _, _ in chosen], [y for _, y, _ in chosen]
+        pictures, lp = gradcam_column(lpft[0], paths, labels)
+        _, fr = gradcam_column(frozen[0], paths, labels, size=pictures[0].shape[0])
+        names = lp[2]
+        explain.compare_grid(results / "birds_gradcam.png", pictures,
+                             [("frozen probe", fr[0], fr[1]), ("LP-FT (fine-tuned)", lp[0], lp[1])],
+                             "Where each bird model looks: Grad-CAM of its top class")
+        figures.append(("birds_gradcam.png", f"Six test birds ({', '.join(names[y] for y in labels)}), each under "
+                        "the frozen probe and under LP-FT, with each model's top class and its probability: the "
+                        "frozen column is ImageNet's features as the new head weighs them, the LP-FT column the "
+                        "evidence after the whole network adapted to these species."))
+    cifar = finals.get("cifar")
+    if cifar is not None and (cifar / "best.pt").is_file() and (cifar / "confusion_val.csv").is_file():
+        import torch
+
+        import data
+        matrix = [[int(v) for v in row[1:]] for row in csv.reader((cifar / "confusion_val.csv").read_text().splitlines()[1:])]
+        _, t, p = max((matrix[t][p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p)
+        args = load_json(cifar / "config.json")["args"]
+        loaded = data.load_cifar100(args["data_dir"])
+        _, val_idx = data.stratified_split(loaded["train_y"], val_per_class=args["val_per_class"],
+                                           seed=args["split_seed"])
+        picks = [i for c in (t, p) for i in [j for j in val_idx if loaded["train_y"][j] == c][:2]]
+        images = torch.from_numpy(loaded["train_x"][picks])
+        pictures, col = gradcam_column(cifar, images, [int(loaded["train_y"][i]) for i in picks])
+        explain.compare_grid(results / "cifar_gradcam.png", pictures, [(cifar.parent.name, col[0], col[1])],
+                             f"CIFAR: {col[2][t]} vs {col[2][p]}, the most-confused pair")
+        figures.append(("cifar_gradcam.png", f"The final CIFAR model (`{cifar.parent.name}`) on validation images of "
+                        f"its most-confused pair: two {col[2][t]} then two {col[2][p]} ({matrix[t][p]} validation "
+                        f"{col[2][t]} were called {col[2][p]})."))
+    return figures
+
+
+def section_gradcam(results, runs, finals, notes):
+    lines = ["## Where the networks look", "",
+             "Grad-CAM (Selvaraju et al. 2017, by captum's LayerGradCam) on each network's last convolutional stage: "
+             "red is where the evidence for the model's top class lies. `python predict.py CKPT --images PHOTOS "
+             "--explain DIR` draws the same for any picture.", ""]
+    try:
+        figures = gradcam_figures(results, runs, finals)
+    except Exception as e:  # a data folder moved, a checkpoint unreadable here: the report still comes out
+        notes.append(f"Grad-CAM figures not drawn: {type(e).__name__}: {e}")
+        figures = []
+    for png, text in figures:
+        lines += [f"![{png}]({png})", "", text, ""]
+    return lines + ([] if figures else ["*No Grad-CAM figure: it needs the birds `frozen` and `lpft` runs, or a "
+                                        "final CIFAR run, with their best.pt and data readable here.*", ""])
+
+
 def conclusions(results):
     """The story in a few sentences, every number read from the run folders."""
     plan, runs = read_runs(results)
@@ -617,6 +719,7 @@ def make_report(results, html_too=False):
     lines += section_ablations(results, plan, runs, changes)
     lines += section_transfer(results, plan, runs, changes)
     lines += section_errors(results, finals, notes)
+    lines += section_gradcam(results, runs, finals, notes)
     lines += ["## Conclusions", "", *[f"- {c}" for c in conclusions(results)], ""]
     lines += section_reproduce(results, plan, runs)
     lines += ["## Prediction CSVs", ""]
