@@ -43,7 +43,8 @@ import models
 def parse_args(argv=None):
     parser = flags.ArgumentParser(__doc__)
     parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
-                        help="best.pt (or last.pt) written by train_cifar.py or finetune_birds.py; several: an ensemble "
+                        help="best.pt (or last.pt: with the EMA's weights where the run kept one) written by train_cifar.py or "
+                             "finetune_birds.py; several: an ensemble "
                              "(same data set and classes; each through its own preprocessing: normalisation, image "
                              "size), softmax averaged")
     source = parser.add_mutually_exclusive_group(required=True)
