@@ -65,9 +65,9 @@ def build_state(model, args, device, num_classes, param_groups=None):
 
 def make_optimizer(param_groups, args, no_decay_params=frozenset()):
     """SGD (momentum, optional Nesterov) or AdamW over param_groups; weight decay on weights, none on biases and norm
-    layers (ndim <= 1) nor on the parameters whose ids are in `no_decay_params` (no_weight_decay_params). Split here rather than by
-    timm's param_groups_weight_decay, which splits a whole model: these groups are already split by learning rate (the
-    per-stage rates of --layer-decay)."""
+    layers (ndim <= 1) nor on the parameters whose ids are in `no_decay_params` (no_weight_decay_params). Split here
+    rather than by timm's param_groups_weight_decay, which splits a whole model: these groups are already split by
+    learning rate (the per-stage rates of --layer-decay)."""
     groups = []
     for g in param_groups:
         params = [p for p in g["params"] if p.requires_grad]

@@ -217,8 +217,9 @@ def cache_features(model, args, device, make_loader, loaders, names):
     seconds it took. Training and validation features are taken from every image on each rank, then sharded like
     images; `val_all` keeps all of validation for rank 0's error analysis."""
     t0 = time.perf_counter()
-    whole = {name: make_loader(name, whole=True) for name in ("train", "val") if loaders[name].sampler.world > 1
-             or name == "train"}  # validation's loader already reads every image in one process
+    whole = {"train": make_loader("train", whole=True)}
+    if loaders["val"].sampler.world > 1:  # each rank validates its share: the features of all of it, then sharded
+        whole["val"] = make_loader("val", whole=True)
     sources = {**loaders, **whole}
     feats = {name: extract_features(model, sources[name], device, args.amp, not args.quiet, f"caching {name}")
              for name in names}
@@ -348,9 +349,11 @@ def predict_and_finish(args, model, device, make_loader, loaders, splits, classe
     checkpoints.load_best(model, out)
     test_probs = engine.predict_probs(model, loaders["test"], device, args.amp, tta, not args.quiet, "test")
     test_acc = run_files.write_predictions(out / "submission.csv", *test_probs)
-    val = loaders.get("val_all") or (make_loader("val", whole=True) if world > 1 else loaders["val"])  # all of it
-    run_files.write_error_analysis(out, [bird_data.display_name(c) for c in classes], engine.predict_probs(model, val, device, args.amp,
-                                                                      progress=not args.quiet, desc="val"), test_probs)
+    val = (loaders["val"] if world == 1 else loaders["val_all"] if "val_all" in loaders  # all of validation
+           else make_loader("val", whole=True))
+    names = [bird_data.display_name(c) for c in classes]
+    run_files.write_error_analysis(out, names, engine.predict_probs(model, val, device, args.amp, progress=not args.quiet,
+                                                                    desc="val"), test_probs)
     for loader in (val, *loaders.values()):
         loader.close()
     final = run_files.finish(out, summary, model, test_acc, {

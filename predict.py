@@ -43,8 +43,8 @@ import models
 def parse_args(argv=None):
     parser = flags.ArgumentParser(__doc__)
     parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
-                        help="best.pt (or last.pt: with the EMA's weights where the run kept one) written by train_cifar.py or "
-                             "finetune_birds.py; several: an ensemble "
+                        help="best.pt (or last.pt: with the EMA's weights where the run kept one) written by "
+                             "train_cifar.py or finetune_birds.py; several: an ensemble "
                              "(same data set and classes; each through its own preprocessing: normalisation, image "
                              "size), softmax averaged")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -53,8 +53,8 @@ def parse_args(argv=None):
     source.add_argument("--images", nargs="+", metavar="PATH",
                         help="image files, folders (searched recursively for image files) or globs: each image's top "
                              "classes, one printed line per image")
-    parser.add_argument("--out", help="file to write: with --data-dir the competition CSV (required); with --images a CSV "
-                                      "(path, name_1, prob_1, ..., name_K, prob_K), or JSON where it ends in .json")
+    parser.add_argument("--out", help="file to write: with --data-dir the competition CSV (required); with --images a "
+                                      "CSV (path, name_1, prob_1, ..., name_K, prob_K), or JSON where it ends in .json")
     parser.add_argument("--top", type=int, default=5, metavar="K", help="--images: the K most probable classes")
     parser.add_argument("--explain", metavar="DIR",
                         help="--images: one PNG per image into DIR: the image as the (first) network saw it, its "
@@ -147,7 +147,8 @@ def main(argv=None):
     flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
     flags.require(args.top >= 1, "--top", args.top, "at least 1")
     if args.data_dir is not None and (args.out is None or args.explain):
-        raise flags.UsageError("--data-dir writes the competition CSV: it needs --out, and --explain goes with --images")
+        raise flags.UsageError("--data-dir writes the competition CSV: it needs --out, and --explain goes with "
+                               "--images")
     tta = engine.TTA.names(args.tta)
     device = devices.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp

@@ -614,7 +614,8 @@ def gradcam_figures(results, runs, finals, n=6):
         import torch
 
         import data
-        matrix = [[int(v) for v in row[1:]] for row in csv.reader((cifar / "confusion_val.csv").read_text().splitlines()[1:])]
+        rows = csv.reader((cifar / "confusion_val.csv").read_text().splitlines()[1:])
+        matrix = [[int(v) for v in row[1:]] for row in rows]
         _, t, p = max((matrix[t][p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p)
         args = load_json(cifar / "config.json")["args"]
         loaded = data.load_cifar100(args["data_dir"])

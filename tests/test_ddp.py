@@ -79,7 +79,8 @@ def test_ema_under_ddp_validates_rank_0s_model_and_the_budget_counts_rank_0s_pre
     out = tmp_path / "two"
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_cifar.py",
                "--data-dir", tiny_cifar_dir, "--out", out, "--device", "cpu", "--quiet", "--val-per-class", "4",
-               "--bn", "--depth", "2", "--width", "8", "--batch-size", "100", "--lr", "0.05", "--ema", "0.5", "--time-budget", "600",
+               "--bn", "--depth", "2", "--width", "8", "--batch-size", "100", "--lr", "0.05", "--ema", "0.5",
+               "--time-budget", "600",
                "--epochs", "2", "--no-tensorboard", "--no-compile", env={"OMP_NUM_THREADS": "1"})
     record = json.loads((out / "config.json").read_text())["time_budget"]
     assert record["final_seconds"] == pytest.approx(record["eval_seconds"] * (200 + 400) / 200, rel=1e-3)
