@@ -215,7 +215,7 @@ def readable_images(paths):
         if width is None or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
             raise data.DataError(f"{path} has more pixels than Pillow's decompression-bomb limit "
                                  f"({Image.MAX_IMAGE_PIXELS:,}); refused, nothing written")
-        why = bird_data.check_image_file(path) if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png") else None
+        why = bird_data.check_image_file(path)  # "not an image": a format Pillow reads that it does not know
         if why is not None and why != "not an image":  # a truncated JPEG or PNG
             data.warn(f"skipping {path}: {why}")
             continue

@@ -355,7 +355,8 @@ def misclassified_grid(path, study, run_dir, rows, classes):
                     images.append(im.convert("RGB").resize((96, 96)))
             except OSError:
                 images.append(Image.new("RGB", (96, 96)))
-    short = [c.split(".")[-1].replace("_", " ")[:16] for c in classes]
+    import bird_data
+    short = [bird_data.display_name(c)[:16] for c in classes]
     captions = [f"true: {short[int(r['label'])]}\npred: {short[int(r['top1'])]} ({float(r['p1']):.2f})" for r in rows]
     return _image_grid(path, images, captions, f"{study}: misclassified test images ({run_dir.parent.name})", cols=8)
 
@@ -578,8 +579,10 @@ def gradcam_column(run_dir, images, labels, size=None):
     cams = explain.grad_cam(model, layer, x, top_c)
     size = size or x.shape[-1]
     cams = torch.nn.functional.interpolate(cams[:, None], size=(size, size), mode="bilinear")[:, 0].numpy()
-    names = cfg.get("classes") or [bird_data.display_name(r["name"]) for r in read_csv(run_dir / "per_class.csv")] \
-        if (run_dir / "per_class.csv").is_file() or cfg.get("classes") else [str(i) for i in range(probs.shape[1])]
+    names = cfg.get("classes")  # a checkpoint from before names were stored: its run's per_class.csv has them
+    if names is None and (run_dir / "per_class.csv").is_file():
+        names = [bird_data.display_name(r["name"]) for r in read_csv(run_dir / "per_class.csv")]
+    names = names or [str(i) for i in range(probs.shape[1])]
     captions = [f"{'right' if c == y else 'wrong'}: {names[c][:22]} ({p:.2f})"
                 for c, p, y in zip(top_c.tolist(), top_p.tolist(), labels, strict=True)]
     pictures = [explain.to_picture(xi, cfg["mean"], cfg["std"]) for xi in x]
