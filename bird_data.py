@@ -4,10 +4,12 @@ file: `warn_broken`) and the header scan that tells the GPU decoder's files from
 open, `scan_images`: sizes, EXIF orientation, coding process) without decoding any image. The loaders are in
 bird_loaders.py. Not run directly.
 """
+import contextlib
 import io
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +82,42 @@ def _parse_box(root, image_id, fields):
     return box
 
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# The suffixes a folder search takes: what phones, cameras and the web save (HEIC/HEIF: the iPhone's default, read
+# through pillow-heif where it is installed; AVIF: Pillow's own plugin).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic",
+                    ".heif", ".avif"}
+
+
+def register_heif():
+    """HEIC/HEIF (the iPhone's photos) for Pillow, through pillow-heif, once per process; False where it is missing."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+HEIF = register_heif()  # at import: DataLoader workers (forked or spawned) import this module too
+
+
+def left_out(files):
+    """The files a folder search does not take, {reason: [paths]}: a suffix no image has, or a hidden file."""
+    reasons = {}
+    for f in files:
+        why = ("a hidden file" if f.name.startswith(".")
+               else f"not an image suffix ({f.suffix.lower() or 'none'})" if f.suffix.lower() not in IMAGE_EXTENSIONS
+               else None)
+        if why:
+            reasons.setdefault(why, []).append(f)
+    return reasons
+
+
+def say_left_out(reasons, where):
+    """One warning line per reason a folder search left files out, with the first few names: never silently."""
+    for why, files in sorted(reasons.items()):
+        names = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        warn(f"{where}: left out {len(files)} file{'s' if len(files) > 1 else ''}, {why}: {names}")
 
 
 def load_image_folder(data_dir):
@@ -98,9 +135,11 @@ def load_image_folder(data_dir):
         for cls_dir in sorted(p for p in (data_dir / split).iterdir() if p.is_dir()):
             if cls_dir.name not in index_of:
                 raise DataError(f"{cls_dir} is a class that {data_dir}/train does not have")
-            for f in sorted(cls_dir.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    out.append((str(f), index_of[cls_dir.name], None))
+            files = sorted(f for f in cls_dir.iterdir() if f.is_file())
+            skipped = left_out(files)
+            out += [(str(f), index_of[cls_dir.name], None) for f in files
+                    if not any(f in fs for fs in skipped.values())]
+            say_left_out(skipped, str(cls_dir))
         return out
 
     return listing("train"), listing("test"), classes
@@ -121,7 +160,9 @@ def warn_broken(path, why, keep):
 
 def check_image_file(path):
     """Cheap sanity check (first and last bytes) that catches truncated and non-image files
-    before a decoder meets them mid-epoch. Returns None when fine, else the reason."""
+    before a decoder meets them mid-epoch. Returns None when fine, else the reason. A JPEG whose last bytes are not
+    its end marker is walked marker by marker to the end of its image (`jpeg_end`): a Motion Photo (a JPEG followed
+    by a short video) is an image. A file of another kind is an image where Pillow reads its header."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -131,12 +172,64 @@ def check_image_file(path):
     except OSError as e:
         return f"unreadable ({e.strerror})"
     if head[:3] == b"\xff\xd8\xff":
-        return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
+        if b"\xff\xd9" in tail:
+            return None
+        with open(path, "rb") as f:
+            return None if jpeg_end(f.read()) is not None else "truncated JPEG (no end marker)"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return None if b"IEND" in tail else "truncated PNG"
     if head[:2] == b"BM" or head[:4] in (b"GIF8", b"RIFF") or head[:4] in (b"II*\x00", b"MM\x00*"):
         return None
-    return "not an image"
+    return None if pil_reads_header(path) else "not an image"
+
+
+def pil_reads_header(path):
+    """Whether Pillow (with pillow-heif: HEIC/HEIF; AVIF, PPM, ICO, ...) reads the file's header: no pixels decoded."""
+    from PIL import Image
+    try:
+        with quiet_bombs(), Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True  # an image, refused later by size with its own sentence
+    except Exception:
+        return False
+
+
+_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # a marker inside entropy-coded data (not a stuffed 0xff00, a restart)
+
+
+def jpeg_end(blob):
+    """The length of the JPEG image at the start of `blob` (up to and with its end marker, EOI), or None where it is
+    truncated: the segments are walked by their lengths, each scan's data searched for the next marker. Data after
+    the image (a Motion Photo's video, a vendor's trailer) is not part of it."""
+    pos, n = 2, len(blob)
+    while pos + 4 <= n:
+        if blob[pos] != 0xFF:
+            return None
+        marker = blob[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return pos + 2
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(blob[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            found = _MARKER.search(blob, pos)
+            if found is None:
+                return None
+            pos = found.end() - 2
+    return None
+
+
+def jpeg_payload(blob):
+    """A JPEG file's bytes without what follows its end marker (a Motion Photo's video), so that no decoder sees it."""
+    if blob[-2:] == b"\xff\xd9" or blob[:3] != b"\xff\xd8\xff":
+        return blob
+    end = jpeg_end(bytes(blob))
+    return blob if end is None else blob[:end]
 
 
 def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
@@ -176,6 +269,13 @@ def oriented(im):
     return ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im
 
 
+def upright_size(im):
+    """(width, height) of a PIL image as it is meant to be seen (a quarter turn of its EXIF orientation swaps them),
+    from its header."""
+    width, height = im.size
+    return (height, width) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def jpeg_coding(path):
     """The frame header's marker (0xC0-0xCF) of a JPEG file, from the markers before it, or None where none comes
     before the image data. Written here because PIL reads the frame header but does not keep which one it was."""
@@ -202,7 +302,7 @@ def jpeg_header(path):
     a file whose header PIL cannot read."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with quiet_bombs(), Image.open(path) as im:
             (width, height), mode, fmt = im.size, im.mode, im.format
             orientation, adobe = im.getexif().get(EXIF_ORIENTATION, 1), im.info.get("adobe_transform")
     except Image.DecompressionBombError:
@@ -211,6 +311,8 @@ def jpeg_header(path):
         return None, None, f"cannot read the image header ({type(e).__name__})"
     if orientation in (5, 6, 7, 8):  # a quarter turn: the upright size
         width, height = height, width
+    if fmt != "JPEG" and width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return None, None, f"more pixels ({width}x{height}) than PIL's decompression-bomb limit"
     sof = jpeg_coding(path) if fmt == "JPEG" else None
     why = ("not a JPEG" if fmt != "JPEG"
            else "no frame header before the image data" if sof is None
@@ -224,10 +326,12 @@ def jpeg_header(path):
     return width, height, why
 
 
-def scan_images(samples, pil_for_gpu_refused):
+def scan_images(samples, pil_for_gpu_refused, pil_for_non_jpeg=False):
     """What the nvJPEG and DALI loaders learn before the first epoch: each sample's (width, height) after its crop box,
-    {index: why} of the broken files and, with pil_for_gpu_refused, the indices PIL decodes on the CPU (not a JPEG
-    nvJPEG takes), with a count of the reasons. Headers are read, never the image data."""
+    {index: why} of the broken files and the indices PIL decodes on the CPU, with a count of the reasons: with
+    pil_for_gpu_refused every file that is not a JPEG nvJPEG takes, with pil_for_non_jpeg (DALI) the files that are no
+    JPEG at all (GIF, HEIC, AVIF, PNG, WebP, ...) or one of a coding process outside nvJPEG's. Headers are read, never
+    the image data."""
     sizes, broken, pil, reasons = [], {}, set(), {}
     for i, (path, _, box) in enumerate(samples):
         why_broken = check_image_file(path)
@@ -235,7 +339,7 @@ def scan_images(samples, pil_for_gpu_refused):
             width, height, why_cpu = jpeg_header(path)
             if width is None:
                 why_broken = why_cpu
-            elif why_cpu is not None and pil_for_gpu_refused:
+            elif why_cpu is not None and (pil_for_gpu_refused or pil_for_non_jpeg and not_a_plain_jpeg(why_cpu)):
                 pil.add(i)
                 reasons[why_cpu] = reasons.get(why_cpu, 0) + 1
         if why_broken is not None:
@@ -249,22 +353,64 @@ def scan_images(samples, pil_for_gpu_refused):
     return sizes, broken, pil, reasons
 
 
+def not_a_plain_jpeg(why):
+    """Whether jpeg_header's reason says the file is no JPEG, or one of a coding process only PIL decodes."""
+    return why == "not a JPEG" or why.startswith(("JPEG process", "no frame header"))
+
+
 def to_rgb(im):
     """Any PIL mode as 8-bit RGB: 16- and 32-bit grey levels scaled to 8 bits (PIL's own convert clips them at 255),
-    palette, grey, CMYK and alpha as PIL converts them (the alpha channel dropped)."""
+    transparent pixels on white (as a viewer shows them; PIL's convert would keep whatever colour lies under alpha 0,
+    often black), palette, grey and CMYK as PIL converts them."""
+    from PIL import Image
     if im.mode.startswith("I") or im.mode == "F":
-        from PIL import Image
         grey = np.asarray(im, dtype=np.float64) / (256.0 if im.mode.startswith("I") else 1.0)
         im = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
     return im.convert("RGB")  # a loaded copy even of an RGB image: the file may close after this
+
+
+@contextlib.contextmanager
+def quiet_bombs():
+    """Pillow's DecompressionBombWarning silenced (its error is not): a large JPEG is decoded at a fraction of its size
+    (`draft`), and every other large image is refused by size with one sentence of this project's."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def draft(im, factor):
+    """Ask PIL to decode a JPEG at 1/factor of its size straight from its DCT coefficients (libjpeg's scaled decode:
+    1/2, 1/4 or 1/8, far cheaper than the whole image); the factor it will decode at (1 for any other format)."""
+    if factor < 2 or im.format != "JPEG":
+        return 1
+    width, height = im.size
+    got = im.draft(im.mode, (width // factor, height // factor))
+    return 1 if got is None else width / got[1][2]
+
+
+def dct_factor(scale):
+    """The largest JPEG DCT scaling (1, 2, 4 or 8) that still gives at least one source pixel per output pixel, for a
+    sample whose output pixels each span `scale` source pixels (the smaller of its two axes')."""
+    return next((k for k in (8, 4, 2) if scale >= k), 1)
 
 
 def pil_rgb(source):
     """A file (path or file object) decoded by PIL, upright (its EXIF orientation applied), any mode to RGB, as uint8
     (3, H, W)."""
+    return pil_rgb_scaled(source, 1)[0]
+
+
+def pil_rgb_scaled(source, factor):
+    """pil_rgb, a JPEG decoded at 1/factor of its size (`draft`; factor 1: whole): (image, the factor it was decoded
+    at), so that source coordinates divided by that factor are the decoded image's."""
     from PIL import Image
-    with Image.open(source) as im:
-        return torch.from_numpy(np.asarray(to_rgb(oriented(im))).copy()).permute(2, 0, 1)
+    with quiet_bombs(), Image.open(source) as im:
+        got = draft(im, factor)
+        return torch.from_numpy(np.asarray(to_rgb(oriented(im))).copy()).permute(2, 0, 1), got
 
 
 def display_name(name):

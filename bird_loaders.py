@@ -12,18 +12,41 @@ when training and black in a test set (every id keeps its row). Every loader yie
 device, float and normalised, and has `set_epoch(epoch)`, `len()` (batches per epoch), `start_step` (to resume
 mid-epoch) and `close()`. The files they read come from bird_data.py. Not run directly.
 """
+import collections
 import io
 import math
 import os
-import re
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from bird_data import oriented, pil_rgb, placeholder_jpeg, scan_images, to_rgb, warn_broken
+from bird_data import (dct_factor, draft, jpeg_end, oriented, pil_rgb, pil_rgb_scaled, placeholder_jpeg, quiet_bombs,
+                       scan_images, to_rgb, upright_size, warn_broken)
 from data import DataError, EpochSampler, ListFlag, SampledLoader, warn
-from device_images import decode_jpegs, resample_batch, sample_geometry, to_device
+from device_images import Geometry, decode_jpegs, resample_batch, sample_geometry, to_device
+
+
+def scaled_geometry(geometry, factor, image):
+    """A sample's Geometry in the pixels of its source decoded at 1/factor (a JPEG's DCT-scaled decode, `draft`): every
+    coordinate divided by the factor, the bounds kept within the decoded image (uint8 (3, H, W))."""
+    g = Geometry(*(field / factor for field in geometry))
+    return g._replace(hi_x=np.minimum(g.hi_x, image.shape[2]), hi_y=np.minimum(g.hi_y, image.shape[1]))
+
+
+def ppm_bytes(image):
+    """uint8 (3, H, W) pixels as a binary PPM file's bytes (a header and the raw pixels: no encoder needed), which DALI
+    decodes to exactly these pixels: how PIL's decodes reach a DALI pipeline."""
+    header = torch.frombuffer(bytearray(f"P6\n{image.shape[2]} {image.shape[1]}\n255\n".encode()), dtype=torch.uint8)
+    return torch.cat([header, image.permute(1, 2, 0).reshape(-1)])
+
+
+def file_bytes(path):
+    """A file's bytes as a uint8 tensor; a JPEG's without what follows its end marker (a Motion Photo's video)."""
+    blob = np.fromfile(path, dtype=np.uint8)
+    if blob[:3].tobytes() == b"\xff\xd8\xff" and blob[-2:].tobytes() != b"\xff\xd9":
+        blob = blob[:jpeg_end(blob.tobytes()) or len(blob)]
+    return torch.from_numpy(blob)
 
 
 # ----------------------------------------------------------------------------- the augmentation every loader draws
@@ -112,20 +135,25 @@ class BirdImages(torch.utils.data.Dataset):
         from PIL import Image
         index, sample_seed = item
         path, label, box = self.samples[index]
+        s = self.img_size
         try:
-            with Image.open(path) as im:
+            with quiet_bombs(), Image.open(path) as im:
+                crop, mirror, geometry = self._draw(im, box, sample_seed)
+                factor = draft(im, dct_factor(min(geometry.scale_x[0], geometry.scale_y[0])))
                 im = to_rgb(oriented(im))
         except Exception as e:  # any decoder failure: never crash the epoch
             warn_broken(path, f"cannot decode ({e})", self.keep_broken)
             if not self.keep_broken:
                 return None
-            im = Image.new("RGB", (self.img_size, self.img_size))
-            box = None
+            im, box, factor = Image.new("RGB", (s, s)), None, 1
+            crop, mirror = draw_augmentation(sample_seed, s, s, self.aug, self.scale)
+        if factor > 1:  # a large JPEG decoded at 1/factor: the same source box, resampled as Pillow does
+            image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+            image = resample_batch([image], scaled_geometry(geometry, factor, image), s, [mirror])[0]
+            return self._finish(image), label
         if box is not None:
             x, y, w, h = box
             im = im.crop((int(x), int(y), int(x + w), int(y + h)))
-        s = self.img_size
-        crop, mirror = draw_augmentation(sample_seed, im.width, im.height, self.aug, self.scale)
         if crop is not None:
             x, y, w, h = crop
             im = im.resize((s, s), Image.BILINEAR, box=(x, y, x + w, y + h))
@@ -137,10 +165,25 @@ class BirdImages(torch.utils.data.Dataset):
             im = im.crop((left, top, left + s, top + s))
         if mirror:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        return self._finish(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)), label
+
+    def _draw(self, im, box, sample_seed):
+        """The sample's crop and mirror (draw_augmentation, on its upright size within its crop box) and where it
+        comes from in the source image (sample_geometry), from the header alone: before any pixel is decoded."""
+        width, height = upright_size(im)
+        region = (0, 0, width, height)
+        if box is not None:  # PIL's crop: whole pixels, and at least one of them
+            region = (int(box[0]), int(box[1]), max(int(box[0]) + 1, int(box[0] + box[2])),
+                      max(int(box[1]) + 1, int(box[1] + box[3])))
+        crop, mirror = draw_augmentation(sample_seed, region[2] - region[0], region[3] - region[1], self.aug, self.scale)
+        return crop, mirror, sample_geometry([width], [height], [region], [crop or (math.nan,) * 4], self.img_size,
+                                             self.crop_frac)
+
+    def _finish(self, image):
+        """uint8 (3, s, s) to what the worker hands over: normalised floats where it normalises (CPU training)."""
         if self.scale_bias is not None:
             image = torch.addcmul(self.scale_bias[1], image.float(), self.scale_bias[0])
-        return image, label
+        return image
 
 
 def _collate(batch):
@@ -189,6 +232,7 @@ class FileItem(NamedTuple):
     region: tuple  # (x0, y0, x1, y1) in source pixels: the crop box, or the whole image
     crop: tuple | None  # (x, y, w, h) of the random-resized crop within the region; None: the eval policy
     mirror: bool
+    skip: bool = False  # DALI: the stand-in for a broken file that is skipped (DALI runs full batches; cut off after)
 
 
 class FileBatch(NamedTuple):
@@ -216,13 +260,16 @@ def collate_files(batch):
 class BirdFiles(torch.utils.data.Dataset):
     """What a DataLoader worker does for the nvJPEG and DALI loaders: read one file's bytes and draw its augmentation
     (`draw_augmentation`, from the size found by `scan_images`). The few files in `pil` (not a JPEG the GPU decoder
-    takes) are decoded here by PIL, to full size, and join the same batch; broken files give None (skipped) or, with
-    keep_broken, a black image. Returns a FileItem."""
+    takes), and with `cpu_decode` every JPEG that a DCT-scaled decode covers (a large photo: `draft`), are decoded
+    here by PIL, at 1/2, 1/4 or 1/8 of their size where the sample's crop allows, and join the same batch: as pixels,
+    or with `as_ppm` (DALI) as PPM bytes. Broken files give None (skipped) or, with keep_broken, a black image.
+    Returns a FileItem whose region and crop are in the pixels of what it holds."""
 
     def __init__(self, samples, sizes, img_size, aug=(), scale=(0.25, 1.0), broken=(), pil=(), keep_broken=False,
-                 placeholder=None):
+                 placeholder=None, crop_frac=0.875, cpu_decode=False, as_ppm=False):
         self.samples, self.sizes, self.img_size, self.aug, self.scale = samples, sizes, img_size, set(aug), scale
         self.broken, self.pil, self.keep_broken, self.placeholder = set(broken), set(pil), keep_broken, placeholder
+        self.crop_frac, self.cpu_decode, self.as_ppm = crop_frac, cpu_decode, as_ppm
 
     def __len__(self):
         return len(self.samples)
@@ -233,23 +280,38 @@ class BirdFiles(torch.utils.data.Dataset):
             return FileItem(index, torch.from_numpy(self.placeholder), False, label, (0, 0, 8, 8), None, False)
         return FileItem(index, torch.zeros(3, s, s, dtype=torch.uint8), True, label, (0, 0, s, s), None, False)
 
+    def _skipped(self, index, label):
+        """A broken file's item: black with keep_broken; else None (skipped), or for DALI a black stand-in marked skip."""
+        if self.keep_broken:
+            return self._black(index, label)
+        return None if self.placeholder is None else self._black(index, label)._replace(skip=True)
+
     def __getitem__(self, item):
         index, sample_seed = item
         path, label, box = self.samples[index]
         if index in self.broken:
-            return self._black(index, label) if self.keep_broken else None
+            return self._skipped(index, label)
         width, height = self.sizes[index]
         crop, mirror = draw_augmentation(sample_seed, width, height, self.aug, self.scale)
         region = (0, 0, width, height)
         if box is not None:
             region = (int(box[0]), int(box[1]), int(box[0]) + width, int(box[1]) + height)
-        if index not in self.pil:
-            return FileItem(index, torch.from_numpy(np.fromfile(path, dtype=np.uint8)), False, label, region, crop, mirror)
+        factor = 1
+        if index in self.pil or self.cpu_decode:  # how far a DCT-scaled decode may shrink it (only PIL does that)
+            g = sample_geometry([region[2]], [region[3]], [region], [crop or (math.nan,) * 4], self.img_size,
+                                self.crop_frac)
+            factor = dct_factor(min(g.scale_x[0], g.scale_y[0]))
+        if index not in self.pil and factor == 1:
+            return FileItem(index, file_bytes(path), False, label, region, crop, mirror)
         try:
-            image = pil_rgb(path)
+            image, factor = pil_rgb_scaled(path, factor)
         except Exception as e:  # any decoder failure: never crash the epoch
             warn_broken(path, f"cannot decode ({e})", self.keep_broken)
-            return self._black(index, label) if self.keep_broken else None
+            return self._skipped(index, label)
+        region = tuple(v / factor for v in region)
+        crop = None if crop is None else tuple(v / factor for v in crop)
+        if self.as_ppm:
+            return FileItem(index, ppm_bytes(image), False, label, region, crop, mirror)
         return FileItem(index, image, True, label, region, crop, mirror)
 
 
@@ -294,7 +356,8 @@ class NvjpegImageLoader(BirdLoader):
         sizes, broken, pil, self.pil_reasons = scan_images(self.samples, pil_for_gpu_refused=True)
         for i, why in broken.items():  # as the torch loader does when PIL fails on them
             warn_broken(self.samples[i][0], why, self.keep_broken)
-        self.files = BirdFiles(self.samples, sizes, self.img_size, self.aug, self.scale, broken, pil, self.keep_broken)
+        self.files = BirdFiles(self.samples, sizes, self.img_size, self.aug, self.scale, broken, pil, self.keep_broken,
+                               crop_frac=self.crop_frac, cpu_decode=self.device.type != "cuda")
         self.readers = None
 
     def _batches(self, batches):
@@ -373,20 +436,17 @@ class DaliImageLoader(BirdLoader):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         samples = self.samples
-        # DALI stops the whole pipeline on an undecodable file: catch them up front (headers only).
-        sizes, bad, _, _ = scan_images(samples, pil_for_gpu_refused=False)
-        if bad and not self.keep_broken:
-            first = min(bad)
-            raise DataError(f"{samples[first][0]}: {bad[first]}"
-                            f"{f' (and {len(bad) - 1} more broken images)' if len(bad) > 1 else ''}; remove it, or use "
-                            f"--loader torch or nvjpeg, which skip such files")
+        # DALI stops the whole pipeline on an undecodable file: catch them up front (headers only), and give DALI only
+        # JPEGs: PIL decodes every other format (GIF, HEIC, AVIF, PNG, ...) in the readers, handed over as PPM
+        sizes, bad, pil, self.pil_reasons = scan_images(samples, pil_for_gpu_refused=False, pil_for_non_jpeg=True)
         for i, why in bad.items():
-            warn_broken(samples[i][0], why, keep=True)
+            warn_broken(samples[i][0], why, self.keep_broken)
         placeholder = np.frombuffer(placeholder_jpeg(), dtype=np.uint8).copy()  # writable: workers wrap it in a tensor
-        self.files = BirdFiles(samples, sizes, self.img_size, self.aug, self.scale, bad, (), self.keep_broken,
-                               placeholder)
+        self.files = BirdFiles(samples, sizes, self.img_size, self.aug, self.scale, bad, pil, self.keep_broken,
+                               placeholder, self.crop_frac, cpu_decode=self.device.type != "cuda", as_ppm=True)
         self.local_batch = self.sampler.batch_size // self.sampler.world
         self.build_args, self.pipe, self.readers = (self.img_size, *self.mean_std, self.workers), None, None
+        self._skipped = collections.deque()  # per batch fed, in feeding order: the positions of skipped stand-ins
 
     def _build(self, img_size, mean, std, workers):
         from nvidia.dali import fn, pipeline_def, types
@@ -422,6 +482,7 @@ class DaliImageLoader(BirdLoader):
     def _feed(self, info=None):
         batch = next(self._reading)  # StopIteration ends DALI's epoch; the workers have read and drawn everything
         items, blobs = zip(*batch.encoded(), strict=True)  # DALI decodes every file, the black placeholder's too
+        self._skipped.append([k for k, it in enumerate(items) if it.skip])
         regions = [it.region for it in items]  # DALI decodes whole files: a region ends where the file does
         geometry = sample_geometry([r[2] for r in regions], [r[3] for r in regions], regions,
                                    [it.crop or (math.nan,) * 4 for it in items], self.img_size, self.crop_frac)
@@ -432,13 +493,39 @@ class DaliImageLoader(BirdLoader):
 
     def _batches(self, batches):
         # DALI needs full batches: a short one is padded (an empty one, on a rank whose share of the last global
-        # batch is nothing, with sample 0) and the padding cut off afterwards.
+        # batch is nothing, with sample 0) and the padding cut off afterwards, with the stand-ins of skipped files.
         sizes = [len(b) for b in batches]
         padded = [b + [b[-1] if b else (0, 0)] * (self.local_batch - len(b)) for b in batches]
+        step = 0
+        while step < len(padded):
+            pipe, stream = self._start(padded[step:])
+            try:
+                for size in sizes[step:]:
+                    images, labels = pipe.run(stream) if stream is not None else pipe.run()
+                    skipped = self._skipped.popleft()
+                    keep = [k for k in range(size) if k not in skipped]
+                    # zero-copy (exec_dynamic keeps each batch alive while torch holds it), as DALI's own iterator does
+                    images = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)
+                    labels = torch.from_dlpack(labels.as_tensor()).long().view(-1)
+                    if len(keep) < size:
+                        index = torch.tensor(keep, dtype=torch.long).to(images.device)
+                        yield images.index_select(0, index), labels.index_select(0, index)
+                    else:
+                        yield images[:size], labels[:size]
+                    step += 1
+            except RuntimeError as e:  # a file that passed the header check but does not decode stops DALI
+                if not self._to_pil(e, padded[step]):
+                    raise
+                continue  # a fresh pipeline from this batch on
+            self.pipe = pipe  # ran to the end of the epoch: reusable after reset()
+
+    def _start(self, batches):
+        """The pipeline and its stream for these batches: the last one reset, or (first epoch, one left part-way, or
+        after a decoding failure) a fresh one."""
         if self.readers is None:
             self.readers = FileReaders(self.files, self.workers, self.sampler.generator(salt=2), self.device)
-        self._reading = self.readers.epoch(padded)
-        if self.pipe is None:  # first epoch, or the last one was left part-way: a fresh pipeline
+        self._reading, self._skipped = self.readers.epoch(batches), collections.deque()
+        if self.pipe is None:
             self.pipe = self._build(*self.build_args)
         else:
             self.pipe.reset()
@@ -446,25 +533,21 @@ class DaliImageLoader(BirdLoader):
         # On a GPU the outputs are bound to torch's stream (no host sync per batch, so DALI's prefetch overlaps
         # the training step) and handed to torch on that stream; on the CPU they are host tensors anyway.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" and self.on_torch_stream else None
-        for step, size in enumerate(sizes):
-            try:
-                images, labels = pipe.run(stream) if stream is not None else pipe.run()
-            except RuntimeError as e:  # a file that passed the header check but does not decode stops DALI
-                raise self._decode_error(e, padded[step]) from None
-            # zero-copy (exec_dynamic keeps each batch alive while torch holds it), as DALI's own iterator does
-            yield (torch.from_dlpack(images.as_tensor())[:size].permute(0, 3, 1, 2),
-                   torch.from_dlpack(labels.as_tensor())[:size].long().view(-1))
-        self.pipe = pipe  # ran to the end of the epoch: reusable after reset()
+        return pipe, stream
 
-    def _decode_error(self, error, batch):
-        """DALI's decoder failing on a file: one sentence naming the file; any other DALI or CUDA error as it is."""
-        text = str(error)
-        if "decoders.image" not in text:
-            return error
-        found = re.search(r"Failed to decode sample #(\d+)", text)
-        name = self.samples[batch[int(found.group(1))][0]][0] if found else "an image of the batch"
-        return DataError(f"DALI could not decode {name}; remove it, or use --loader torch or nvjpeg, which skip "
-                         f"undecodable files with a warning")
+    def _to_pil(self, error, batch):
+        """DALI's decoder failing on a batch (its message names no file): that batch's JPEGs go to PIL from now on
+        (in fresh readers), so that the file PIL cannot decode either is named in one warning and skipped, or black in
+        a test set, and the others are kept. False for any other DALI or CUDA error, which is no image's fault."""
+        todo = {index for index, _ in batch} - self.files.pil - self.files.broken
+        if "decoders.image" not in str(error) or not todo:
+            return False
+        names = ", ".join(self.samples[i][0] for i in sorted(todo)[:3]) + (" ..." if len(todo) > 3 else "")
+        warn(f"DALI's decoder failed on a batch ({' '.join(str(error).split()[-8:])}); PIL decodes its "
+             f"{len(todo)} files instead: {names}")
+        self.files.pil |= todo
+        self.readers = None  # reader processes hold a copy of the files' routing
+        return True
 
 
 def default_loader(device):

@@ -11,11 +11,37 @@ import torch
 from run_files import atomic_write
 
 
+class NotConvolutional(ValueError):
+    """A network whose last spatial layer Grad-CAM cannot use (a transformer's patch tokens)."""
+
+
+def transformer_family(model):
+    """The family name of a ViT/DeiT/Swin-style network (attention over patch tokens), else None. Its last 4-D output
+    is the patch embedding (ViT, DeiT) or a channels-last token grid (Swin): no map of where it looked."""
+    attention = any(isinstance(m, torch.nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+                    and hasattr(m, "qkv") for m in model.modules())
+    if attention or any(hasattr(m, "patch_embed") for m in model.modules()):
+        inner = getattr(model, "backbone", model)  # TransferNet's timm or torchvision network
+        return type(inner).__name__
+    return None
+
+
+def check_convolutional(model):
+    """NotConvolutional, in one sentence naming the family, for a transformer (see transformer_family)."""
+    family = transformer_family(model)
+    if family is not None:
+        raise NotConvolutional(f"Grad-CAM here needs a convolutional network, and {family} is a transformer "
+                               f"(ViT/DeiT/Swin-style: attention over patch tokens, no last convolutional stage); "
+                               f"predict without --explain")
+
+
 def last_conv_stage(model, input_shape):
     """(name, module) of the network's last convolutional stage: the last module, in the order a forward pass on zeros
-    of `input_shape` finishes them, whose output is a feature map (4-D, more than one pixel). A torchvision ResNet: its
-    layer4; timm's EfficientNet: its head's BatchNorm-activation; a Wide ResNet: its last BatchNorm; BaseNet: its second
-    max-pool. In-place activations are passed over: their output is their input, changed after the hook has seen it."""
+    of `input_shape` finishes them, whose output is a feature map (4-D, more than one pixel), after its activation. A
+    torchvision ResNet: its layer4; timm's EfficientNet: its head's BatchNorm-activation; a Wide or PreAct ResNet: the
+    ReLU after its last BatchNorm (in place: captum clones what it hooks, so the map is the ReLU's output); BaseNet: its
+    second max-pool. A transformer (ViT, DeiT, Swin) is refused in one sentence (NotConvolutional)."""
+    check_convolutional(model)
     seen = []
     hooks = [module.register_forward_hook(lambda m, _, out, name=name: seen.append((name, m, out)))
              for name, module in model.named_modules() if module is not model]
@@ -28,26 +54,31 @@ def last_conv_stage(model, input_shape):
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    maps = [(name, m) for name, m, out in seen if torch.is_tensor(out) and out.ndim == 4 and out.shape[-2:].numel() > 1
-            and not getattr(m, "inplace", False)]
+    maps = [(name, m) for name, m, out in seen if torch.is_tensor(out) and out.ndim == 4 and out.shape[-2:].numel() > 1]
     if not maps:
-        raise ValueError(f"{type(model).__name__} has no layer with a spatial output for Grad-CAM")
+        raise NotConvolutional(f"{type(model).__name__} has no layer with a spatial output for Grad-CAM")
     return maps[-1]
+
+
+CHUNK = 32  # images per Grad-CAM backward pass, whatever the batch: its memory stays that of 32 images (BENCHMARKS.md)
 
 
 def grad_cam(model, layer, x, targets):
     """Grad-CAM maps of `targets` (one class per image) for the batch x, as (N, H, W) float in [0, 1] at the input's
     size: the layer's activations weighted by their spatially averaged gradients, ReLU'd, bilinearly upsampled and
-    divided by each map's maximum (a map with no positive evidence stays 0)."""
+    divided by each map's maximum (a map with no positive evidence stays 0). Computed CHUNK images at a time."""
     with warnings.catch_warnings():  # captum imports tqdm.auto, which warns in a notebook without ipywidgets
         warnings.simplefilter("ignore")
         from captum.attr import LayerAttribution, LayerGradCam
     model.eval()
-    with torch.enable_grad():
-        attr = LayerGradCam(model, layer).attribute(x.float().detach().requires_grad_(), target=targets.tolist(),
-                                                    relu_attributions=True)
-    maps = LayerAttribution.interpolate(attr.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0].clamp(min=0)
-    return (maps / maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)).cpu()
+    cam, out = LayerGradCam(model, layer), []
+    for xs, ts in zip(x.split(CHUNK), targets.split(CHUNK), strict=True):
+        with torch.enable_grad():
+            attr = cam.attribute(xs.float().detach().requires_grad_(), target=ts.tolist(), relu_attributions=True)
+        maps = LayerAttribution.interpolate(attr.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0].clamp(min=0)
+        out.append((maps / maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)).cpu())
+        del attr, maps
+    return torch.cat(out) if out else torch.zeros(0, *x.shape[-2:])
 
 
 def to_picture(x, mean, std):

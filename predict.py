@@ -23,7 +23,6 @@ import glob
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,9 @@ import engine
 import flags
 import run_files
 import models
+
+
+BATCH = {"cuda": 256, "cpu": 32}  # --batch-size by the device the run resolved (measured: BENCHMARKS.md, bench.py predict)
 
 
 def parse_args(argv=None):
@@ -62,7 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--tta", type=engine.TTA, nargs="?", const="flip", default="none",
                         help="test-time augmentation: none, flip, or flip,shift (mirror and one-pixel shifts)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass; default: %d on a GPU, %d on a CPU (where a larger batch is "
+                             "slower per image: BENCHMARKS.md)" % (BATCH["cuda"], BATCH["cpu"]))
     parser.add_argument("--loader", choices=bird_loaders.LOADERS, default="auto", help="bird image loader; " + bird_loaders.LOADER_HELP)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding workers for bird images; default: this process's share of the CPU cores, at most 16")
@@ -128,7 +132,8 @@ def load_model(ckpt, path, device, num_classes=None, data_dir=None):
     if num_classes is not None and ckpt["model_config"].get("num_classes") != num_classes:
         raise flags.UsageError(f"{path} predicts {ckpt['model_config'].get('num_classes')} classes but "
                                 f"{data_dir} has {num_classes}: checkpoint and data set do not match")
-    model = models.build_model(ckpt["model_config"]).to(device)
+    # channels-last: the layout the convolutions of oneDNN (CPU) and cuDNN (GPU) run fastest in (BENCHMARKS.md)
+    model = models.build_model(ckpt["model_config"]).to(device, memory_format=torch.channels_last)
     weights, note = checkpoints.eval_weights(ckpt)
     if note:
         print(f"{path}: predicting with {note}")
@@ -143,7 +148,7 @@ def load_model(ckpt, path, device, num_classes=None, data_dir=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    flags.require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
+    flags.require(args.batch_size is None or args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
     flags.require(args.top >= 1, "--top", args.top, "at least 1")
     if args.data_dir is not None and (args.out is None or args.explain):
@@ -152,6 +157,7 @@ def main(argv=None):
     tta = engine.TTA.names(args.tta)
     device = devices.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
+    args.batch_size = args.batch_size or BATCH.get(device.type, BATCH["cpu"])
     if args.images:
         return predict_images(args, device, amp, tta)
     sets = TestSets(args, device)
@@ -176,12 +182,17 @@ def main(argv=None):
 
 def find_images(patterns):
     """The image files of --images, sorted within each argument: a file as it is, a folder's image files (by their
-    suffix, recursively), a glob's matches. A path that matches nothing is one sentence."""
+    suffix, recursively; what it leaves out is said, one line per reason), a glob's matches. A path that matches
+    nothing is one sentence."""
     found = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in bird_data.IMAGE_EXTENSIONS]
+            files = [p for p in path.rglob("*") if p.is_file()]
+            skipped = bird_data.left_out(files)
+            bird_data.say_left_out(skipped, f"--images {pattern}")
+            skipped = {f for fs in skipped.values() for f in fs}
+            matches = [p for p in files if p not in skipped]
         elif path.is_file():
             matches = [path]
         else:
@@ -196,40 +207,44 @@ def find_images(patterns):
     return found
 
 
-def readable_images(paths):
-    """The paths whose header Pillow reads, each other file named in one warning and left out. An image over Pillow's
-    decompression-bomb limit stops everything first, in one sentence: it is refused before any pixel is decoded."""
+def unreadable(path):
+    """Why --images leaves an image out before decoding it (None: it is kept): not an image Pillow opens, a truncated
+    file, or more pixels than Pillow's decompression-bomb limit. A JPEG may hold more: it is decoded at a fraction of
+    its size (bird_data.draft), up to twice the limit, where Pillow refuses to open any file."""
     from PIL import Image
+    try:
+        with bird_data.quiet_bombs(), Image.open(path) as im:
+            (width, height), fmt = im.size, im.format
+    except Image.DecompressionBombError:
+        return f"more pixels than Pillow's decompression-bomb limit allows to open ({2 * Image.MAX_IMAGE_PIXELS:,})"
+    except Exception as e:
+        return f"not an image Pillow opens ({type(e).__name__})"
+    if fmt != "JPEG" and width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return f"{width}x{height} is more pixels than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})"
+    return bird_data.check_image_file(path)  # a truncated JPEG or PNG
+
+
+def readable_images(paths):
+    """The paths --images decodes, each other file named in one warning (`unreadable`) and left out."""
     kept = []
     for path in paths:
-        try:
-            with warnings.catch_warnings():  # Pillow warns below twice its limit; the sentence below says it once
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
-                    width, height = im.size
-        except Image.DecompressionBombError:
-            width, height = None, None
-        except Exception as e:
-            data.warn(f"skipping {path}: not an image Pillow opens ({type(e).__name__})")
-            continue
-        if width is None or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
-            raise data.DataError(f"{path} has more pixels than Pillow's decompression-bomb limit "
-                                 f"({Image.MAX_IMAGE_PIXELS:,}); refused, nothing written")
-        why = bird_data.check_image_file(path)  # "not an image": a format Pillow reads that it does not know
-        if why is not None and why != "not an image":  # a truncated JPEG or PNG
+        why = unreadable(path)
+        if why is None:
+            kept.append(path)
+        else:
             data.warn(f"skipping {path}: {why}")
-            continue
-        kept.append(path)
     if not kept:
-        raise data.DataError(f"none of the {len(paths)} files of --images is an image Pillow opens")
+        raise data.DataError(f"none of the {len(paths)} files of --images is an image this can decode")
     return kept
 
 
 def cifar_view(path, size=32):
-    """A picture as a CIFAR model sees one: upright, RGB, its centred square resized to 32 px (Pillow's antialiased
-    bilinear; a 32x32 image, a CIFAR test image, is unchanged): uint8 (3, 32, 32)."""
+    """A picture as a CIFAR model sees one: upright, RGB (transparency on white), its centred square resized to 32 px
+    (Pillow's antialiased bilinear; a 32x32 image, a CIFAR test image, is unchanged; a large JPEG decoded at the
+    fraction of its size that still covers 32 px): uint8 (3, 32, 32)."""
     from PIL import Image
-    with Image.open(path) as im:
+    with bird_data.quiet_bombs(), Image.open(path) as im:
+        bird_data.draft(im, bird_data.dct_factor(min(im.size) / size))
         im = bird_data.to_rgb(bird_data.oriented(im))
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
@@ -283,6 +298,8 @@ def predict_images(args, device, amp, tta):
         names = class_names(ckpt, path, names)
         loader = image_loader(ckpt, path, paths, args, device)
         model = load_model(ckpt, path, device)
+        if args.explain and path == args.checkpoints[0]:
+            refuse_non_convolutional(model)
         p, i = engine.predict_probs(model, loader, device, amp, tta, progress=True, desc=f"predict {Path(path).name}")
         loader.close()
         order = i.argsort()
@@ -321,9 +338,19 @@ def write_top(out, rows):
     run_files.atomic_write_text(out, text)
 
 
+def refuse_non_convolutional(model):
+    """--explain's Grad-CAM needs a convolutional network: a transformer is one sentence before any work."""
+    import explain
+    try:
+        explain.check_convolutional(model)
+    except explain.NotConvolutional as e:
+        raise flags.UsageError(f"--explain: {e}") from None
+
+
 def explain_images(args, paths, probs, names, device):
     """--explain DIR: the first checkpoint's Grad-CAM map of the (ensemble's) top class of each image, on its last
-    convolutional stage, in float32; one PNG per image, numbered in the order of the printed lines."""
+    convolutional stage, in float32 (explain.CHUNK images per backward pass, whatever --batch-size is); one PNG per
+    image, numbered in the order of the printed lines, titled with the checkpoint as given."""
     import explain
     path = args.checkpoints[0]
     ckpt = checkpoints.load_checkpoint(path)
@@ -339,7 +366,7 @@ def explain_images(args, paths, probs, names, device):
             explain.draw(Path(args.explain) / f"{i + 1:05d}_{Path(paths[i]).stem}.png",
                          explain.to_picture(xi, cfg["mean"], cfg["std"]), cam.numpy(),
                          [(names[c], float(p)) for c, p in zip(top_c.tolist(), top_p.tolist(), strict=True)],
-                         f"{paths[i]}\n{Path(path).parent.name}/{Path(path).name}, Grad-CAM on {layer_name}")
+                         f"{paths[i]}\n{path}, Grad-CAM on {layer_name}")
     loader.close()
     print(f"wrote {len(paths)} Grad-CAM pictures to {args.explain} ({Path(path).name}'s {layer_name})")
 

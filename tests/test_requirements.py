@@ -25,5 +25,6 @@ def test_each_platform_gets_the_lines_that_have_wheels_there():
         codec = platform in ("linux x86_64", "linux aarch64", "macOS arm64", "Windows x86_64")  # TorchCodec's wheels
         assert ("nvidia-dali-cuda130" in got) == dali, platform
         assert ("torchcodec" in got) == codec, platform
+        assert "pillow-heif" in got, platform  # HEIC photos: wheels everywhere
         left_out = {name for name, kept in (("nvidia-dali-cuda130", dali), ("torchcodec", codec)) if not kept}
         assert got == every - left_out, platform  # every other line everywhere
