@@ -1,6 +1,6 @@
 """Measure the speed figures of BENCHMARKS.md on whatever machine this runs on; print a table, write JSON.
 
-    python bench.py                      # every section this machine can run (CPU: 1-5, 6-7 small; GPU: all)
+    python bench.py                      # every section this machine can run (CPU: 1-5, 6-7 small, 9-10; GPU: all)
     python bench.py --sections 1,2 --repeats 5 --json bench.json
 
 Ratios are measured side by side in the same run and each figure is the median of --repeats runs.
@@ -445,6 +445,102 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
     return rows
 
 
+# ----------------------------------------------------------------------------- 10. predict.py at the model's speed
+
+def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.0):
+    """The network's own forward rate, img/s: random channels-last batches already on the device, inference mode,
+    the best of `batches`; (rate, its batch size)."""
+    best = (0.0, None)
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            model(x)
+            sync(device)
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                model(x)
+                n += batch
+            sync(device)
+        best = max(best, (n / (time.perf_counter() - t0), batch), key=lambda r: r[0])
+    return best
+
+
+def timed_predict(argv):
+    """predict.py's command line run here, its prediction phase timed (engine.predict_probs: loading, decoding and
+    the forward passes, what the progress bar shows): (images, seconds)."""
+    import predict
+    spans, real = [], engine.predict_probs
+
+    def timing(model, loader, device, *a, **kw):
+        t0 = time.perf_counter()
+        out = real(model, loader, device, *a, **kw)
+        sync(device)
+        spans.append((len(out[1]), time.perf_counter() - t0))
+        return out
+    engine.predict_probs = timing
+    try:
+        predict.main([str(a) for a in argv])
+    finally:
+        engine.predict_probs = real
+    return spans[0]
+
+
+def bench_predict(cub_dir, weights, device, repeats, size=128, n_photos=24):
+    """predict.py --images and --data-dir (default loader and batch) against the model alone, on a frozen Lite0 probe
+    at `size` px over the real test birds of 9 classes; and n_photos 12 MP (4032x3024) EXIF-turned phone copies of
+    test birds against the same birds at 227 px: the cost per photo above them and whether they keep their top-1."""
+    import fixtures
+    import finetune_birds
+    import predict
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = fixtures.real_cub_subset(cub_dir, tmp, num_classes=9)
+        ckpt = tmp / "probe" / "best.pt"
+        finetune_birds.main(["--data-dir", str(root), "--arch", "tf_efficientnet_lite0", "--weights", str(weights),
+                             "--freeze-backbone", "--img-size", str(size), "--epochs", "2", "--quiet",
+                             "--device", str(device), "--out", str(ckpt.parent)])
+        model = predict.load_model(checkpoints.load_checkpoint(ckpt), ckpt, device).eval()
+        _, test, _ = bird_data.load_cub(root)
+        files = [path for path, _, _ in test]
+        common = ["--device", device.type, "--top", "1"]
+        rates = []  # (model alone, its batch, --images, --data-dir), side by side in each repeat: this CPU's speed drifts
+        for _ in range(max(repeats, 5)):  # the median ratio: a shared CPU's speed drifts by 30% within a minute
+            alone, best_batch = model_alone(model, device, size, seconds=1.0)
+            n, s = timed_predict([ckpt, "--images", *files, *common, "--out", tmp / "p.csv"])
+            m, t = timed_predict([ckpt, "--data-dir", root, *common[:2], "--out", tmp / "t.csv"])
+            rates.append((alone, best_batch, n / s, m / t))
+        alone, best_batch, images, data_dir = sorted(rates, key=lambda r: r[2] / r[0])[len(rates) // 2]
+        picks = files[:: max(1, len(files) // n_photos)][:n_photos]
+        (tmp / "birds").mkdir()
+        (tmp / "phone").mkdir()
+        for k, path in enumerate(picks):
+            with Image.open(path) as im:
+                upright = bird_data.to_rgb(bird_data.oriented(im))
+            upright.save(tmp / "birds" / f"{k:03d}.jpg", quality=95)
+            fixtures.save_turned(fixtures.phone_photo(upright), tmp / "phone" / f"{k:03d}.jpg", (1, 3, 6, 8)[k % 4],
+                                 quality=90)
+        seconds = {}
+        for kind in ("birds", "phone"):
+            runs = [timed_predict([ckpt, "--images", tmp / kind, *common, "--out", tmp / f"{kind}.csv"])
+                    for _ in range(repeats)]
+            seconds[kind] = statistics.median(s for _, s in runs)
+        top1 = {kind: [line.split(",")[1] for line in (tmp / f"{kind}.csv").read_text().splitlines()[1:]]
+                for kind in ("birds", "phone")}
+    same = sum(a == b for a, b in zip(top1["birds"], top1["phone"], strict=True))
+    extra = (seconds["phone"] - seconds["birds"]) / len(picks)
+    note = f"tf_efficientnet_lite0 probe at {size} px, {len(files)} real CUB test images, default loader and batch"
+    return [dict(id=10, figure="predict.py --images, img/s, vs the model alone", value=images, baseline=alone,
+                 ratio=images / alone, target=">= 0.8x", met=images / alone >= 0.8,
+                 notes=f"{note}; model alone: channels-last, best batch {best_batch} of 4/8/16/32/64/256"),
+            dict(id=10, figure="predict.py --data-dir, img/s, vs the model alone", value=data_dir, baseline=alone,
+                 ratio=data_dir / alone, target=">= 0.8x", met=data_dir / alone >= 0.8, notes=note),
+            dict(id=10, figure="12 MP phone photo, seconds each above the same bird at 227 px", value=extra,
+                 target="<= 0.1 s", met=extra <= 0.1,
+                 notes=f"{len(picks)} EXIF-turned 4032x3024 copies: {seconds['phone']:.2f} s vs {seconds['birds']:.2f} "
+                       f"s; top-1 the same for {same} of {len(picks)}")]
+
+
 # ----------------------------------------------------------------------------- main
 
 def machine(device):
@@ -461,7 +557,7 @@ def machine(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sections", default="all", help="comma-separated figure numbers 1-9, or all")
+    parser.add_argument("--sections", default="all", help="comma-separated figure numbers 1-10, or all")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per figure (the median is reported)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 10 on CPU, 50 on GPU)")
@@ -477,7 +573,7 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (50 if device.type == "cuda" else 10)
-    wanted = set(range(1, 10)) if args.sections == "all" else {int(s) for s in args.sections.split(",")}
+    wanted = set(range(1, 11)) if args.sections == "all" else {int(s) for s in args.sections.split(",")}
     cub_dir, weights = Path(args.cub_dir), Path(args.weights)
     has_birds, has_weights = cub_dir.is_dir(), weights.is_file()
     rows, skipped = [], []
@@ -502,6 +598,8 @@ def main():
              if has_birds and (device.type == "cuda" or args.sections != "all")
              else f"needs birds in {cub_dir}" if not has_birds else "ResNet-50 at 224 px needs a GPU (ask for --sections 8 to run it small here)"),
             (9, lambda: bench_resize_kernels(cub_dir, device, args.repeats) if has_birds else f"no birds in {cub_dir}"),
+            (10, lambda: bench_predict(cub_dir, weights, device, args.repeats)
+             if has_birds and has_weights else f"needs birds in {cub_dir} and weights {weights}"),
         ]
         for number, fn in sections:
             if number not in wanted:

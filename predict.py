@@ -39,7 +39,16 @@ import run_files
 import models
 
 
-BATCH = {"cuda": 256, "cpu": 32}  # --batch-size by the device the run resolved (measured: BENCHMARKS.md, bench.py predict)
+GPU_BATCH = 256  # --batch-size on a GPU
+
+
+def default_batch(device, img_size):
+    """--batch-size by default, from the device the run resolved and the checkpoint's image size: 256 on a GPU; on a
+    CPU a batch whose activations stay in the caches, about 1024 / img_size images (32 px: 32, 128 px: 8, 224 px: 4),
+    which runs up to 1.8x faster per image than a batch of 32 or 256 (measured on Lite0: BENCHMARKS.md figure 10)."""
+    if device.type == "cuda":
+        return GPU_BATCH
+    return int(min(256, 2 ** round(math.log2(1024 / img_size))))
 
 
 def parse_args(argv=None):
@@ -65,11 +74,13 @@ def parse_args(argv=None):
                         help="test-time augmentation: none, flip, or flip,shift (mirror and one-pixel shifts)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass; default: %d on a GPU, %d on a CPU (where a larger batch is "
-                             "slower per image: BENCHMARKS.md)" % (BATCH["cuda"], BATCH["cpu"]))
+                        help="images per forward pass; default: %d on a GPU, about 1024 / image size on a CPU (a "
+                             "larger batch is slower per image there: BENCHMARKS.md)" % GPU_BATCH)
     parser.add_argument("--loader", choices=bird_loaders.LOADERS, default="auto", help="bird image loader; " + bird_loaders.LOADER_HELP)
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding workers for bird images; default: this process's share of the CPU cores, at most 16")
+                        help="decoding workers for bird images; default: this process's share of the CPU cores, at "
+                             "most 16 (the torch loader on a CPU: none, PIL decodes in this process, which is faster "
+                             "than worker processes beside the model's threads: BENCHMARKS.md)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA)")
     return parser.parse_args(argv)
@@ -111,7 +122,8 @@ class TestSets:
                 self._cifar = (torch.from_numpy(cifar["test_x"]).to(device), torch.from_numpy(cifar["test_y"]).to(device),
                                len(cifar["classes"]))
             x, y, num_classes = self._cifar
-            return data.DeviceLoader(x, y, args.batch_size, mean=cfg["mean"], std=cfg["std"]), num_classes
+            batch = args.batch_size or default_batch(device, 32)
+            return data.DeviceLoader(x, y, batch, mean=cfg["mean"], std=cfg["std"]), num_classes
         boxes = cfg.get("crop_boxes", False)
         if boxes not in self._birds:
             if cfg["dataset"] == "cub2011":
@@ -120,8 +132,9 @@ class TestSets:
                 _, test, classes = bird_data.load_image_folder(args.data_dir)
             self._birds[boxes] = (test, len(classes))
         test, num_classes = self._birds[boxes]
-        loader = bird_loaders.bird_loader(args.loader, test, cfg["img_size"], args.batch_size, False, cfg["mean"], cfg["std"],
-                                  device, workers=args.workers, keep_broken=True)
+        loader = bird_loaders.bird_loader(args.loader, test, cfg["img_size"],
+                                          args.batch_size or default_batch(device, cfg["img_size"]), False, cfg["mean"],
+                                          cfg["std"], device, workers=args.workers, keep_broken=True)
         return loader, num_classes
 
 
@@ -157,7 +170,9 @@ def main(argv=None):
     tta = engine.TTA.names(args.tta)
     device = devices.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
-    args.batch_size = args.batch_size or BATCH.get(device.type, BATCH["cpu"])
+    kind = bird_loaders.default_loader(device) if args.loader == "auto" else args.loader
+    if args.workers is None and device.type == "cpu" and kind == "torch":
+        args.workers = 0  # PIL in this process: worker processes would take the cores the model's threads run on
     if args.images:
         return predict_images(args, device, amp, tta)
     sets = TestSets(args, device)
@@ -261,7 +276,8 @@ def image_loader(ckpt, path, paths, args, device):
         raise flags.UsageError(f"{path} does not say which data set it was trained on")
     if cfg["dataset"] != "cifar100":
         samples = [(str(p), i, None) for i, p in enumerate(paths)]
-        return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"], args.batch_size, False, cfg["mean"],
+        return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"],
+                                        args.batch_size or default_batch(device, cfg["img_size"]), False, cfg["mean"],
                                         cfg["std"], device, workers=args.workers)
     images, index = [], []
     for i, p in enumerate(paths):
@@ -271,8 +287,8 @@ def image_loader(ckpt, path, paths, args, device):
         except Exception as e:  # passed the header check, yet does not decode
             bird_data.warn_broken(str(p), f"cannot decode ({type(e).__name__}: {e})", keep=False)
     x = torch.stack(images) if images else torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
-    return data.DeviceLoader(x.to(device), torch.tensor(index, dtype=torch.long).to(device), args.batch_size,
-                             mean=cfg["mean"], std=cfg["std"])
+    return data.DeviceLoader(x.to(device), torch.tensor(index, dtype=torch.long).to(device),
+                             args.batch_size or default_batch(device, 32), mean=cfg["mean"], std=cfg["std"])
 
 
 def class_names(ckpt, path, names_so_far):

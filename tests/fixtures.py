@@ -107,6 +107,25 @@ def real_cub_subset(shared_cub, tmp_path, num_classes):
     return root
 
 
+def phone_photo(upright, size=(4032, 3024)):
+    """A phone-sized photo of a (square) bird picture: the picture scaled to the photo's height, in the middle of a
+    frame of its own edge colours, so that the eval centre crop sees the bird as the original's centre crop does."""
+    from PIL import Image, ImageOps
+    side = min(size)
+    big = upright.resize((side, side), Image.BILINEAR)
+    return ImageOps.pad(big, size, color=tuple(int(v) for v in big.getpixel((0, side // 2))))
+
+
+def save_turned(photo, path, orientation, **kw):
+    """Save an upright PIL picture as a camera stores a turned one: the pixels turned, the EXIF orientation tag
+    (1, 3, 6 or 8) saying how to turn them back."""
+    from PIL import Image
+    turns = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (photo.transpose(turns[orientation]) if orientation != 1 else photo).save(path, exif=exif, **kw)
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Write small generated data sets in the official layouts "

@@ -69,15 +69,6 @@ def test_own_photos_get_the_test_splits_answers(tmp_path):
 
 # ----------------------------------------------------------------------------- what phones and the web produce
 
-def phone_photo(upright, size=(4032, 3024)):
-    """A phone-sized photo of a (square) bird picture: the picture scaled to the photo's height, in the middle of a
-    frame of its own edge colours, so that the eval centre crop sees the bird as the original's centre crop does."""
-    from PIL import Image, ImageOps
-    side = min(size)
-    big = upright.resize((side, side), Image.BILINEAR)
-    return ImageOps.pad(big, size, color=tuple(int(v) for v in big.getpixel((0, side // 2))))
-
-
 def phone_folder(folder, test):
     """What a phone and the web leave in a folder, made from four test images (`test`: their paths): {file: the index
     of the one whose top-1 it must get (its pixels, or a phone-sized copy of them), or None (predicted; pixels
@@ -90,27 +81,19 @@ def phone_folder(folder, test):
             uprights.append(bird_data.to_rgb(bird_data.oriented(im)))
     made = {}
     for k, orientation in enumerate((1, 3, 6, 8)):  # 12 MP, the way a phone stores a turned photo
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        photo = phone_photo(uprights[k])
-        if orientation != 1:
-            photo = photo.transpose(getattr(Image.Transpose, ROTATIONS[orientation]))
-        photo.save(folder / f"PXL_{k}.jpg", quality=90, exif=exif)
+        fixtures.save_turned(fixtures.phone_photo(uprights[k]), folder / f"PXL_{k}.jpg", orientation, quality=90)
         made[folder / f"PXL_{k}.jpg"] = k
     blob = Path(test[0]).read_bytes()  # a Motion Photo: the JPEG, then a short MP4 (no 0xff byte in it)
     (folder / "MVIMG_0.jpg").write_bytes(blob + b"\x00\x00\x00\x18ftypmp42" + bytes(range(200)) * 40)
     shutil.copy(test[1], folder / "web_1.jfif")
     made.update({folder / "MVIMG_0.jpg": 0, folder / "web_1.jfif": 1})
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    uprights[2].transpose(Image.Transpose.ROTATE_90).save(folder / "shared_2.webp", lossless=True, exif=exif)
+    fixtures.save_turned(uprights[2], folder / "shared_2.webp", 6, lossless=True)
     made[folder / "shared_2.webp"] = 2
-    phone_photo(uprights[3], (12000, 9000)).save(folder / "PANO_108MP.jpg", quality=75)
+    fixtures.phone_photo(uprights[3], (12000, 9000)).save(folder / "PANO_108MP.jpg", quality=75)
     uprights[0].save(folder / "IMG_0001.HEIC", quality=90)  # pillow-heif
     uprights[1].save(folder / "web_1.avif", quality=80)
     uprights[2].convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "anim_2.gif")
     rgba = uprights[3].convert("RGBA")
-    rgba.putalpha(Image.new("L", rgba.size, 255).crop((0, 0, *rgba.size)))
     rgba.paste((0, 0, 0, 0), (0, 0, rgba.width, 6))  # a transparent strip, white to the network
     rgba.save(folder / "cutout_3.png")
     Image.fromarray((np.asarray(uprights[0].convert("L"), dtype=np.uint16) * 257)).save(folder / "scan16_0.png")
