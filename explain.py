@@ -72,12 +72,22 @@ def grad_cam(model, layer, x, targets):
         from captum.attr import LayerAttribution, LayerGradCam
     model.eval()
     cam, out = LayerGradCam(model, layer), []
-    for xs, ts in zip(x.split(CHUNK), targets.split(CHUNK), strict=True):
-        with torch.enable_grad():
-            attr = cam.attribute(xs.float().detach().requires_grad_(), target=ts.tolist(), relu_attributions=True)
-        maps = LayerAttribution.interpolate(attr.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0].clamp(min=0)
-        out.append((maps / maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)).cpu())
-        del attr, maps
+    # No gradient is wanted but the layer's (captum makes its output require one): with the weights and the input
+    # needing none, the backward pass keeps no activation before the layer, only those after it (the head)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        for xs, ts in zip(x.split(CHUNK), targets.split(CHUNK), strict=True):
+            with torch.enable_grad():
+                attr = cam.attribute(xs.float().detach(), target=ts.tolist(), relu_attributions=True)
+            maps = LayerAttribution.interpolate(attr.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0]
+            maps = maps.clamp(min=0)
+            out.append((maps / maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)).cpu())
+            del attr, maps
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return torch.cat(out) if out else torch.zeros(0, *x.shape[-2:])
 
 

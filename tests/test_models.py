@@ -214,21 +214,56 @@ def test_stage_table_of_resnet18_has_stem_four_stages_and_head(make, shape):
     assert f"**{models.count_parameters(model):,}**" in table
 
 
-@pytest.mark.parametrize("config, size", [
-    (dict(kind="cifar", name="basenet", num_classes=10), 32),
-    (dict(kind="cifar", name="convnet", num_classes=10, depth=4, width=8, norm="bn", residual=True), 32),
-    (dict(kind="cifar", name="resnet18", num_classes=10, width=8), 32),
-    (dict(kind="cifar", name="wrn", num_classes=10, depth=10, widen=1), 32),
-    (dict(kind="transfer", arch="resnet18", num_classes=5, freeze_backbone=True), 64),
-    (dict(kind="transfer", arch="tf_efficientnet_lite0", num_classes=5), 64)])
-def test_grad_cam_works_on_every_model_family(config, size):
-    """Grad-CAM (captum's LayerGradCam) on the last convolutional stage of each family: one map per image at the
-    input's size, in [0, 1], not constant, and different for two images."""
+@pytest.mark.parametrize("config, size, reader", [  # reader: the layer a reader of the model's code would hook
+    (dict(kind="cifar", name="basenet", num_classes=10), 32, "features.5"),  # conv2-ReLU-pool, the last stage
+    (dict(kind="cifar", name="convnet", num_classes=10, depth=4, width=8, norm="bn", residual=True), 32, "features"),
+    (dict(kind="cifar", name="resnet18", num_classes=10, width=8), 32, "features"),  # its last stage, after the ReLU
+    (dict(kind="cifar", name="preact18", num_classes=10, width=8), 32, "pool.1"),  # the ReLU after the final BN
+    (dict(kind="cifar", name="wrn", num_classes=10, depth=10, widen=1), 32, "pool.1"),
+    (dict(kind="transfer", arch="resnet18", num_classes=5, freeze_backbone=True), 64, "backbone.layer4"),
+    (dict(kind="transfer", arch="tf_efficientnet_lite0", num_classes=5), 64, "backbone.bn2")])  # BN + ReLU6
+def test_grad_cam_matches_captum_on_the_layer_a_reader_picks_in_every_family(config, size, reader):
+    """Grad-CAM (captum's LayerGradCam) on the last convolutional stage of each family, after its activation: one map
+    per image at the input's size, in [0, 1], not constant, different for two images, and the map captum gives on the
+    layer a reader would pick (for PreAct and WRN the in-place ReLU after the last BatchNorm, not the BatchNorm)."""
     import explain
+    from captum.attr import LayerAttribution, LayerGradCam
     torch.manual_seed(0)
     model = models.build_model(config)
     name, layer = explain.last_conv_stage(model, (1, 3, size, size))
     x = torch.randn(2, 3, size, size)
-    cams = explain.grad_cam(model, layer, x, model.eval()(x).argmax(1))  # the top class, as predict.py explains
+    targets = model.eval()(x).argmax(1)  # the top class, as predict.py explains
+    cams = explain.grad_cam(model, layer, x, targets)
     assert cams.shape == (2, size, size) and cams.min() >= 0 and cams.max() <= 1
     assert all(c.std() > 0.01 for c in cams) and not torch.allclose(cams[0], cams[1]), name
+    assert name == reader
+    attr = LayerGradCam(model, dict(model.named_modules())[reader]).attribute(x, target=targets.tolist(),
+                                                                              relu_attributions=True)
+    ref = LayerAttribution.interpolate(attr.detach(), (size, size), "bilinear")[:, 0].clamp(min=0)
+    torch.testing.assert_close(cams, ref / ref.flatten(1).amax(1).view(-1, 1, 1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_grad_cam_refuses_a_transformer_in_one_sentence_naming_its_family(arch):
+    import explain
+    model = models.build_model(dict(kind="transfer", arch=arch, num_classes=5))
+    family = type(model.backbone).__name__  # VisionTransformer (ViT, DeiT), SwinTransformer
+    with pytest.raises(explain.NotConvolutional, match=f"{family} is a transformer"):
+        explain.last_conv_stage(model, (1, 3, 224, 224))
+
+
+def test_grad_cam_runs_in_chunks_whatever_the_batch(monkeypatch):
+    """Each backward pass holds at most explain.CHUNK images, and the maps are those of one pass over the batch."""
+    import explain
+    torch.manual_seed(0)
+    model = models.build_model(dict(kind="cifar", name="wrn", num_classes=10, depth=10, widen=1))
+    _, layer = explain.last_conv_stage(model, (1, 3, 32, 32))
+    x = torch.randn(7, 3, 32, 32)
+    targets = model.eval()(x).argmax(1)
+    whole = explain.grad_cam(model, layer, x, targets)
+    sizes = []
+    layer.register_forward_hook(lambda m, i, out: sizes.append(len(out)))
+    monkeypatch.setattr(explain, "CHUNK", 3)
+    torch.testing.assert_close(explain.grad_cam(model, layer, x, targets), whole, atol=1e-5, rtol=1e-4)
+    assert max(sizes) == 3 and sum(sizes) == 7
+    assert all(p.requires_grad for p in model.parameters())  # the weights need their gradients again after it
