@@ -150,6 +150,14 @@ def load_image_folder(data_dir):
 _WARNED_BROKEN = set()  # the files this process has warned about
 
 
+def run_samples(args):
+    """(train, test, classes) of the data set a run's recorded flags (config.json's args) name, on its crop boxes where
+    it trained on them (--crop-boxes), as the run itself read them."""
+    if args.get("dataset", "cub2011") == "cub2011":
+        return load_cub(args["data_dir"], args.get("crop_boxes", False))
+    return load_image_folder(args["data_dir"])
+
+
 def warn_broken(path, why, keep):
     """The one warning for a broken image file, once per file and process, saying what happens to it: skipped (a
     training image) or, with keep (a test image, which must keep its row), replaced by a black image."""

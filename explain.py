@@ -1,8 +1,11 @@
 """Where a network looked: Grad-CAM (Selvaraju et al. 2017) for a class on the network's last convolutional stage,
 computed by captum's LayerGradCam (PyTorch's interpretability library), and the pictures that show it: one image with
-its heat map and top-3 names (`draw`), or a grid comparing models on the same images (`compare_grid`). predict.py
---explain and the report use it. Not run directly.
+its heat map and top-3 names (`draw`), or a grid comparing models on the same images (`compare_grid`), and the
+report's Grad-CAM figures (`gradcam_figures`: birds under the frozen probe and LP-FT, CIFAR's most-confused pair).
+predict.py --explain and report.py use it. Not run directly.
 """
+import csv
+import json
 import warnings
 
 import numpy as np
@@ -150,3 +153,85 @@ def compare_grid(path, pictures, columns, title):
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))  # room for the title above the first row's captions
     _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- the report's figures
+
+def gradcam_column(run_dir, images, labels, size=None):
+    """One model's Grad-CAM column for compare_grid: its best.pt on `images` (bird samples (path, label, crop box), or
+    CIFAR uint8 (N, 3, 32, 32)) through its own evaluation preprocessing (its loader's resize and centre crop, of the
+    crop box where it has one), the map of its top class at `size` px, and a caption with its prediction against the
+    true `labels`. Returns (pictures, column)."""
+    import bird_data
+    import bird_loaders
+    import checkpoints
+    import data
+    import predict
+    device = torch.device("cpu")
+    ckpt = checkpoints.load_checkpoint(run_dir / "best.pt")
+    model, cfg = predict.load_model(ckpt, run_dir / "best.pt", device), ckpt["data_config"]
+    if torch.is_tensor(images):
+        loader = data.DeviceLoader(images, torch.arange(len(images)), len(images), mean=cfg["mean"], std=cfg["std"])
+    else:
+        loader = bird_loaders.bird_loader("torch", images, cfg["img_size"], len(images), False, cfg["mean"], cfg["std"],
+                                          device, workers=0)
+    x, _ = next(iter(loader))
+    with torch.no_grad():
+        probs = model.eval()(x).float().softmax(1)
+    top_p, top_c = probs.max(1)
+    _, layer = last_conv_stage(model, (1, *x.shape[1:]))
+    cams = grad_cam(model, layer, x, top_c)
+    size = size or x.shape[-1]
+    cams = torch.nn.functional.interpolate(cams[:, None], size=(size, size), mode="bilinear")[:, 0].numpy()
+    names = cfg.get("classes")  # a checkpoint from before names were stored: its run's per_class.csv has them
+    if names is None and (run_dir / "per_class.csv").is_file():
+        with open(run_dir / "per_class.csv", newline="") as f:
+            names = [bird_data.display_name(r["name"]) for r in csv.DictReader(f)]
+    names = names or [str(i) for i in range(probs.shape[1])]
+    captions = [f"{'right' if c == y else 'wrong'}: {names[c][:22]} ({p:.2f})"
+                for c, p, y in zip(top_c.tolist(), top_p.tolist(), labels, strict=True)]
+    pictures = [to_picture(xi, cfg["mean"], cfg["std"]) for xi in x]
+    return pictures, (cams, captions, names)
+
+
+def gradcam_figures(results, runs, finals, n=6):
+    """The Grad-CAM figures: (png name, what it shows), drawn into results. Birds: n test images spread over the
+    classes, under the frozen probe (`frozen`) and LP-FT (`lpft`), each model's map for its own top class. CIFAR: the
+    final model on validation images of its most-confused pair of classes (confusion_val.csv)."""
+    import bird_data
+    figures = []
+    frozen, lpft = runs.get(("birds", "frozen")), runs.get(("birds", "lpft"))
+    if frozen and lpft and (frozen[0] / "best.pt").is_file() and (lpft[0] / "best.pt").is_file():
+        _, test, _ = bird_data.run_samples(json.loads((lpft[0] / "config.json").read_text())["args"])
+        test = [t for t in test if bird_data.check_image_file(t[0]) is None]
+        chosen = test[:: max(1, len(test) // n)][:n]  # with their crop boxes where the runs trained on them
+        labels = [y for _, y, _ in chosen]
+        pictures, lp = gradcam_column(lpft[0], chosen, labels)
+        _, fr = gradcam_column(frozen[0], chosen, labels, size=pictures[0].shape[0])
+        names = lp[2]
+        compare_grid(results / "birds_gradcam.png", pictures,
+                             [("frozen probe", fr[0], fr[1]), ("LP-FT (fine-tuned)", lp[0], lp[1])],
+                             "Where each bird model looks: Grad-CAM of its top class")
+        figures.append(("birds_gradcam.png", f"Six test birds ({', '.join(names[y] for y in labels)}), each under "
+                        "the frozen probe and under LP-FT, with each model's top class and its probability: the "
+                        "frozen column is ImageNet's features as the new head weighs them, the LP-FT column the "
+                        "evidence after the whole network adapted to these species."))
+    cifar = finals.get("cifar")
+    if cifar is not None and (cifar / "best.pt").is_file() and (cifar / "confusion_val.csv").is_file():
+        import data
+        rows = csv.reader((cifar / "confusion_val.csv").read_text().splitlines()[1:])
+        matrix = [[int(v) for v in row[1:]] for row in rows]
+        _, t, p = max((matrix[t][p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p)
+        args = json.loads((cifar / "config.json").read_text())["args"]
+        loaded = data.load_cifar100(args["data_dir"])
+        _, val_idx = data.stratified_split(loaded["train_y"], val_per_class=args["val_per_class"],
+                                           seed=args["split_seed"])
+        picks = [i for c in (t, p) for i in [j for j in val_idx if loaded["train_y"][j] == c][:2]]
+        images = torch.from_numpy(loaded["train_x"][picks])
+        pictures, col = gradcam_column(cifar, images, [int(loaded["train_y"][i]) for i in picks])
+        compare_grid(results / "cifar_gradcam.png", pictures, [(cifar.parent.name, col[0], col[1])],
+                             f"CIFAR: {col[2][t]} vs {col[2][p]}, the most-confused pair")
+        figures.append(("cifar_gradcam.png", f"The final CIFAR model (`{cifar.parent.name}`) on validation images of "
+                        f"its most-confused pair: two {col[2][t]} then two {col[2][p]} ({matrix[t][p]} validation "
+                        f"{col[2][t]} were called {col[2][p]})."))
+    return figures

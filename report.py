@@ -24,6 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from bird_data import run_samples
 from run_files import atomic_write, atomic_write_text
 
 STUDIES = (("cifar", "CIFAR-100 from scratch"), ("birds", "Birds by transfer learning"))
@@ -302,7 +303,7 @@ def birds_augmentation_grid(path, config, n=4):
 
     import bird_loaders
     args = config["args"]
-    train, _, classes = _bird_samples(args)
+    train, _, classes = run_samples(args)
     samples = train[:: max(1, len(train) // n)][:n]
     aug = bird_loaders.BIRD_AUG.names(args.get("aug", "rrc,flip"))
     common = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device=torch.device("cpu"), workers=0,
@@ -324,13 +325,6 @@ def birds_augmentation_grid(path, config, n=4):
     return _image_grid(path, images, captions, f"Birds training augmentation: --aug {args.get('aug')}", cols=8)
 
 
-def _bird_samples(args):
-    import bird_data
-    if args.get("dataset", "cub2011") == "cub2011":
-        return bird_data.load_cub(args["data_dir"], args.get("crop_boxes", False))
-    return bird_data.load_image_folder(args["data_dir"])
-
-
 def misclassified(predictions_csv, limit=16):
     """Rows of predictions.csv whose top-1 class differs from the label (test labels must be real)."""
     rows = read_csv(predictions_csv)
@@ -340,6 +334,7 @@ def misclassified(predictions_csv, limit=16):
 def misclassified_grid(path, study, run_dir, rows, classes):
     """Thumbnails of misclassified test images, read from the data (not stored twice), with true and
     predicted names."""
+    import bird_data
     args = load_json(run_dir / "config.json").get("args", {})
     if study == "cifar":
         import data
@@ -347,15 +342,18 @@ def misclassified_grid(path, study, run_dir, rows, classes):
         images = [test_x[int(r["Id"])].transpose(1, 2, 0) for r in rows]
     else:
         from PIL import Image
-        _, test, _ = _bird_samples(args)
+        _, test, _ = run_samples(args)
         images = []
         for r in rows:
-            try:
-                with Image.open(test[int(r["Id"])][0]) as im:
-                    images.append(im.convert("RGB").resize((96, 96)))
+            file, _, box = test[int(r["Id"])]
+            try:  # as the run saw it: upright, on its crop box where it trained on boxes
+                with Image.open(file) as im:
+                    im = bird_data.to_rgb(bird_data.oriented(im))
+                if box is not None:
+                    im = im.crop((int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])))
+                images.append(im.resize((96, 96)))
             except OSError:
                 images.append(Image.new("RGB", (96, 96)))
-    import bird_data
     short = [bird_data.display_name(c)[:16] for c in classes]
     captions = [f"true: {short[int(r['label'])]}\npred: {short[int(r['top1'])]} ({float(r['p1']):.2f})" for r in rows]
     return _image_grid(path, images, captions, f"{study}: misclassified test images ({run_dir.parent.name})", cols=8)
@@ -550,98 +548,14 @@ def section_errors(results, finals, notes):
 
 # ----------------------------------------------------------------------------- where the networks look
 
-def gradcam_column(run_dir, images, labels, size=None):
-    """One model's Grad-CAM column for compare_grid: its best.pt on `images` (bird image paths, or CIFAR uint8
-    (N, 3, 32, 32)) through its own evaluation preprocessing (predict.image_loader's, the torch loader), the map of its
-    top class at `size` px, and a caption with its prediction against the true `labels`. Returns (pictures, column)."""
-    import argparse
-
-    import torch
-
-    import bird_data
-    import checkpoints
-    import data
-    import explain
-    import predict
-    device = torch.device("cpu")
-    ckpt = checkpoints.load_checkpoint(run_dir / "best.pt")
-    model, cfg = predict.load_model(ckpt, run_dir / "best.pt", device), ckpt["data_config"]
-    if torch.is_tensor(images):
-        loader = data.DeviceLoader(images, torch.arange(len(images)), len(images), mean=cfg["mean"], std=cfg["std"])
-    else:
-        flags = argparse.Namespace(loader="torch", batch_size=len(images), workers=0)
-        loader = predict.image_loader(ckpt, run_dir / "best.pt", images, flags, device)
-    x, _ = next(iter(loader))
-    with torch.no_grad():
-        probs = model.eval()(x).float().softmax(1)
-    top_p, top_c = probs.max(1)
-    _, layer = explain.last_conv_stage(model, (1, *x.shape[1:]))
-    cams = explain.grad_cam(model, layer, x, top_c)
-    size = size or x.shape[-1]
-    cams = torch.nn.functional.interpolate(cams[:, None], size=(size, size), mode="bilinear")[:, 0].numpy()
-    names = cfg.get("classes")  # a checkpoint from before names were stored: its run's per_class.csv has them
-    if names is None and (run_dir / "per_class.csv").is_file():
-        names = [bird_data.display_name(r["name"]) for r in read_csv(run_dir / "per_class.csv")]
-    names = names or [str(i) for i in range(probs.shape[1])]
-    captions = [f"{'right' if c == y else 'wrong'}: {names[c][:22]} ({p:.2f})"
-                for c, p, y in zip(top_c.tolist(), top_p.tolist(), labels, strict=True)]
-    pictures = [explain.to_picture(xi, cfg["mean"], cfg["std"]) for xi in x]
-    return pictures, (cams, captions, names)
-
-
-def gradcam_figures(results, runs, finals, n=6):
-    """The Grad-CAM figures: (png name, what it shows), drawn into results. Birds: n test images spread over the
-    classes, under the frozen probe (`frozen`) and LP-FT (`lpft`), each model's map for its own top class. CIFAR: the
-    final model on validation images of its most-confused pair of classes (confusion_val.csv)."""
-    import explain
-    figures = []
-    frozen, lpft = runs.get(("birds", "frozen")), runs.get(("birds", "lpft"))
-    if frozen and lpft and (frozen[0] / "best.pt").is_file() and (lpft[0] / "best.pt").is_file():
-        import bird_data
-        _, test, _ = _bird_samples(load_json(lpft[0] / "config.json")["args"])
-        test = [t for t in test if bird_data.check_image_file(t[0]) is None]
-        chosen = test[:: max(1, len(test) // n)][:n]
-        paths, labels = [p for p, _, _ in chosen], [y for _, y, _ in chosen]
-        pictures, lp = gradcam_column(lpft[0], paths, labels)
-        _, fr = gradcam_column(frozen[0], paths, labels, size=pictures[0].shape[0])
-        names = lp[2]
-        explain.compare_grid(results / "birds_gradcam.png", pictures,
-                             [("frozen probe", fr[0], fr[1]), ("LP-FT (fine-tuned)", lp[0], lp[1])],
-                             "Where each bird model looks: Grad-CAM of its top class")
-        figures.append(("birds_gradcam.png", f"Six test birds ({', '.join(names[y] for y in labels)}), each under "
-                        "the frozen probe and under LP-FT, with each model's top class and its probability: the "
-                        "frozen column is ImageNet's features as the new head weighs them, the LP-FT column the "
-                        "evidence after the whole network adapted to these species."))
-    cifar = finals.get("cifar")
-    if cifar is not None and (cifar / "best.pt").is_file() and (cifar / "confusion_val.csv").is_file():
-        import torch
-
-        import data
-        rows = csv.reader((cifar / "confusion_val.csv").read_text().splitlines()[1:])
-        matrix = [[int(v) for v in row[1:]] for row in rows]
-        _, t, p = max((matrix[t][p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p)
-        args = load_json(cifar / "config.json")["args"]
-        loaded = data.load_cifar100(args["data_dir"])
-        _, val_idx = data.stratified_split(loaded["train_y"], val_per_class=args["val_per_class"],
-                                           seed=args["split_seed"])
-        picks = [i for c in (t, p) for i in [j for j in val_idx if loaded["train_y"][j] == c][:2]]
-        images = torch.from_numpy(loaded["train_x"][picks])
-        pictures, col = gradcam_column(cifar, images, [int(loaded["train_y"][i]) for i in picks])
-        explain.compare_grid(results / "cifar_gradcam.png", pictures, [(cifar.parent.name, col[0], col[1])],
-                             f"CIFAR: {col[2][t]} vs {col[2][p]}, the most-confused pair")
-        figures.append(("cifar_gradcam.png", f"The final CIFAR model (`{cifar.parent.name}`) on validation images of "
-                        f"its most-confused pair: two {col[2][t]} then two {col[2][p]} ({matrix[t][p]} validation "
-                        f"{col[2][t]} were called {col[2][p]})."))
-    return figures
-
-
 def section_gradcam(results, runs, finals, notes):
     lines = ["## Where the networks look", "",
              "Grad-CAM (Selvaraju et al. 2017, by captum's LayerGradCam) on each network's last convolutional stage: "
              "red is where the evidence for the model's top class lies. `python predict.py CKPT --images PHOTOS "
              "--explain DIR` draws the same for any picture.", ""]
+    import explain
     try:
-        figures = gradcam_figures(results, runs, finals)
+        figures = explain.gradcam_figures(results, runs, finals)
     except Exception as e:  # a data folder moved, a checkpoint unreadable here: the report still comes out
         notes.append(f"Grad-CAM figures not drawn: {type(e).__name__}: {e}")
         figures = []
