@@ -358,12 +358,12 @@ def choose_epochs(state, progress, train_loader, val_loader, args, out, meta, lo
 def resumed_epochs(progress, args, steps_per_epoch):
     """A resumed run's length: the one it was started with (progress.epochs, from last.pt), unless --epochs is given on
     the command line (with --time-budget, as the cap of the budget's choice); a change is said in one line, with the
-    learning rate it moves the next step to."""
+    learning rate it moves the next step to. Never fewer than the epochs it has trained: it stops there."""
     started = progress.epochs
     if not args.epochs_given:
         return started
-    fits = (progress.budget or {}).get("fits_epochs")
-    epochs = max(1, min(args.epochs, fits)) if args.time_budget and fits else args.epochs
+    fits = (progress.budget or {}).get("fits_epochs")  # 0: the budget held less than one epoch, which caps it too
+    epochs = max(1, min(args.epochs, fits)) if args.time_budget and fits is not None else args.epochs
     if epochs != started and is_main():
         step = progress.epoch * steps_per_epoch + progress.step_in_epoch
         before, after = (lr_factor_at(args, step, steps_per_epoch, n) for n in (started, epochs))
@@ -372,7 +372,7 @@ def resumed_epochs(progress, args, steps_per_epoch):
               + (f"it has trained {done} already, so it stops here" if progress.epoch >= epochs else
                  f"the {args.schedule} schedule is laid over {epochs} from here (the next step's lr: {after:.3g} of "
                  f"--lr, {before:.3g} before)"), flush=True)
-    return epochs
+    return max(epochs, progress.epoch)  # what it stops at records the epochs it trained, not a smaller --epochs
 
 
 def seconds_text(seconds):

@@ -138,17 +138,17 @@ class TestSets:
         return loader, num_classes
 
 
-def load_model(ckpt, path, device, num_classes=None, data_dir=None):
+def load_model(ckpt, path, device, num_classes=None, data_dir=None, quiet=False):
     """The checkpoint's network on the device (checkpoints are loaded to the CPU; load_state_dict moves them), with the
     weights it predicts with (checkpoints.eval_weights: last.pt's EMA where it has one); `num_classes`: the data set's,
-    which the checkpoint must predict."""
+    which the checkpoint must predict; quiet: the note on which weights left unsaid (said once per run already)."""
     if num_classes is not None and ckpt["model_config"].get("num_classes") != num_classes:
         raise flags.UsageError(f"{path} predicts {ckpt['model_config'].get('num_classes')} classes but "
                                 f"{data_dir} has {num_classes}: checkpoint and data set do not match")
     # channels-last: the layout the convolutions of oneDNN (CPU) and cuDNN (GPU) run fastest in (BENCHMARKS.md)
     model = models.build_model(ckpt["model_config"]).to(device, memory_format=torch.channels_last)
     weights, note = checkpoints.eval_weights(ckpt)
-    if note:
+    if note and not quiet:
         print(f"{path}: predicting with {note}")
     try:
         model.load_state_dict(weights)
@@ -370,7 +370,7 @@ def explain_images(args, paths, probs, names, device):
     import explain
     path = args.checkpoints[0]
     ckpt = checkpoints.load_checkpoint(path)
-    model, cfg = load_model(ckpt, path, device), ckpt["data_config"]
+    model, cfg = load_model(ckpt, path, device, quiet=True), ckpt["data_config"]
     loader = image_loader(ckpt, path, paths, args, device)
     layer = None
     for x, idx in loader:

@@ -432,6 +432,9 @@ def test_a_budget_that_cannot_hold_one_epoch_says_so(tiny_cifar_dir, tmp_path):
     record = json.loads((tmp_path / "r" / "config.json").read_text())["time_budget"]
     assert record["fits_epochs"] == 0 and record["epochs"] == 1 and record["epoch_seconds"] > 0
     assert len(pd.read_csv(tmp_path / "r" / "metrics.csv")) == 1
+    run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--out", tmp_path / "r", "--time-budget", "0.01",
+               "--batch-size", "100", *TINY, "--epochs", "5", "--resume")  # a record of 0 epochs caps --epochs 5 too
+    assert len(pd.read_csv(tmp_path / "r" / "metrics.csv")) == 1
 
 
 def test_time_budget_with_epochs_caps_and_help_says_so():
@@ -499,6 +502,8 @@ def test_resume_with_other_epochs_says_how_the_schedule_changes(tiny_cifar_dir, 
     assert json.loads((out / "config.json").read_text())["epochs"] == 4
     said = run_inline("train_cifar.py", *argv, "--epochs", "3", "--resume").stdout  # shorter than what it trained
     assert "it has trained 4 epochs already, so it stops here" in said, said
+    config, final = (json.loads((out / name).read_text()) for name in ("config.json", "final.json"))
+    assert config["epochs"] == final["epochs"] == 4  # the epochs it trained, not the smaller --epochs
 
 
 def test_predict_on_last_pt_uses_the_ema_weights(tiny_cifar_dir, tmp_path):
@@ -515,6 +520,10 @@ def test_predict_on_last_pt_uses_the_ema_weights(tiny_cifar_dir, tmp_path):
     for name in ("last", "best"):
         run_inline("predict.py", out / f"{name}.pt", "--data-dir", tiny_cifar_dir, "--out", tmp_path / f"{name}.csv")
     assert (tmp_path / "last.csv").read_bytes() == (tmp_path / "best.csv").read_bytes()
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 90, 30)).save(tmp_path / "photo.png")
+    said = run_inline("predict.py", out / "last.pt", "--images", tmp_path / "photo.png", "--explain", tmp_path / "cam")
+    assert said.stdout.count("predicting with the EMA's weights") == 1, said.stdout  # once, though loaded twice
 
 
 def test_predict_images_names_cifar_classes_and_matches_the_test_split(trained, cifar_dir, tmp_path, monkeypatch):
