@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+import devices
 from bird_data import (dct_factor, draft, jpeg_end, oriented, pil_rgb, pil_rgb_scaled, placeholder_jpeg, quiet_bombs,
                        scan_images, to_rgb, upright_size, warn_broken)
 from data import DataError, EpochSampler, ListFlag, SampledLoader, warn
@@ -550,13 +551,19 @@ class DaliImageLoader(BirdLoader):
         return True
 
 
-def default_loader(device):
-    """--loader auto: DALI wherever it imports (nvJPEG on a GPU, its CPU decoder otherwise: measured 2x the PIL paths
-    on CPU, BENCHMARKS.md figure 4); else, on a CUDA device, torchvision's batched nvJPEG; else PIL in DataLoader
-    workers. Decided from the device the run resolved, not from what the machine has."""
+def default_loader(device, say=True):
+    """--loader auto: DALI wherever it imports and, on a GPU, where its CUDA build runs on this machine's driver
+    (nvJPEG on a GPU, its CPU decoder otherwise: measured 2x the PIL paths on CPU, BENCHMARKS.md figure 4); else, on a
+    CUDA device, torchvision's batched nvJPEG (a DALI the driver cannot run said in one line, `say`); else PIL in
+    DataLoader workers. Decided from the device the run resolved, not from what the machine has."""
+    gpu = torch.device(device).type == "cuda"
     if dali_available():
-        return "dali"
-    return "nvjpeg" if torch.device(device).type == "cuda" else "torch"
+        too_new = devices.dali_too_new() if gpu else None
+        if too_new is None:
+            return "dali"
+        if say:
+            warn(f"--loader auto: nvjpeg, not DALI: {too_new}")
+    return "nvjpeg" if gpu else "torch"
 
 
 def default_workers():
@@ -570,7 +577,7 @@ LOADERS = ("auto", "dali", "nvjpeg", "torch")
 LOADER_HELP = ("dali: DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise); nvjpeg: batched JPEG decode "
                "(TorchCodec's, else torchvision's) and batched crop/resize on the device (libjpeg-turbo on a CPU "
                "device); torch: PIL in DataLoader workers; auto: dali when installed, else nvjpeg on a CUDA device, "
-               "else torch")
+               "else torch; a DALI whose CUDA build this machine's driver cannot run is passed over, said in one line")
 
 
 def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, **kw):
@@ -582,6 +589,9 @@ def bird_loader(kind, samples, img_size, batch_size, train, mean, std, device, *
     if kind == "dali":
         if not dali_available():
             raise DataError("--loader dali needs the nvidia-dali package (pip install nvidia-dali-cuda130, or -cuda120 with torch's CUDA 12 wheels)")
+        too_new = devices.dali_too_new() if torch.device(device).type == "cuda" else None
+        if too_new is not None:
+            raise DataError(f"--loader dali: {too_new}")
         return DaliImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)
     if kind == "nvjpeg":
         return NvjpegImageLoader(samples, img_size, batch_size, train, mean, std, device, **kw)

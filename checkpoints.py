@@ -23,7 +23,7 @@ from run_files import atomic_torch_save, atomic_write_text
 
 # Flags a resumed run may change: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = {"epochs", "epochs_given", "device", "quiet", "compile", "resume", "force", "workers", "loader",
-                     "out", "download", "tensorboard", "epochs_cap"}
+                     "out", "download", "tensorboard", "epochs_cap", "accum_steps"}
 
 
 @dataclass

@@ -470,6 +470,11 @@ def channel_stats(images_uint8):
     return x.mean(1).tolist(), x.std(1).tolist()
 
 
+def micro_batch(args, world=1):
+    """The global batch of one --accum-steps micro-batch, rounded up to a multiple of the processes."""
+    return math.ceil(args.batch_size / args.accum_steps / world) * world
+
+
 def cifar_loaders(data, args, device, rank=0, world=1, split=None):
     """train/val/test DeviceLoaders for CIFAR-100 from `load_cifar100` output and parsed flags."""
     train_idx, val_idx = split or stratified_split(data["train_y"], val_per_class=args.val_per_class, seed=args.split_seed)
@@ -484,7 +489,8 @@ def cifar_loaders(data, args, device, rank=0, world=1, split=None):
     train = DeviceLoader(*on_device(train_x, data["train_y"][train_idx]), args.batch_size, shuffle=True,
                          aug=aug, seed=args.seed, drop_last=len(train_idx) > args.batch_size,
                          cutout=args.cutout_size, compile=args.compile, **common)
-    eval_batch = max(args.batch_size, 500) * world
+    # evaluation in batches of 500 per process; with --accum-steps in the training micro-batches (they fit)
+    eval_batch = max(args.batch_size, 500) * world if args.accum_steps == 1 else micro_batch(args, world)
     val = DeviceLoader(*on_device(data["train_x"][val_idx], data["train_y"][val_idx]), eval_batch, **common)
     test = DeviceLoader(*on_device(data["test_x"], data["test_y"]), eval_batch,  # rank 0 predicts all of it
                         **{**common, "rank": 0, "world": 1})

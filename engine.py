@@ -7,6 +7,7 @@ last.pt, metrics.csv, curves, the printed line). Ctrl-C or SIGTERM saves last.pt
 Evaluation and test-time augmentation (`evaluate`, `predict_probs`) and the scripts' error handling (`cli`) are here
 too. Not run directly.
 """
+import contextlib
 import copy
 import math
 import signal
@@ -24,7 +25,8 @@ import torch.nn as nn
 import checkpoints
 import data
 import run_files
-from devices import DeviceError, amp_dtype, autocast, barrier, is_main, reduce_sums, synchronize
+from devices import (DeviceError, OutOfMemory, amp_dtype, autocast, barrier, evaluation_memory, is_main, reduce_sums,
+                     synchronize, training_oom)
 from flags import UsageError
 from models import unwrap
 
@@ -164,18 +166,26 @@ def train_one_epoch(state, loader, args, progress, sums):
             seed = data.stream_seed(args.seed, epoch, sums.step, salt=rank * 104_729)
             x, target = data.mix_batch(x, y, state.num_classes, seed, args.mixup, args.cutmix, args.mix_prob,
                                        args.label_smoothing)
-        # 3. the forward pass under autocast, the loss in float32
-        with autocast(state.device, args.amp):
-            logits = state.model(x)
-        if target is None:
-            loss = criterion(logits.float(), y)
-        else:
-            loss = torch.sum(-target * logits.float().log_softmax(1), 1).mean()
-        if not len(y):  # under DDP: this rank's images all failed to decode; its zero gradient joins the all-reduce
-            loss = logits.sum() * 0.0
-        # 4. backward and the optimizer step, through the loss scaler (it skips a step whose fp16 gradients overflowed)
+        # 3-4. forward under autocast (the loss in float32) and backward through the loss scaler, in --accum-steps
+        # micro-batches, each loss weighted by its share of the batch (their gradients add up to the batch's); then one
+        # optimizer step (the scaler skips one whose fp16 gradients overflowed)
         state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
+        parts, loss, logits = micro_batches(x, y, target, args.accum_steps), 0.0, []
+        for k, (xs, ys, ts) in enumerate(parts):
+            # under DDP the gradients are all-reduced once, after the last micro-batch
+            with state.model.no_sync() if ddp and k < len(parts) - 1 else contextlib.nullcontext():
+                with autocast(state.device, args.amp):
+                    out = state.model(xs)
+                if ts is None:
+                    part = criterion(out.float(), ys)
+                else:
+                    part = torch.sum(-ts * out.float().log_softmax(1), 1).mean()
+                if not len(y):  # under DDP: this rank's images all failed to decode; its zero gradient joins the all-reduce
+                    part = out.sum() * 0.0
+                part = part * (len(ys) / max(1, len(y)))
+                state.scaler.scale(part).backward()
+            loss, logits = loss + part.detach(), logits + [out.detach()]
+        logits = torch.cat(logits)
         state.scaler.step(state.optimizer)
         state.scaler.update()
         # 5. the EMA of the weights (timm warms the decay up only when given the step: step 1 copies the weights)
@@ -183,8 +193,8 @@ def train_one_epoch(state, loader, args, progress, sums):
             state.ema.update(state.raw, step=step + 1 if state.ema.use_warmup else None)
         # bookkeeping
         scale, before = state.scaler.get_scale(), scale  # 1.0 unless fp16, whose GradScaler.step synced already
-        hits = (logits.detach().argmax(1) == (y if target is None else target.argmax(1))).sum()
-        sums.add(loss.detach(), hits, len(y), skipped=scale < before)
+        hits = (logits.argmax(1) == (y if target is None else target.argmax(1))).sum()
+        sums.add(loss, hits, len(y), skipped=scale < before)
         if progress.first_step_seconds is None:  # compilation and autotuning: reported apart in final.json
             synchronize(state.device)
             progress.first_step_seconds = time.perf_counter() - t_step
@@ -196,6 +206,16 @@ def train_one_epoch(state, loader, args, progress, sums):
                 bar.update(sums.step - bar.n)
     sums.check_finite(checked, epoch, state.scaler.is_enabled())
     bar.close()
+
+
+def micro_batches(x, y, target, accum_steps):
+    """A batch as --accum-steps micro-batches [(x, y, soft targets or None)] of (nearly) equal size; one (the batch)
+    without accumulation, or for an empty batch."""
+    k = max(1, min(accum_steps, len(y)))
+    if k == 1:
+        return [(x, y, target)]
+    ts = target.tensor_split(k) if target is not None else [None] * k
+    return list(zip(x.tensor_split(k), y.tensor_split(k), ts, strict=True))
 
 
 class EpochSums:
@@ -298,7 +318,7 @@ def fit(state, progress, train_loader, val_loader, args, epochs, out, meta, log)
             train_loader.set_epoch(progress.epoch)
             train_loader.start_step = progress.step_in_epoch
             sums = EpochSums(len(train_loader), state.device, progress.step_in_epoch, progress.partial)
-            t0 = time.perf_counter()
+            t0, oom = time.perf_counter(), False
             try:
                 train_one_epoch(state, train_loader, args, progress, sums)
             except KeyboardInterrupt:
@@ -309,6 +329,15 @@ def fit(state, progress, train_loader, val_loader, args, epochs, out, meta, log)
                     print(f"\ninterrupted at epoch {progress.epoch + 1} step {sums.step}; last.pt saved. Resume with "
                           f"the same command plus --resume", file=sys.stderr)
                 raise
+            except torch.OutOfMemoryError:  # the step that did not fit: its activations go with the exception
+                oom = True
+            if oom:  # last.pt at this step boundary (the failed step not taken), as an interruption saves it
+                progress.train_seconds += time.perf_counter() - t0
+                progress.step_in_epoch, progress.partial = sums.step, sums.state(time.perf_counter() - t0)
+                state.optimizer.zero_grad(set_to_none=True)
+                checkpoints.save_last(out, state, progress, meta)
+                raise OutOfMemory(training_oom(state.device, args.batch_size, args.accum_steps, progress.epoch,
+                                               sums.step))
             synchronize(state.device)
             progress.train_seconds += time.perf_counter() - t0
             end_epoch(state, progress, sums, sums.seconds_before + time.perf_counter() - t0, val_loader, args, out,
@@ -494,7 +523,7 @@ def evaluate(model, loader, device, amp, criterion=None):
     count = torch.zeros((), device=device, dtype=torch.long)
     criterion = criterion or nn.CrossEntropyLoss(reduction="sum")
     for x, y in loader:
-        with autocast(device, amp):
+        with evaluation_memory(device, len(x)), autocast(device, amp):
             logits = model(x)
         loss_sum += criterion(logits.float(), y).double()
         correct += (logits.argmax(1) == y).sum()
@@ -533,7 +562,7 @@ def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="pred
     probs, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, unit="batch"):
         views = tta_views(x, tta) if x.ndim == 4 else [x]  # cached features have no views
-        with autocast(device, amp):
+        with evaluation_memory(device, len(x)), autocast(device, amp):
             p = sum(model(v).float().softmax(1) for v in views) / len(views)
         probs.append(p.cpu())
         labels.append(y.cpu())
@@ -547,7 +576,8 @@ def cli(main, argv=None):
     from models import WeightsMismatch
     try:
         return main(argv)
-    except (UsageError, DeviceError, data.DataError, WeightsMismatch, NonFiniteLoss, run_files.WriteError) as e:
+    except (UsageError, DeviceError, data.DataError, WeightsMismatch, NonFiniteLoss, run_files.WriteError,
+            OutOfMemory) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's text held
         sys.exit(2 if isinstance(e, (UsageError, DeviceError)) else 1)
     except KeyboardInterrupt:

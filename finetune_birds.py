@@ -40,7 +40,7 @@ RECIPE = dict(
     arch="resnet50", weights="imagenet", dropout=0.0, bn_mode="frozen", freeze_stages=0, backbone_lr_mult=1.0,
     layer_decay=1.0, lp_epochs=None,  # None: PROBE's epochs when fine-tuning, 0 with --freeze-backbone
     img_size=224, aug="rrc,flip", rrc_min_scale=0.25, val_frac=0.1, split_seed=0, tta="none",  # data
-    epochs=15, batch_size=64, optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=False, wd=1e-4,  # optimisation
+    epochs=15, batch_size=64, accum_steps=1, optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=False, wd=1e-4,  # optimisation
     schedule="cosine", warmup=0.0, time_budget=None,
     label_smoothing=0.0, ema=0.0, ema_warmup=True, mixup=0.0, cutmix=0.0, mix_prob=1.0,  # regularisation
     cache_features=None,  # None: with --freeze-backbone
@@ -189,7 +189,8 @@ def image_loaders(args, model, device, splits, rank, world):
     """A function that makes a loader of one split's images (training: this rank's shard, augmented; evaluation: the
     centre crop, `whole` for every image on this rank), the loader kind, and the loaders of the three splits."""
     kind = bird_loaders.default_loader(device) if args.loader == "auto" else args.loader
-    eval_batch = max(args.batch_size, 64 // world * world)
+    # evaluation in batches of at least 64; with --accum-steps in the training micro-batches (they fit)
+    eval_batch = max(args.batch_size, 64 // world * world) if args.accum_steps == 1 else data.micro_batch(args, world)
 
     def loader(split, train=False, whole=False):
         return bird_loaders.bird_loader(

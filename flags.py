@@ -39,6 +39,11 @@ def add_training_args(parser, recipe):
              "(config.json's epochs), with it the schedule is laid over the new length from where the run stands")
     opt("--batch-size", type=int, default=recipe["batch_size"],
         help="global batch size (split over torchrun processes)")
+    opt("--accum-steps", type=int, default=recipe["accum_steps"], metavar="N",
+        help="run each batch as N micro-batches and take one optimizer step for them (gradient accumulation): the "
+             "recipe is the same (images per step, lr schedule counted in optimizer steps, EMA), in less GPU memory; "
+             "what differs: BatchNorm normalises each micro-batch with its own statistics. Evaluation runs in "
+             "micro-batches too. A --resume may change it (out of memory: the error says which N fits)")
     opt("--optimizer", choices=["sgd", "adamw"], default=recipe["optimizer"], help="optimizer")
     opt("--lr", type=float, default=recipe["lr"], help="peak learning rate")
     opt("--momentum", type=float, default=recipe["momentum"], help="SGD momentum (AdamW beta1)")
@@ -118,6 +123,8 @@ def check_training_args(args, train_size):
     require(budget is None or budget >= 0, "--time-budget", budget, ">= 0 (0: off)")
     require(args.lr > 0 and math.isfinite(args.lr), "--lr", args.lr, "a positive number")
     require(args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
+    require(1 <= args.accum_steps <= args.batch_size, "--accum-steps", args.accum_steps,
+            f"in [1, {args.batch_size}] (at least one image per micro-batch of the batch size)")
     if args.batch_size > train_size:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {train_size} training images")
     require(args.wd >= 0, "--wd", args.wd, ">= 0")

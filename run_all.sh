@@ -66,6 +66,20 @@ if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) 
        "or set PYTHON to a Python that has them" >&2
   exit 1
 fi
+# Then the machine, where an NVIDIA driver shows: a GPU this torch cannot use (its driver older than torch's CUDA
+# build, or a CPU-only torch) is said in one sentence with the install line that fits, and stops everything before
+# anything is fetched or planned, unless DEVICE=cpu asks for the CPU on purpose (python devices.py says more).
+MACHINE_SAID=0
+if [ "$REPORT_ONLY" = 0 ] && [ "$PRINT" = 0 ] && [ "${DEVICE:-}" != cpu ] &&
+   { command -v nvidia-smi >/dev/null || [ -e /proc/driver/nvidia/version ]; }; then
+  set +e; "$PYTHON" devices.py --short; rc=$?; set -e
+  MACHINE_SAID=1
+  if [ "$rc" != 0 ]; then
+    echo "run_all.sh: stopped before the plan (the mismatch above); DEVICE=cpu bash run_all.sh ... runs everything on" \
+         "the CPU on purpose" >&2
+    exit 2
+  fi
+fi
 RESULTS=${RESULTS:-results}
 CIFAR_DATA=${CIFAR_DATA:-data}
 BIRDS_DATA=${BIRDS_DATA:-data/CUB_200_2011}
@@ -249,7 +263,9 @@ if [ "$REPORT_ONLY" = 0 ]; then
   # Nothing pending (every run finished): no estimate to make, straight to the CSVs and the report.
   if [ ${#KEYS[@]} -gt 0 ] || [ "$PLAN_ONLY" = 1 ]; then
     # shellcheck disable=SC2086
-    $PYTHON tools/plan_estimate.py "$PLAN_TMP" $DEVICE_FLAG --jobs "$JOBS" --gpus "$NGPU" --times "$TIMES_TMP"
+    MACHINE_FLAG=""; [ "$MACHINE_SAID" = 0 ] && MACHINE_FLAG="--machine"   # devices.py's three lines, once
+    # shellcheck disable=SC2086
+    $PYTHON tools/plan_estimate.py "$PLAN_TMP" $DEVICE_FLAG $MACHINE_FLAG --jobs "$JOBS" --gpus "$NGPU" --times "$TIMES_TMP"
   else
     echo "nothing to run: every run of the plan is finished"
     : > "$TIMES_TMP"

@@ -30,7 +30,7 @@ RECIPE = dict(
     model=None,  # None: basenet, or convnet when --depth/--width/--bn/--norm/--residual is given
     depth=None, width=None, widen=10, norm=None, residual=False, dropout=0.0, init="auto",  # None: per model
     normalize=False, aug="none", cutout_size=8, val_per_class=50, split_seed=0,  # data
-    epochs=15, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, wd=0.0,  # optimisation
+    epochs=15, batch_size=64, accum_steps=1, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, wd=0.0,  # optimisation
     schedule="none", warmup=0.0, time_budget=None,
     label_smoothing=0.0, ema=0.0, ema_warmup=True, mixup=0.0, cutmix=0.0, mix_prob=1.0,  # regularisation
     tta="none", out="runs/cifar",

@@ -126,6 +126,22 @@ def save_turned(photo, path, orientation, **kw):
     (photo.transpose(turns[orientation]) if orientation != 1 else photo).save(path, exif=exif, **kw)
 
 
+def stand_in_nvidia_smi(bin_dir):
+    """An nvidia-smi in bin_dir that reports a Tesla T4 on driver 550.54.15 (CUDA 12.4), older than CUDA 13 wheels
+    need; returns a PATH with bin_dir first."""
+    import os
+    bin_dir = Path(bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "nvidia-smi").write_text("""#!/bin/sh
+case "$*" in
+  *--query-gpu*) echo "Tesla T4, 15360, 550.54.15" ;;
+  *) echo "| NVIDIA-SMI 550.54.15      Driver Version: 550.54.15      CUDA Version: 12.4     |" ;;
+esac
+""")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Write small generated data sets in the official layouts "

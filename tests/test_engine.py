@@ -135,11 +135,11 @@ def test_gpu_check_needs_cuda_and_says_so():
 @pytest.mark.parametrize("flag, value", [("epochs", 0), ("lr", -0.1), ("batch_size", 0), ("wd", -1.0),
                                          ("warmup", -1.0), ("label_smoothing", 1.0), ("momentum", 1.5),
                                          ("ema", 1.0), ("mixup", -1.0), ("cutmix", -0.5), ("mix_prob", 2.0),
-                                         ("dropout", 1.0)])
+                                         ("dropout", 1.0), ("accum_steps", 0), ("accum_steps", 9)])
 def test_a_range_error_names_the_one_flag_that_is_wrong(flag, value):
     import argparse
     good = dict(epochs=1, lr=0.1, batch_size=8, wd=0.0, warmup=0.0, label_smoothing=0.0, momentum=0.9, ema=0.0,
-                mixup=0.0, cutmix=0.0, mix_prob=1.0, dropout=0.0)
+                mixup=0.0, cutmix=0.0, mix_prob=1.0, dropout=0.0, accum_steps=1)
     flags.check_training_args(argparse.Namespace(**good), 100)
     with pytest.raises(flags.UsageError) as e:
         flags.check_training_args(argparse.Namespace(**{**good, flag: value}), 100)

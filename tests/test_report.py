@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
+import torch
 
+import fixtures
 import report
 import run_files
 from conftest import ROOT
@@ -291,12 +293,16 @@ def test_run_all_without_data_offline_stops_before_any_run(tmp_path):
 
 
 def test_run_all_with_data_present_skips_the_download_and_plans(cifar_dir, clean_cub_dir, tmp_path):
+    """With DEVICE=cpu the plan comes, with the machine's three lines above it, also beside an NVIDIA driver too old
+    for torch's CUDA build (a stand-in nvidia-smi: the CPU on purpose)."""
     env = {**os.environ, **OFFLINE, "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable,
+           "PATH": fixtures.stand_in_nvidia_smi(tmp_path / "bin"),
            "CIFAR_DATA": str(cifar_dir), "BIRDS_DATA": str(clean_cub_dir), "BIRDS_ARCH": "resnet18",
            "BIRDS_WEIGHTS": "none", "BIRDS_IMG": "32", "DEVICE": "cpu", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(["bash", "run_all.sh", "--plan-only"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert f"torch {torch.__version__}" in proc.stdout.split("plan on")[0]  # devices.py --short, above the plan
     assert "cifar/12_final" in proc.stdout and "birds/lpft" in proc.stdout and "birds/stages3" in proc.stdout
     assert "estimated total:" in proc.stdout
     assert "download" not in proc.stderr and not (tmp_path / "results").exists()

@@ -53,6 +53,7 @@ def estimate_plan(plan_path, device_name=None, jobs=1, gpus=0, times_path=None):
         script, argv = argv[0], argv[1:]
         if script == "train_cifar.py":
             args = train_cifar.parse_args(argv)
+            args.device = args.device or str(device)  # the device the estimate measures on (run_all.sh's DEVICE)
             train_cifar.resolve(args, argv)
             if args.data_dir not in sizes:
                 cifar = data.load_cifar100(args.data_dir)
@@ -64,6 +65,7 @@ def estimate_plan(plan_path, device_name=None, jobs=1, gpus=0, times_path=None):
             make = lambda a=args, c=classes: models.build_model(train_cifar.model_config(a, c))  # noqa: E731
         else:
             args = finetune_birds.parse_args(argv)
+            args.device = args.device or str(device)
             finetune_birds.resolve(args, argv)
             if args.data_dir not in sizes:
                 splits, classes, _ = finetune_birds.load_splits(args)
@@ -113,7 +115,12 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (run_all.sh --jobs)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs the runs are spread over (0: the CPU)")
     parser.add_argument("--times", default=None, help="write each run's estimated seconds per seed here")
+    parser.add_argument("--machine", action="store_true",
+                        help="first the machine in three lines (python devices.py --short), above the plan")
     args = parser.parse_args()
+    if args.machine:
+        import devices
+        devices.main(["--short"])
     try:
         estimate_plan(args.plan, args.device, max(1, args.jobs), args.gpus, args.times)
     except (flags.UsageError, data.DataError) as e:
