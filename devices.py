@@ -233,8 +233,17 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def bf16_native(device):
+    """Whether this CUDA device computes bf16 in hardware (compute capability 8.0+: Ampere, Hopper, Ada, Blackwell;
+    ROCm). Not torch.cuda.is_bf16_supported(): by default it says yes where bf16 is only emulated (T4, V100, Turing),
+    which runs autocast far slower than fp16; and it asks the current device, not the run's."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def amp_dtype(device):
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """The autocast dtype of the run's device: fp16 (with loss scaling: engine's GradScaler) on a GPU without bf16
+    in hardware, bf16 elsewhere."""
+    if device.type == "cuda" and not bf16_native(device):
         return torch.float16
     return torch.bfloat16
 
@@ -309,7 +318,7 @@ def gpu_lines():
     lines = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(i)
-        bf16 = torch.cuda.is_bf16_supported() if i == torch.cuda.current_device() else props.major >= 8
+        bf16 = bf16_native(torch.device("cuda", i))
         lines.append(f"GPU {i}: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
                      f"{props.major}.{props.minor}, {'bf16' if bf16 else 'fp16 (with loss scaling; no bf16)'} autocast")
     return lines

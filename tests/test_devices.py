@@ -134,3 +134,15 @@ def test_out_of_memory_is_one_sentence_and_resume_with_accum_steps_goes_on(tiny_
     run_inline("train_cifar.py", *argv, "--resume", "--accum-steps", "2")
     assert len(pd.read_csv(tmp_path / "r" / "metrics.csv")) == 2
     assert json.loads((tmp_path / "r" / "final.json").read_text())["epochs"] == 2
+
+
+def test_a_gpu_without_bf16_in_hardware_gets_fp16(monkeypatch):
+    """A T4 or V100 (compute capability 7.x) autocasts in fp16 (engine.build_state's GradScaler then scales the loss);
+    an A100 or H100 (8.0, 9.0) in bf16. torch.cuda.is_bf16_supported() says yes to both (emulation): the run's device's
+    capability decides."""
+    cuda = torch.device("cuda", 0)
+    for capability, dtype in (((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
+                              ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert devices.amp_dtype(cuda) == dtype, capability
+    assert devices.amp_dtype(torch.device("cpu")) == torch.bfloat16
