@@ -22,7 +22,8 @@
 # CIFAR_DATA (data), BIRDS_DATA (data/CUB_200_2011), BIRDS_ARCH (resnet50), BIRDS_WEIGHTS (imagenet),
 # BIRDS_IMG (224), DEVICE (auto), EXTRA (more flags for every run), CIFAR_FINAL (1; 0 leaves out the final
 # WRN-28-10 run, e.g. for the ladder alone on a CPU), BIRDS_LP_EPOCHS (10), THREADS (CPU threads per run;
-# default the cores divided by --jobs), NOTEBOOK (1; 0 writes the report without executing lab2.ipynb).
+# default the cores divided by --jobs), NOTEBOOK (1; 0 writes the report without executing lab2.ipynb). A GPU that
+# torch cannot use (a driver older than its CUDA build) stops it first, with the fix; DEVICE=cpu runs on the CPU.
 #
 # Several runs at once: --jobs N runs N at a time, one GPU each (CUDA_VISIBLE_DEVICES, round-robin; default: the
 # visible GPUs' count), or sharing the CPU cores (each slot pinned to its share with taskset, cores / N threads each).
@@ -47,7 +48,7 @@ while [ $# -gt 0 ]; do
     --jobs) JOBS="$2"; shift ;;
     --print-commands) PRINT=1 ;;
     --report-only) REPORT_ONLY=1 ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
