@@ -239,6 +239,27 @@ def test_bird_loaders_decode_every_mode(cub_dir, kind):
     assert sum(len(y) for _, y in test_loader) == len(test)
 
 
+@pytest.mark.parametrize("kind", ["torch", "dali", "nvjpeg"])
+def test_transparent_pixels_reach_every_loader_white(tmp_path, kind):
+    """An RGBA PNG and a palette GIF with a transparent colour, red under alpha 0: white to the network (as a viewer
+    shows them), in training and prediction alike (bird_data.to_rgb); the opaque half keeps its blue."""
+    if kind == "dali" and not bird_loaders.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    from PIL import Image
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 32, 64, 64))
+    rgba.save(tmp_path / "cutout.png")
+    gif = Image.new("P", (64, 64), 0)  # colour 0 red and transparent, colour 1 blue
+    gif.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    gif.paste(1, (0, 32, 64, 64))
+    gif.save(tmp_path / "cutout.gif", transparency=0)
+    samples = [(str(tmp_path / name), 0, None) for name in ("cutout.png", "cutout.gif")]
+    x, _ = _loader_pixels(kind, samples, 32, False)
+    top, bottom = x[:, :, 2:12], x[:, :, 20:30]  # well inside each half after the centre crop
+    assert (top - 255).abs().max() <= 1, top.amin()
+    assert (bottom[:, 2] - 255).abs().max() <= 1 and bottom[:, :2].max() <= 1
+
+
 def _loader_pixels(kind, samples, size, train, **kw):
     """Every batch of one epoch as grey levels (the normalisation undone: mean 0.5, std 0.25), and the labels."""
     loader = bird_loaders.bird_loader(kind, samples, size, 6, train, (0.5,) * 3, (0.25,) * 3, "cpu", workers=0, **kw)

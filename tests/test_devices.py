@@ -146,3 +146,22 @@ def test_a_gpu_without_bf16_in_hardware_gets_fp16(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert devices.amp_dtype(cuda) == dtype, capability
     assert devices.amp_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_loader_auto_passes_over_a_dali_the_driver_cannot_run(monkeypatch, capsys):
+    """On a GPU whose driver runs CUDA 12.4, a CUDA 13 DALI is passed over for nvjpeg, said in one line; --loader dali
+    is one sentence. Where the driver runs it (or on the CPU) auto stays DALI."""
+    import bird_loaders
+    import data
+    if not bird_loaders.dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    monkeypatch.setattr(devices, "dali_build", lambda: ("nvidia-dali-cuda130", "2.4.0", 13))
+    monkeypatch.setattr(devices, "nvidia_driver", lambda: {"version": "550.54.15", "cuda": "12.4", "gpus": []})
+    assert bird_loaders.default_loader("cuda") == "nvjpeg"
+    assert "--loader auto: nvjpeg, not DALI: nvidia-dali-cuda130 2.4.0 is built for CUDA 13" in capsys.readouterr().err
+    assert bird_loaders.default_loader("cpu") == "dali"
+    with pytest.raises(data.DataError, match="--loader dali: nvidia-dali-cuda130 2.4.0 is built for CUDA 13, which "
+                                             "driver 550.54.15"):
+        bird_loaders.bird_loader("dali", [], 32, 4, False, (0.5,) * 3, (0.5,) * 3, "cuda")
+    monkeypatch.setattr(devices, "nvidia_driver", lambda: {"version": "580.65.06", "cuda": "13.0", "gpus": []})
+    assert bird_loaders.default_loader("cuda") == "dali"
