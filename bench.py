@@ -448,9 +448,9 @@ def bench_resize_kernels(cub_dir, device, repeats, n_images=256, size=224):
 # ----------------------------------------------------------------------------- 10. predict.py at the model's speed
 
 def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.0):
-    """The network's own forward rate, img/s: random channels-last batches already on the device, inference mode,
-    the best of `batches`; (rate, its batch size)."""
-    best = (0.0, None)
+    """The network's own forward rate, img/s: random channels-last batches already on the device, inference mode;
+    {batch size: rate} for each of `batches`."""
+    rates = {}
     for batch in batches:
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -461,8 +461,8 @@ def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.
                 model(x)
                 n += batch
             sync(device)
-        best = max(best, (n / (time.perf_counter() - t0), batch), key=lambda r: r[0])
-    return best
+        rates[batch] = n / (time.perf_counter() - t0)
+    return rates
 
 
 def timed_predict(argv):
@@ -506,11 +506,13 @@ def bench_predict(cub_dir, weights, device, repeats, size=128, n_photos=24):
         common = ["--device", device.type, "--top", "1"]
         rates = []  # (model alone, its batch, --images, --data-dir), side by side in each repeat: this CPU's speed drifts
         for _ in range(max(repeats, 5)):  # the median ratio: a shared CPU's speed drifts by 30% within a minute
-            alone, best_batch = model_alone(model, device, size, seconds=1.0)
+            by_batch = model_alone(model, device, size, seconds=1.0)
+            best_batch = max(by_batch, key=by_batch.get)
             n, s = timed_predict([ckpt, "--images", *files, *common, "--out", tmp / "p.csv"])
             m, t = timed_predict([ckpt, "--data-dir", root, *common[:2], "--out", tmp / "t.csv"])
-            rates.append((alone, best_batch, n / s, m / t))
-        alone, best_batch, images, data_dir = sorted(rates, key=lambda r: r[2] / r[0])[len(rates) // 2]
+            # the reference: the best of every batch size; the issue's: the best of 32, 64 and 256
+            rates.append((by_batch[best_batch], best_batch, n / s, m / t, max(by_batch[b] for b in (32, 64, 256))))
+        alone, best_batch, images, data_dir, issues = sorted(rates, key=lambda r: r[2] / r[0])[len(rates) // 2]
         picks = files[:: max(1, len(files) // n_photos)][:n_photos]
         (tmp / "birds").mkdir()
         (tmp / "phone").mkdir()
@@ -532,9 +534,11 @@ def bench_predict(cub_dir, weights, device, repeats, size=128, n_photos=24):
     note = f"tf_efficientnet_lite0 probe at {size} px, {len(files)} real CUB test images, default loader and batch"
     return [dict(id=10, figure="predict.py --images, img/s, vs the model alone", value=images, baseline=alone,
                  ratio=images / alone, target=">= 0.8x", met=images / alone >= 0.8,
-                 notes=f"{note}; model alone: channels-last, best batch {best_batch} of 4/8/16/32/64/256"),
+                 notes=f"{note}; model alone: channels-last, best batch {best_batch} of 4/8/16/32/64/256 (against "
+                       f"the best of 32/64/256 alone, {issues:.0f} img/s: {images / issues:.2f}x)"),
             dict(id=10, figure="predict.py --data-dir, img/s, vs the model alone", value=data_dir, baseline=alone,
-                 ratio=data_dir / alone, target=">= 0.8x", met=data_dir / alone >= 0.8, notes=note),
+                 ratio=data_dir / alone, target=">= 0.8x", met=data_dir / alone >= 0.8,
+                 notes=f"{note} (against the best of 32/64/256 alone: {data_dir / issues:.2f}x)"),
             dict(id=10, figure="12 MP phone photo, seconds each above the same bird at 227 px", value=extra,
                  target="<= 0.1 s", met=extra <= 0.1,
                  notes=f"{len(picks)} EXIF-turned 4032x3024 copies: {seconds['phone']:.2f} s vs {seconds['birds']:.2f} "
