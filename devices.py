@@ -55,9 +55,15 @@ def nvidia_driver():
             return {"version": version, "cuda": cuda.group(1) if cuda else driver_cuda(version),
                     "gpus": [(g[0], int(float(g[1])) if g[1].replace(".", "").isdigit() else None) for g in gpus]}
     try:
-        text = open("/proc/driver/nvidia/version").read()
+        with open("/proc/driver/nvidia/version") as f:
+            return proc_driver(f.read())
     except OSError:
         return None
+
+
+def proc_driver(text):
+    """nvidia_driver's answer from the text of /proc/driver/nvidia/version ("NVRM version: NVIDIA UNIX x86_64 Kernel
+    Module  550.54.15  ..."): the version, and the CUDA it runs from CUDA_OF_DRIVER; no GPU names."""
     found = re.search(r"Kernel Module(?: for \w+)?\s+([\d.]+)", text) or re.search(r"\s(\d{3}\.[\d.]+)\s", text)
     version = found.group(1) if found else "of unknown version"
     return {"version": version, "cuda": driver_cuda(version), "gpus": []}

@@ -165,3 +165,13 @@ def test_loader_auto_passes_over_a_dali_the_driver_cannot_run(monkeypatch, capsy
         bird_loaders.bird_loader("dali", [], 32, 4, False, (0.5,) * 3, (0.5,) * 3, "cuda")
     monkeypatch.setattr(devices, "nvidia_driver", lambda: {"version": "580.65.06", "cuda": "13.0", "gpus": []})
     assert bird_loaders.default_loader("cuda") == "dali"
+
+
+def test_a_driver_seen_only_in_proc_gets_the_cuda_it_runs():
+    """Without nvidia-smi (a container), /proc/driver/nvidia/version names the driver; NVIDIA's table the CUDA."""
+    text = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+            "GCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n")
+    assert devices.proc_driver(text) == {"version": "550.54.15", "cuda": "12.4", "gpus": []}
+    open_kernel = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n"
+    assert devices.proc_driver(open_kernel)["cuda"] == "13.0"
+    assert devices.driver_cuda("470.82.01") == "11.0" and devices.driver_cuda("390.1") is None
