@@ -457,18 +457,21 @@ def informative(maps):
     return bool((flat.std(1) > 0.01).all()) and distinct
 
 
-def test_explain_draws_where_each_model_looked(probe32, finetuned, cub_dir, tmp_path):
-    """--explain writes one PNG per image; the maps differ between images and between the frozen probe and the
-    fine-tuned network (a constant map fails the check)."""
+def test_explain_draws_where_each_model_looked(probe32, finetuned, cub_dir, tmp_path, monkeypatch):
+    """--explain (default loader) writes one PNG per image, titled with the checkpoint as given; the maps differ
+    between images and between the frozen probe and the fine-tuned network (a constant map fails the check)."""
     import checkpoints
     import explain
     import predict
     _, test, _ = bird_data.load_cub(cub_dir)
     images = [p for p, _, _ in test if bird_data.check_image_file(p) is None][:3]
-    proc = run_inline("predict.py", finetuned / "best.pt", "--images", *images, "--explain", tmp_path / "cams",
-                      "--loader", "torch")
+    titles, draw = [], explain.draw
+    monkeypatch.setattr(explain, "draw", lambda path, *a: titles.append(a[-1]) or draw(path, *a))
+    given = os.path.relpath(finetuned / "best.pt")  # as a user types it, relative to where predict.py runs
+    proc = run_inline("predict.py", given, "--images", *images, "--explain", tmp_path / "cams")
     assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [f"{i:05d}_{Path(p).stem}.png"
                                                                      for i, p in enumerate(images, 1)]
+    assert len(titles) == 3 and all(t.split("\n")[1].startswith(f"{given}, Grad-CAM on ") for t in titles), titles
     assert "Bird " in proc.stdout  # class names, not indices
     maps = {}
     for name, run in (("frozen", probe32[0]), ("fine-tuned", finetuned)):
@@ -481,3 +484,20 @@ def test_explain_draws_where_each_model_looked(probe32, finetuned, cub_dir, tmp_
     assert informative(maps["frozen"]) and informative(maps["fine-tuned"])
     assert informative(torch.stack([maps["frozen"][0], maps["fine-tuned"][0]]))
     assert not informative(torch.stack([maps["frozen"][0], torch.full_like(maps["frozen"][0], 0.5)]))  # constant
+
+
+def test_the_reports_grad_cam_of_a_crop_box_run_is_on_its_boxes(finetuned, cub_dir):
+    """explain.gradcam_column (the report's figure) shows a --crop-boxes run's test birds as it saw them: the eval view
+    of each bounding box, which differs from the whole image's."""
+    import explain
+    _, test, _ = bird_data.load_cub(cub_dir, crop_boxes=True)
+    samples = [s for s in test if bird_data.check_image_file(s[0]) is None][:2]
+    assert all(box is not None for _, _, box in samples)
+    labels = [y for _, y, _ in samples]
+    boxed, _ = explain.gradcam_column(finetuned, samples, labels)
+    whole, _ = explain.gradcam_column(finetuned, [(p, y, None) for p, y, _ in samples], labels)
+    cfg = torch.load(finetuned / "best.pt", map_location="cpu", weights_only=True)["data_config"]
+    x, _ = next(iter(bird_loaders.bird_loader("torch", samples, cfg["img_size"], 2, False, cfg["mean"], cfg["std"],
+                                              "cpu", workers=0)))
+    for picture, seen, other in zip(boxed, x, whole, strict=True):
+        assert (picture == explain.to_picture(seen, cfg["mean"], cfg["std"])).all() and not (picture == other).all()
