@@ -4,7 +4,10 @@ All three draw their sample order from the same `EpochSampler`, each crop and mi
 `draw_augmentation`, and resize as Pillow does, so that a checkpoint predicts the same whichever loader reads its
 images: `TorchImageLoader` decodes with PIL in DataLoader workers; `NvjpegImageLoader` has reader workers hand over
 each batch's file bytes and decodes and resamples the batch on the device (device_images.py); `DaliImageLoader` runs
-a DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise) fed by the same readers. `--loader auto` picks DALI
+a DALI pipeline (nvJPEG on a GPU, DALI's CPU decoder otherwise) fed by the same readers. Every loader takes every
+format Pillow opens (HEIC through pillow-heif): what the fast path does not decode (a GIF, a PNG, a file its decoder
+fails on) goes through PIL in the same batch, and on a CPU a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+straight from its DCT where the crop allows (`draft`). `--loader auto` picks DALI
 where it imports, else nvjpeg on a CUDA device, else torch. The eval preprocessing (shorter side to img_size / 0.875,
 centre crop, Pillow's antialiased bilinear) is one for all three (on the real subset: torch and nvjpeg predict the same
 to the image, DALI 99.2% of them; BENCHMARKS.md), and every loader applies EXIF orientation. A broken file is skipped

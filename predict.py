@@ -11,10 +11,11 @@ or an ensemble of several (their softmax averaged), each with optional test-time
 
 Each checkpoint says which network and which preprocessing it needs (CIFAR-100 or birds; its normalisation and
 image size) and its class names, and each member of an ensemble is evaluated through its own; they must share the data
-set and its classes. --images takes files, folders (searched recursively) and globs, any image Pillow opens, upright
-as its EXIF orientation says, through the checkpoint's own evaluation preprocessing: a bird model's resize and centre
-crop (its loader), a CIFAR model's centred square resized to 32 px; so a picture gets the answer it would get as a test
-image of --data-dir. Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the
+set and its classes. --images takes files, folders (searched recursively; what is left out is said) and globs, any
+image Pillow opens (JPEG, PNG, GIF, WebP, AVIF, TIFF, BMP, HEIC/HEIF; a Motion Photo's JPEG; transparency on white;
+a phone's 12-108 MP JPEG decoded at the fraction of its size the crop needs), upright as its EXIF orientation says,
+through the checkpoint's own evaluation preprocessing: a bird model's resize and centre crop (its loader), a CIFAR
+model's centred square resized to 32 px; so a picture gets the answer it would get as a test image of --data-dir. Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the
 test labels are real.
 """
 import argparse
@@ -82,7 +83,7 @@ def parse_args(argv=None):
                              "most 16 (the torch loader on a CPU: none, PIL decodes in this process, which is faster "
                              "than worker processes beside the model's threads: BENCHMARKS.md)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on for CUDA)")
+                        help="autocast: bf16, or fp16 on a GPU without bf16 in hardware (T4, V100); default: on for CUDA")
     return parser.parse_args(argv)
 
 
