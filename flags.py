@@ -77,7 +77,8 @@ def add_training_args(parser, recipe):
              "it is the sample's dominant label")
     dev = parser.add_argument_group("speed and device").add_argument
     dev("--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="bf16 autocast (fp16 with loss scaling where bf16 is unsupported); unset: on for CUDA, off on a CPU")
+        help="bf16 autocast (fp16 with loss scaling on a GPU without bf16 in hardware: T4, V100); unset: on for CUDA, "
+             "off on a CPU")
     dev("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile the model (the first step's time, compilation included, is in final.json); unset: on "
              "for CUDA, off on a CPU")
