@@ -175,3 +175,24 @@ def test_a_driver_seen_only_in_proc_gets_the_cuda_it_runs():
     open_kernel = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n"
     assert devices.proc_driver(open_kernel)["cuda"] == "13.0"
     assert devices.driver_cuda("470.82.01") == "11.0" and devices.driver_cuda("390.1") is None
+
+
+def test_out_of_memory_in_prediction_is_one_sentence_with_a_smaller_batch(tiny_cifar_dir, tmp_path, monkeypatch):
+    """A planted CUDA out-of-memory error for any evaluation pass of more than 50 images: predict.py ends in one
+    sentence naming the batch and the --batch-size that halves it, exit 1, no CSV."""
+    import models
+    run_inline("train_cifar.py", "--data-dir", tiny_cifar_dir, "--epochs", "1", "--batch-size", "100",
+               "--no-tensorboard", *TINY, "--out", tmp_path / "r")
+    real = models.BaseNet.forward
+
+    def forward(self, x):
+        if not self.training and len(x) > 50:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, x)
+    monkeypatch.setattr(models.BaseNet, "forward", forward)
+    proc = run_inline("predict.py", tmp_path / "r" / "best.pt", "--data-dir", tiny_cifar_dir, "--batch-size", "100",
+                      "--out", tmp_path / "p.csv", check=False)
+    errors = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: out of GPU memory evaluating a batch of 100 images") and \
+        "--batch-size 50 halves it" in errors[0] and not (tmp_path / "p.csv").exists()
