@@ -232,14 +232,6 @@ def jpeg_end(blob):
     return None
 
 
-def jpeg_payload(blob):
-    """A JPEG file's bytes without what follows its end marker (a Motion Photo's video), so that no decoder sees it."""
-    if blob[-2:] == b"\xff\xd9" or blob[:3] != b"\xff\xd8\xff":
-        return blob
-    end = jpeg_end(bytes(blob))
-    return blob if end is None else blob[:end]
-
-
 def drop_bad_images(samples, max_bad_frac=0.05, what="images"):
     bad = [(s, reason) for s in samples if (reason := check_image_file(s[0]))]
     for (path, _, _), reason in bad[:20]:
@@ -319,8 +311,9 @@ def jpeg_header(path):
         return None, None, f"cannot read the image header ({type(e).__name__})"
     if orientation in (5, 6, 7, 8):  # a quarter turn: the upright size
         width, height = height, width
-    if fmt != "JPEG" and width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
-        return None, None, f"more pixels ({width}x{height}) than PIL's decompression-bomb limit"
+    too_many = too_many_pixels(fmt, width, height)
+    if too_many:
+        return None, None, too_many
     sof = jpeg_coding(path) if fmt == "JPEG" else None
     why = ("not a JPEG" if fmt != "JPEG"
            else "no frame header before the image data" if sof is None
@@ -332,6 +325,15 @@ def jpeg_header(path):
            else "no height in the frame header (DNL)" if not (width and height)
            else None)
     return width, height, why
+
+
+def too_many_pixels(fmt, width, height):
+    """The reason an image of this format and size is refused, or None: more pixels than Pillow's decompression-bomb
+    limit, where it is no JPEG (a JPEG is decoded at a fraction of its size: `draft`)."""
+    from PIL import Image
+    if fmt != "JPEG" and width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return f"{width}x{height} is more pixels than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})"
+    return None
 
 
 def scan_images(samples, pil_for_gpu_refused, pil_for_non_jpeg=False):

@@ -134,7 +134,7 @@ def training_oom(device, batch, accum, epoch, step):
     fix = accum * 2
     if fix > batch:
         return (f"out of GPU memory in a training step: even one image at a time does not fit in {memory_text(device)}; "
-                f"a smaller model, --img-size or --amp would")
+                f"a smaller model or image size, or --amp, would")
     return (f"out of GPU memory in a training step: the batch of {batch} ({now}) does not fit in {memory_text(device)}; "
             f"--accum-steps {fix} keeps the batch of {batch} as {fix} x {math.ceil(batch / fix)} (the same recipe; "
             f"BatchNorm sees the smaller micro-batches); last.pt is saved at epoch {epoch + 1} step {step}: the same "

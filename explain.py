@@ -210,8 +210,8 @@ def gradcam_figures(results, runs, finals, n=6):
         _, fr = gradcam_column(frozen[0], chosen, labels, size=pictures[0].shape[0])
         names = lp[2]
         compare_grid(results / "birds_gradcam.png", pictures,
-                             [("frozen probe", fr[0], fr[1]), ("LP-FT (fine-tuned)", lp[0], lp[1])],
-                             "Where each bird model looks: Grad-CAM of its top class")
+                     [("frozen probe", fr[0], fr[1]), ("LP-FT (fine-tuned)", lp[0], lp[1])],
+                     "Where each bird model looks: Grad-CAM of its top class")
         figures.append(("birds_gradcam.png", f"Six test birds ({', '.join(names[y] for y in labels)}), each under "
                         "the frozen probe and under LP-FT, with each model's top class and its probability: the "
                         "frozen column is ImageNet's features as the new head weighs them, the LP-FT column the "
@@ -230,7 +230,7 @@ def gradcam_figures(results, runs, finals, n=6):
         images = torch.from_numpy(loaded["train_x"][picks])
         pictures, col = gradcam_column(cifar, images, [int(loaded["train_y"][i]) for i in picks])
         compare_grid(results / "cifar_gradcam.png", pictures, [(cifar.parent.name, col[0], col[1])],
-                             f"CIFAR: {col[2][t]} vs {col[2][p]}, the most-confused pair")
+                     f"CIFAR: {col[2][t]} vs {col[2][p]}, the most-confused pair")
         figures.append(("cifar_gradcam.png", f"The final CIFAR model (`{cifar.parent.name}`) on validation images of "
                         f"its most-confused pair: two {col[2][t]} then two {col[2][p]} ({matrix[t][p]} validation "
                         f"{col[2][t]} were called {col[2][p]})."))

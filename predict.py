@@ -15,8 +15,8 @@ set and its classes. --images takes files, folders (searched recursively; what i
 image Pillow opens (JPEG, PNG, GIF, WebP, AVIF, TIFF, BMP, HEIC/HEIF; a Motion Photo's JPEG; transparency on white;
 a phone's 12-108 MP JPEG decoded at the fraction of its size the crop needs), upright as its EXIF orientation says,
 through the checkpoint's own evaluation preprocessing: a bird model's resize and centre crop (its loader), a CIFAR
-model's centred square resized to 32 px; so a picture gets the answer it would get as a test image of --data-dir. Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the
-test labels are real.
+model's centred square resized to 32 px; so a picture gets the answer it would get as a test image of --data-dir.
+Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the test labels are real.
 """
 import argparse
 import csv
@@ -43,10 +43,12 @@ import models
 GPU_BATCH = 256  # --batch-size on a GPU
 
 
-def default_batch(device, img_size):
-    """--batch-size by default, from the device the run resolved and the checkpoint's image size: 256 on a GPU; on a
-    CPU a batch whose activations stay in the caches, about 1024 / img_size images (32 px: 32, 128 px: 8, 224 px: 4),
+def batch_size(args, device, img_size):
+    """--batch-size, or by default from the device the run resolved and the checkpoint's image size: 256 on a GPU; on
+    a CPU a batch whose activations stay in the caches, about 1024 / img_size images (32 px: 32, 128 px: 8, 224 px: 4),
     which runs up to 1.8x faster per image than a batch of 32 or 256 (measured on Lite0: BENCHMARKS.md figure 10)."""
+    if args.batch_size:
+        return args.batch_size
     if device.type == "cuda":
         return GPU_BATCH
     return int(min(256, 2 ** round(math.log2(1024 / img_size))))
@@ -123,7 +125,7 @@ class TestSets:
                 self._cifar = (torch.from_numpy(cifar["test_x"]).to(device), torch.from_numpy(cifar["test_y"]).to(device),
                                len(cifar["classes"]))
             x, y, num_classes = self._cifar
-            batch = args.batch_size or default_batch(device, 32)
+            batch = batch_size(args, device, 32)
             return data.DeviceLoader(x, y, batch, mean=cfg["mean"], std=cfg["std"]), num_classes
         boxes = cfg.get("crop_boxes", False)
         if boxes not in self._birds:
@@ -134,7 +136,7 @@ class TestSets:
             self._birds[boxes] = (test, len(classes))
         test, num_classes = self._birds[boxes]
         loader = bird_loaders.bird_loader(args.loader, test, cfg["img_size"],
-                                          args.batch_size or default_batch(device, cfg["img_size"]), False, cfg["mean"],
+                                          batch_size(args, device, cfg["img_size"]), False, cfg["mean"],
                                           cfg["std"], device, workers=args.workers, keep_broken=True)
         return loader, num_classes
 
@@ -171,8 +173,9 @@ def main(argv=None):
     tta = engine.TTA.names(args.tta)
     device = devices.pick_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
-    kind = bird_loaders.default_loader(device) if args.loader == "auto" else args.loader
-    if args.workers is None and device.type == "cpu" and kind == "torch":
+    if args.loader == "auto":  # resolved once: its choice may come with a line of its own
+        args.loader = bird_loaders.default_loader(device)
+    if args.workers is None and device.type == "cpu" and args.loader == "torch":
         args.workers = 0  # PIL in this process: worker processes would take the cores the model's threads run on
     if args.images:
         return predict_images(args, device, amp, tta)
@@ -235,9 +238,7 @@ def unreadable(path):
         return f"more pixels than Pillow's decompression-bomb limit allows to open ({2 * Image.MAX_IMAGE_PIXELS:,})"
     except Exception as e:
         return f"not an image Pillow opens ({type(e).__name__})"
-    if fmt != "JPEG" and width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
-        return f"{width}x{height} is more pixels than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})"
-    return bird_data.check_image_file(path)  # a truncated JPEG or PNG
+    return bird_data.too_many_pixels(fmt, width, height) or bird_data.check_image_file(path)  # or a truncated file
 
 
 def readable_images(paths):
@@ -278,7 +279,7 @@ def image_loader(ckpt, path, paths, args, device):
     if cfg["dataset"] != "cifar100":
         samples = [(str(p), i, None) for i, p in enumerate(paths)]
         return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"],
-                                        args.batch_size or default_batch(device, cfg["img_size"]), False, cfg["mean"],
+                                        batch_size(args, device, cfg["img_size"]), False, cfg["mean"],
                                         cfg["std"], device, workers=args.workers)
     images, index = [], []
     for i, p in enumerate(paths):
@@ -289,7 +290,7 @@ def image_loader(ckpt, path, paths, args, device):
             bird_data.warn_broken(str(p), f"cannot decode ({type(e).__name__}: {e})", keep=False)
     x = torch.stack(images) if images else torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
     return data.DeviceLoader(x.to(device), torch.tensor(index, dtype=torch.long).to(device),
-                             args.batch_size or default_batch(device, 32), mean=cfg["mean"], std=cfg["std"])
+                             batch_size(args, device, 32), mean=cfg["mean"], std=cfg["std"])
 
 
 def class_names(ckpt, path, names_so_far):

@@ -12,10 +12,6 @@ import bird_data
 import fixtures
 from conftest import SHARED_CUB, SHARED_WEIGHTS, run_inline, run_script
 
-# EXIF orientation: how to turn the upright picture so that the tag turns it back (Pillow's transpose methods)
-ROTATIONS = {3: "ROTATE_180", 6: "ROTATE_90", 8: "ROTATE_270"}
-
-
 def photo_folder(folder, test, n):
     """Copies of the first n test images as a user would have them: {copy: test index, or None where the copy does
     not hold the original's pixels}."""
@@ -32,11 +28,8 @@ def photo_folder(folder, test, n):
         upright.save(folder / f"lossless_{k}.webp", lossless=True)
         upright.convert("CMYK").save(folder / f"cmyk_{k}.tiff")  # PIL's CMYK round trip is exact
         made.update({folder / f"lossless_{k}.png": k, folder / f"lossless_{k}.webp": k, folder / f"cmyk_{k}.tiff": k})
-        orientation = (3, 6, 8)[k % 3]
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        turned = upright.transpose(getattr(Image.Transpose, ROTATIONS[orientation]))
-        turned.save(folder / f"rotated_{k}.png", exif=exif)  # upright again only through its EXIF orientation
+        # upright again only through its EXIF orientation
+        fixtures.save_turned(upright, folder / f"rotated_{k}.png", (3, 6, 8)[k % 3])
         made[folder / f"rotated_{k}.png"] = k
         upright.convert("L").save(folder / f"grey_{k}.jpg")
         made[folder / f"grey_{k}.jpg"] = None
