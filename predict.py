@@ -41,17 +41,19 @@ import models
 
 
 GPU_BATCH = 256  # --batch-size on a GPU
+CPU_BATCH_PIXELS = 2 ** 18  # images x pixels of a CPU batch whose activations stay in the caches (Lite0, measured)
 
 
 def batch_size(args, device, img_size):
     """--batch-size, or by default from the device the run resolved and the checkpoint's image size: 256 on a GPU; on
-    a CPU a batch whose activations stay in the caches, about 1024 / img_size images (32 px: 32, 128 px: 8, 224 px: 4),
-    which runs up to 1.8x faster per image than a batch of 32 or 256 (measured on Lite0: BENCHMARKS.md figure 10)."""
+    a CPU the power of two nearest CPU_BATCH_PIXELS / img_size**2 images, at most 32 (32 and 64 px: 32, 128 px: 16,
+    160 px: 8, 224 px: 4): at 128 px 1.2x faster than a batch of 8 or 32, at 160 px 2.7x faster than one of 256
+    (BENCHMARKS.md)."""
     if args.batch_size:
         return args.batch_size
     if device.type == "cuda":
         return GPU_BATCH
-    return int(min(256, 2 ** round(math.log2(1024 / img_size))))
+    return int(min(32, 2 ** round(math.log2(CPU_BATCH_PIXELS / img_size ** 2))))
 
 
 def parse_args(argv=None):
@@ -77,8 +79,9 @@ def parse_args(argv=None):
                         help="test-time augmentation: none, flip, or flip,shift (mirror and one-pixel shifts)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass; default: %d on a GPU, about 1024 / image size on a CPU (a "
-                             "larger batch is slower per image there: BENCHMARKS.md)" % GPU_BATCH)
+                        help="images per forward pass; default: %d on a GPU; on a CPU about 2**18 / image size**2, at "
+                             "most 32 (128 px: 16, 224 px: 4; a larger batch is slower per image there: BENCHMARKS.md)"
+                             % GPU_BATCH)
     parser.add_argument("--loader", choices=bird_loaders.LOADERS, default="auto", help="bird image loader; " + bird_loaders.LOADER_HELP)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding workers for bird images; default: this process's share of the CPU cores, at "
