@@ -129,16 +129,19 @@ def memory_text(device):
 
 def training_oom(device, batch, accum, epoch, step):
     """The sentence for a training step out of memory: the --accum-steps that halves its micro-batch, and where
-    last.pt resumes."""
+    last.pt resumes (step None: not saved at this step, as under DDP, where its last save stands)."""
     now = f"as {accum} x {math.ceil(batch / accum)}" if accum > 1 else "at once"
     fix = accum * 2
     if fix > batch:
         return (f"out of GPU memory in a training step: even one image at a time does not fit in {memory_text(device)}; "
                 f"a smaller model or image size, or --amp, would")
+    where = (f"last.pt is saved at epoch {epoch + 1} step {step}: the same command with --resume --accum-steps {fix} "
+             f"goes on from there" if step is not None else
+             f"under torchrun no rank saves at this step (the others wait in its all-reduce until torchrun ends them): "
+             f"the same command with --resume --accum-steps {fix} goes on from its last.pt (the last finished epoch's), or afresh where it has none")
     return (f"out of GPU memory in a training step: the batch of {batch} ({now}) does not fit in {memory_text(device)}; "
             f"--accum-steps {fix} keeps the batch of {batch} as {fix} x {math.ceil(batch / fix)} (the same recipe; "
-            f"BatchNorm sees the smaller micro-batches); last.pt is saved at epoch {epoch + 1} step {step}: the same "
-            f"command with --resume --accum-steps {fix} goes on from there")
+            f"BatchNorm sees the smaller micro-batches); {where}")
 
 
 def evaluation_oom(device, batch):

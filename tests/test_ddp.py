@@ -107,3 +107,18 @@ def test_cached_features_under_ddp_analyse_all_of_validation(clean_cub_dir, tmp_
     val_size = json.loads((out / "final.json").read_text())["val_size"]
     assert pd.read_csv(out / "per_class.csv").val_n.sum() == val_size > 2
     assert pd.read_csv(out / "confusion_val.csv", index_col=0).to_numpy().sum() == val_size
+
+
+def test_out_of_memory_on_one_rank_is_its_sentence_and_torchrun_ends_the_other(tiny_cifar_dir, tmp_path):
+    """A CUDA out-of-memory error planted in one rank's third training step (tests/chaos_run.py): that rank says its
+    sentence and exits, without the collective save_last would start while the other rank waits in the step's
+    all-reduce (the old code hung there until killed); torchrun then ends the run, non-zero."""
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/chaos_run.py",
+                      "--data-dir", tiny_cifar_dir, "--epochs", "2", "--batch-size", "64", "--val-per-class", "4",
+                      "--device", "cpu", "--quiet", "--no-tensorboard", "--out", tmp_path / "r",
+                      env={"OMP_NUM_THREADS": "1", "CHAOS_OOM_RANK": "1"}, check=False, timeout=120)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error: out of GPU memory in a training step")]
+    assert len(said) == 1, proc.stderr
+    assert "--accum-steps 2 keeps the batch of 64" in said[0] and "no rank saves at this step" in said[0], said[0]
+    assert not (tmp_path / "r" / "last.pt").exists()  # nothing half-gathered was written
