@@ -575,6 +575,10 @@ def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="pred
 
 # ----------------------------------------------------------------------------- the command line's end
 
+# what a collective raises when another rank's process has ended (gloo's sockets; NCCL's watchdog)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
 def cli(main, argv=None):
     """Run a script's main; bad input ends in one sentence and a non-zero exit."""
     from models import WeightsMismatch
@@ -587,6 +591,10 @@ def cli(main, argv=None):
     except KeyboardInterrupt:
         sys.exit(130)
     except RuntimeError as e:
+        if dist.is_initialized() and any(m in str(e) for m in PEER_GONE):
+            print(f"error: rank {dist.get_rank()} stops: another process of this run stopped first (its error is "
+                  f"above)", file=sys.stderr)
+            sys.exit(1)
         if "does not have a deterministic implementation" not in str(e):
             raise
         op = str(e).split(" does not have")[0].strip()

@@ -122,3 +122,4 @@ def test_out_of_memory_on_one_rank_is_its_sentence_and_torchrun_ends_the_other(t
     assert len(said) == 1, proc.stderr
     assert "--accum-steps 2 keeps the batch of 64" in said[0] and "no rank saves at this step" in said[0], said[0]
     assert not (tmp_path / "r" / "last.pt").exists()  # nothing half-gathered was written
+    assert "[rank0]: Traceback" not in proc.stderr  # rank 0 stops in one line (or by torchrun's signal, silently)
