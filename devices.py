@@ -138,7 +138,8 @@ def training_oom(device, batch, accum, epoch, step):
     where = (f"last.pt is saved at epoch {epoch + 1} step {step}: the same command with --resume --accum-steps {fix} "
              f"goes on from there" if step is not None else
              f"under torchrun no rank saves at this step (the others wait in its all-reduce until torchrun ends them): "
-             f"the same command with --resume --accum-steps {fix} goes on from its last.pt (the last finished epoch's), or afresh where it has none")
+             f"the same command with --resume --accum-steps {fix} goes on from its last.pt (the last finished "
+             f"epoch's), or afresh where it has none")
     return (f"out of GPU memory in a training step: the batch of {batch} ({now}) does not fit in {memory_text(device)}; "
             f"--accum-steps {fix} keeps the batch of {batch} as {fix} x {math.ceil(batch / fix)} (the same recipe; "
             f"BatchNorm sees the smaller micro-batches); {where}")
