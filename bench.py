@@ -480,42 +480,26 @@ def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.
     return rates
 
 
-def timed_predict(argv):
+def timed_predict(argv, loader_alone=False):
     """predict.py's command line run here, its prediction phase timed (engine.predict_probs: loading, decoding and
-    the forward passes, what the progress bar shows): (images, seconds)."""
+    the forward passes, what the progress bar shows); with loader_alone, one pass of its loader without the model
+    instead (the images as its prediction loop gets them: decoded, resized, normalised, on the device), before the
+    prediction runs untimed: (images, seconds)."""
     import predict
     spans, real = [], engine.predict_probs
 
     def timing(model, loader, device, *a, **kw):
         t0 = time.perf_counter()
-        out = real(model, loader, device, *a, **kw)
-        sync(device)
-        spans.append((len(out[1]), time.perf_counter() - t0))
-        return out
-    engine.predict_probs = timing
-    try:
-        predict.main([str(a) for a in argv])
-    finally:
-        engine.predict_probs = real
-    return spans[0]
-
-
-def timed_loader(argv):
-    """predict.py's command line run here, its loader alone timed: one pass over the images as its prediction loop
-    gets them (decoded, resized, normalised, on the device), without the model, before the prediction runs as usual:
-    (images, seconds)."""
-    spans, real = [], engine.predict_probs
-
-    def loader_first(model, loader, device, *a, **kw):
-        t0, n = time.perf_counter(), 0
-        for x, _ in loader:
-            n += len(x)
+        if loader_alone:
+            n = sum(len(x) for x, _ in loader)
+        else:
+            out = real(model, loader, device, *a, **kw)
+            n = len(out[1])
         sync(device)
         spans.append((n, time.perf_counter() - t0))
-        return real(model, loader, device, *a, **kw)
-    engine.predict_probs = loader_first
+        return real(model, loader, device, *a, **kw) if loader_alone else out
+    engine.predict_probs = timing
     try:
-        import predict
         predict.main([str(a) for a in argv])
     finally:
         engine.predict_probs = real
@@ -542,17 +526,17 @@ def bench_predict(cub_dir, weights, device, repeats, size=128, n_photos=24):
         _, test, _ = bird_data.load_cub(root)
         files = [path for path, _, _ in test]
         common = ["--device", device.type, "--top", "1"]
+        batch = predict.batch_size(argparse.Namespace(batch_size=None), device, size)  # predict.py's default
         rates = []  # (model alone, its batch, --images, --data-dir), side by side in each repeat: this CPU's speed drifts
         for _ in range(max(repeats, 5)):  # the median ratio: a shared CPU's speed drifts by 30% within a minute
-            by_batch = model_alone(model, device, size, seconds=1.0)
+            by_batch = model_alone(model, device, size, sorted({4, 8, 16, 32, 64, 256, batch}), seconds=1.0)
             best_batch = max(by_batch, key=by_batch.get)
             n, s = timed_predict([ckpt, "--images", *files, *common, "--out", tmp / "p.csv"])
             m, t = timed_predict([ckpt, "--data-dir", root, *common[:2], "--out", tmp / "t.csv"])
-            k, u = timed_loader([ckpt, "--data-dir", root, *common[:2], "--out", tmp / "t.csv"])
+            k, u = timed_predict([ckpt, "--data-dir", root, *common[:2], "--out", tmp / "t.csv"], loader_alone=True)
             # the reference: the best of every batch size; the issue's: the best of 32, 64 and 256; and the serial
             # bound: the model at predict.py's own batch, then its loader alone, one after the other
-            batch = predict.batch_size(argparse.Namespace(batch_size=None), device, size)  # its default
-            serial = 1 / (1 / model_alone(model, device, size, (batch,), seconds=1.0)[batch] + u / k)
+            serial = 1 / (1 / by_batch[batch] + u / k)
             rates.append((by_batch[best_batch], best_batch, n / s, m / t, max(by_batch[b] for b in (32, 64, 256)),
                           serial, k / u))
         alone, best_batch, images, data_dir, issues, serial, loader = sorted(rates, key=lambda r: r[2] / r[0])[

@@ -337,11 +337,11 @@ def fit(state, progress, train_loader, val_loader, args, epochs, out, meta, log)
                 state.optimizer.zero_grad(set_to_none=True)
                 # under DDP the other ranks may wait in this step's all-reduce, and save_last gathers every rank's
                 # RNG: a collective that would never complete. This rank exits; torchrun ends the others
-                alone = dist.is_initialized() and dist.get_world_size() > 1
-                if not alone:
+                distributed = dist.is_initialized() and dist.get_world_size() > 1
+                if not distributed:
                     checkpoints.save_last(out, state, progress, meta)
                 raise OutOfMemory(training_oom(state.device, args.batch_size, args.accum_steps, progress.epoch,
-                                               None if alone else sums.step))
+                                               None if distributed else sums.step))
             synchronize(state.device)
             progress.train_seconds += time.perf_counter() - t0
             end_epoch(state, progress, sums, sums.seconds_before + time.perf_counter() - t0, val_loader, args, out,
