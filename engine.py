@@ -558,19 +558,53 @@ def tta_view_count(tta):
     return (5 if "shift" in tta else 1) * (2 if "flip" in tta else 1)
 
 
-@torch.inference_mode()
-def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="predict"):
-    """Softmax probabilities (float32, CPU) in loader order, averaged over the TTA views, and the labels."""
+def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="predict", streams=1):
+    """Softmax probabilities (float32, CPU) in loader order, averaged over the TTA views, and the labels. With
+    streams > 1 (predict.py on a CPU), that many threads each take the loader's next batch, load it and run it on
+    their share of torch's threads, so that one stream's loading overlaps another's forward pass."""
     from tqdm import tqdm
     model.eval()
-    probs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, unit="batch"):
-        views = tta_views(x, tta) if x.ndim == 4 else [x]  # cached features have no views
-        with evaluation_memory(device, len(x)), autocast(device, amp):
-            p = sum(model(v).float().softmax(1) for v in views) / len(views)
-        probs.append(p.cpu())
-        labels.append(y.cpu())
-    return torch.cat(probs), torch.cat(labels)
+    batches = enumerate(tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False,
+                             unit="batch"))
+    taking, out, failed = threading.Lock(), {}, []
+
+    @torch.inference_mode()  # per thread, as autocast is
+    def stream():
+        while not failed:
+            with taking:  # one batch at a time out of the loader, in its order
+                k, (x, y) = next(batches, (None, (None, None)))
+            if k is None:
+                return
+            views = tta_views(x, tta) if x.ndim == 4 else [x]  # cached features have no views
+            with evaluation_memory(device, len(x)), autocast(device, amp):
+                p = sum(model(v).float().softmax(1) for v in views) / len(views)
+            out[k] = p.cpu(), y.cpu()
+
+    def helper():
+        try:
+            stream()
+        except BaseException as e:  # handed to the main thread, which raises it
+            failed.append(e)
+
+    threads = torch.get_num_threads()
+    helpers = [threading.Thread(target=helper, daemon=True) for _ in range(streams - 1)]
+    try:
+        if helpers:
+            torch.set_num_threads(max(1, threads // streams))  # each stream on its share of the cores
+        for h in helpers:
+            h.start()
+        stream()
+    except BaseException as e:
+        failed.append(e)  # the helpers stop after their batch
+    finally:
+        for h in helpers:
+            h.join()
+        if helpers:
+            torch.set_num_threads(threads)
+    if failed:
+        raise failed[0]
+    parts = [out[k] for k in sorted(out)]
+    return torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
 
 
 # ----------------------------------------------------------------------------- the command line's end

@@ -42,6 +42,7 @@ import models
 
 GPU_BATCH = 256  # --batch-size on a GPU
 CPU_BATCH_PIXELS = 2 ** 18  # images x pixels of a CPU batch whose activations stay in the caches (Lite0, measured)
+CPU_STREAMS = 2  # batches in flight on a CPU, each on its share of the threads: one loads while another computes
 
 
 def batch_size(args, device, img_size):
@@ -54,6 +55,15 @@ def batch_size(args, device, img_size):
     if device.type == "cuda":
         return GPU_BATCH
     return int(min(32, 2 ** round(math.log2(CPU_BATCH_PIXELS / img_size ** 2))))
+
+
+def streams(args, device):
+    """--streams, or by default from the device the run resolved: on a CPU with two or more torch threads
+    CPU_STREAMS, each on its share of them (one stream's loading then overlaps the other's forward pass: 1.1x at 128
+    px on 2 cores, BENCHMARKS.md figure 10); on a GPU one (the loading runs beside it already)."""
+    if args.streams:
+        return args.streams
+    return CPU_STREAMS if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 def parse_args(argv=None):
@@ -82,6 +92,10 @@ def parse_args(argv=None):
                         help="images per forward pass; default: %d on a GPU; on a CPU about 2**18 / image size**2, at "
                              "most 32 (128 px: 16, 224 px: 4; a larger batch is slower per image there: BENCHMARKS.md)"
                              % GPU_BATCH)
+    parser.add_argument("--streams", type=int, default=None,
+                        help="batches predicted at once, each by its own thread on its share of torch's threads, so "
+                             "one loads while another computes; default: %d on a CPU with two or more threads, 1 on a "
+                             "GPU" % CPU_STREAMS)
     parser.add_argument("--loader", choices=bird_loaders.LOADERS, default="auto", help="bird image loader; " + bird_loaders.LOADER_HELP)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding workers for bird images; default: this process's share of the CPU cores, at "
@@ -169,6 +183,7 @@ def main(argv=None):
     args = parse_args(argv)
     flags.require(args.batch_size is None or args.batch_size >= 1, "--batch-size", args.batch_size, "at least 1")
     flags.require(args.workers is None or args.workers >= 0, "--workers", args.workers, ">= 0")
+    flags.require(args.streams is None or args.streams >= 1, "--streams", args.streams, "at least 1")
     flags.require(args.top >= 1, "--top", args.top, "at least 1")
     if args.data_dir is not None and (args.out is None or args.explain):
         raise flags.UsageError("--data-dir writes the competition CSV: it needs --out, and --explain goes with "
@@ -188,7 +203,7 @@ def main(argv=None):
         ckpt = checkpoints.load_checkpoint(path)
         loader, n = sets.loader(ckpt, path)
         model = load_model(ckpt, path, device, n, args.data_dir)  # refuses a class count unlike the data set's
-        p, y = engine.predict_probs(model, loader, device, amp, tta)
+        p, y = engine.predict_probs(model, loader, device, amp, tta, streams=streams(args, device))
         if labels is not None and not torch.equal(y, labels):  # every loader lists the test split in one order
             raise flags.UsageError(f"{path} sees the test images in another order than {sets.first}")
         probs, labels = (p, y) if probs is None else (probs + p, labels)
@@ -321,7 +336,8 @@ def predict_images(args, device, amp, tta):
         model = load_model(ckpt, path, device)
         if args.explain and path == args.checkpoints[0]:
             refuse_non_convolutional(model)
-        p, i = engine.predict_probs(model, loader, device, amp, tta, progress=True, desc=f"predict {Path(path).name}")
+        p, i = engine.predict_probs(model, loader, device, amp, tta, progress=True, desc=f"predict {Path(path).name}",
+                                    streams=streams(args, device))
         loader.close()
         order = i.argsort()
         p, i = p[order], i[order]

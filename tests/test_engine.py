@@ -283,3 +283,43 @@ def test_weight_decay_skips_what_a_timm_model_names_in_no_weight_decay():
     assert decay[id(named["backbone.pos_embed"])] == decay[id(named["backbone.cls_token"])] == 0.0
     assert decay[id(named["backbone.blocks.0.norm1.weight"])] == 0.0
     assert decay[id(named["backbone.blocks.0.attn.qkv.weight"])] == decay[id(named["head.1.weight"])] == 0.05
+
+
+def test_prediction_streams_keep_the_loaders_order_and_errors():
+    """predict_probs in several streams (predict.py's default on a CPU with two or more threads): the loader's order,
+    the one-stream probabilities, no autograd, torch's thread count back afterwards; an error in a stream's loading
+    ends the call with that error, the other stream stopping after its batch."""
+    import argparse
+
+    import data
+    import predict
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    batches = [(torch.randn(n, 3, 12, 12), torch.arange(k * 10, k * 10 + n)) for k, n in enumerate((256, 3, 4, 1, 4, 2))]
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    one = engine.predict_probs(model, batches, cpu, False, ("flip",))
+    for streams in (2, 3):
+        p, y = engine.predict_probs(model, batches, cpu, False, ("flip",), streams=streams)
+        assert torch.equal(y, one[1]) and torch.allclose(p, one[0], atol=1e-6)
+        assert not p.requires_grad and torch.get_num_threads() == threads
+
+    def failing():
+        yield from batches[:3]
+        raise data.DataError("the fourth batch does not decode")
+    with pytest.raises(data.DataError, match="fourth batch"):
+        engine.predict_probs(model, failing(), cpu, False, streams=2)
+    assert torch.get_num_threads() == threads
+    # bench's reference times the model alone the same way: every stream forwarding at once
+    import bench
+    rates = bench.model_alone(model, cpu, 12, (2, 4), seconds=0.05, streams=2)
+    assert set(rates) == {2, 4} and min(rates.values()) > 0 and torch.get_num_threads() == threads
+    # the default: two streams on a CPU with two or more torch threads, one on a single thread or a GPU; --streams wins
+    default = argparse.Namespace(streams=None)
+    try:
+        torch.set_num_threads(2)
+        assert predict.streams(default, cpu) == 2 and predict.streams(default, torch.device("cuda")) == 1
+        torch.set_num_threads(1)
+        assert predict.streams(default, cpu) == 1 and predict.streams(argparse.Namespace(streams=3), cpu) == 3
+    finally:
+        torch.set_num_threads(threads)
