@@ -17,6 +17,7 @@ a phone's 12-108 MP JPEG decoded at the fraction of its size the crop needs), up
 through the checkpoint's own evaluation preprocessing: a bird model's resize and centre crop (its loader), a CIFAR
 model's centred square resized to 32 px; so a picture gets the answer it would get as a test image of --data-dir.
 Checkpoints are loaded with weights_only=True, to the CPU. Test accuracy is printed where the test labels are real.
+On a CPU two batches are in flight (--streams): one is loaded while the other is computed.
 """
 import argparse
 import csv
