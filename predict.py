@@ -155,7 +155,8 @@ class TestSets:
         test, num_classes = self._birds[boxes]
         loader = bird_loaders.bird_loader(args.loader, test, cfg["img_size"],
                                           batch_size(args, device, cfg["img_size"]), False, cfg["mean"],
-                                          cfg["std"], device, workers=args.workers, keep_broken=True)
+                                          cfg["std"], device, workers=args.workers, keep_broken=True,
+                                          channels_last=True)  # as load_model's model: no layout copy between them
         return loader, num_classes
 
 
@@ -299,7 +300,7 @@ def image_loader(ckpt, path, paths, args, device):
         samples = [(str(p), i, None) for i, p in enumerate(paths)]
         return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"],
                                         batch_size(args, device, cfg["img_size"]), False, cfg["mean"],
-                                        cfg["std"], device, workers=args.workers)
+                                        cfg["std"], device, workers=args.workers, channels_last=True)
     images, index = [], []
     for i, p in enumerate(paths):
         try:
