@@ -145,7 +145,7 @@ class BirdImages(torch.utils.data.Dataset):
         try:
             with quiet_bombs(), Image.open(path) as im:
                 crop, mirror, geometry = self._draw(im, box, sample_seed)
-                factor = draft(im, dct_factor(min(geometry.scale_x[0], geometry.scale_y[0])))
+                factor = 1 if geometry is None else draft(im, dct_factor(min(geometry.scale_x[0], geometry.scale_y[0])))
                 im = to_rgb(oriented(im))
         except Exception as e:  # any decoder failure: never crash the epoch
             warn_broken(path, f"cannot decode ({e})", self.keep_broken)
@@ -175,13 +175,16 @@ class BirdImages(torch.utils.data.Dataset):
 
     def _draw(self, im, box, sample_seed):
         """The sample's crop and mirror (draw_augmentation, on its upright size within its crop box) and where it
-        comes from in the source image (sample_geometry), from the header alone: before any pixel is decoded."""
+        comes from in the source image (sample_geometry; None where no DCT-scaled decode can apply), from the header
+        alone: before any pixel is decoded."""
         width, height = upright_size(im)
         region = (0, 0, width, height)
         if box is not None:  # PIL's crop: whole pixels, and at least one of them
             region = (int(box[0]), int(box[1]), max(int(box[0]) + 1, int(box[0] + box[2])),
                       max(int(box[1]) + 1, int(box[1] + box[3])))
         crop, mirror = draw_augmentation(sample_seed, region[2] - region[0], region[3] - region[1], self.aug, self.scale)
+        if min(region[2] - region[0], region[3] - region[1]) < 2 * self.img_size:  # no DCT scale applies (BirdFiles)
+            return crop, mirror, None
         return crop, mirror, sample_geometry([width], [height], [region], [crop or (math.nan,) * 4], self.img_size,
                                              self.crop_frac)
 

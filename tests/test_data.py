@@ -289,6 +289,31 @@ def test_every_loader_gives_the_pil_loaders_pixels(cub_dir, train):
             assert diff.mean() < 1.0 and diff.max() < 8, (diff.mean(), diff.max())
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_loaders_agree_around_the_dct_scale_bound(tmp_path, train):
+    """JPEGs from just under to well over twice the image size: each loader skips the sample geometry where the shorter
+    side is under twice the size (no DCT-scaled decode can apply there) and decodes at 1/2 where one does, so the PIL
+    loader and the nvJPEG loader's CPU path (and DALI's) still agree to the pixel on textured images, whose full and
+    half-scale decodes differ by tens of grey levels."""
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    samples = []
+    for k, (w, h) in enumerate([(60, 80), (63, 90), (64, 64), (70, 100), (90, 74), (100, 130), (150, 140), (200, 96)]):
+        texture = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)[:h, :w]
+        Image.fromarray(texture).save(tmp_path / f"t{k}.jpg", quality=95)
+        samples.append((str(tmp_path / f"t{k}.jpg"), k, None))
+    kw = dict(aug={"rrc", "flip"}, seed=5) if train else {}
+    pil, labels = _loader_pixels("torch", samples, 32, train, **kw)
+    for kind in ["nvjpeg"] + (["dali"] if bird_loaders.dali_available() else []):
+        x, y = _loader_pixels(kind, samples, 32, train, **kw)
+        diff = (x - pil).abs()
+        assert torch.equal(y, labels), kind
+        if kind == "nvjpeg":  # Pillow's resampling, at most one grey level off
+            assert diff.max() < 1.01, diff.max()
+        else:  # DALI's own resize filter
+            assert diff.mean() < 1.0 and diff.max() < 8, (diff.mean(), diff.max())
+
+
 def test_nvjpeg_training_crops_are_the_drawn_boxes(clean_cub_dir):
     """Each training image is Pillow's resize of the box draw_augmentation gives for its seed, mirrored when drawn."""
     from PIL import Image
