@@ -60,8 +60,8 @@ def batch_size(args, device, img_size):
 
 def streams(args, device):
     """--streams, or by default from the device the run resolved: on a CPU with two or more torch threads
-    CPU_STREAMS, each on its share of them (one stream's loading then overlaps the other's forward pass: 1.1x at 128
-    px on 2 cores, BENCHMARKS.md figure 10); on a GPU one (the loading runs beside it already)."""
+    CPU_STREAMS, each on its share of them (one stream's loading then overlaps the other's forward pass: 1.1-1.3x on 2
+    cores, BENCHMARKS.md "Two prediction streams"); on a GPU one (the loading runs beside it already)."""
     if args.streams:
         return args.streams
     return CPU_STREAMS if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
