@@ -467,7 +467,7 @@ def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.
     """The network's own forward rate, img/s: random channels-last batches already on the device, inference mode;
     {batch size: rate} for each of `batches`. With streams > 1, that many threads forward at once, each on its share
     of torch's threads (as predict.py --streams runs it)."""
-    rates, threads = {}, torch.get_num_threads()
+    rates = {}
 
     @torch.inference_mode()
     def forward(batch, ready, counts):
@@ -481,9 +481,7 @@ def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.
             counts.append(batch)
         sync(device)
 
-    if streams > 1:
-        torch.set_num_threads(max(1, threads // streams))
-    try:
+    with engine.threads_per_stream(streams):
         for batch in batches:
             counts, ready = [], threading.Barrier(streams + 1)
             workers = [threading.Thread(target=forward, args=(batch, ready, counts)) for _ in range(streams)]
@@ -494,9 +492,6 @@ def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.
             for w in workers:
                 w.join()
             rates[batch] = sum(counts) / (time.perf_counter() - t0)
-    finally:
-        if streams > 1:
-            torch.set_num_threads(threads)
     return rates
 
 

@@ -558,6 +558,20 @@ def tta_view_count(tta):
     return (5 if "shift" in tta else 1) * (2 if "flip" in tta else 1)
 
 
+@contextlib.contextmanager
+def threads_per_stream(streams):
+    """torch's threads shared out among `streams` threads that run the model at once (each on threads // streams,
+    at least one), and given back afterwards: predict_probs' streams, and bench's model alone timed the same way."""
+    threads = torch.get_num_threads()
+    if streams > 1:
+        torch.set_num_threads(max(1, threads // streams))
+    try:
+        yield
+    finally:
+        if streams > 1:
+            torch.set_num_threads(threads)
+
+
 def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="predict", streams=1):
     """Softmax probabilities (float32, CPU) in loader order, averaged over the TTA views, and the labels. With
     streams > 1 (predict.py on a CPU), that many threads each take the loader's next batch, load it and run it on
@@ -586,21 +600,17 @@ def predict_probs(model, loader, device, amp, tta=(), progress=False, desc="pred
         except BaseException as e:  # handed to the main thread, which raises it
             failed.append(e)
 
-    threads = torch.get_num_threads()
     helpers = [threading.Thread(target=helper, daemon=True) for _ in range(streams - 1)]
-    try:
-        if helpers:
-            torch.set_num_threads(max(1, threads // streams))  # each stream on its share of the cores
-        for h in helpers:
-            h.start()
-        stream()
-    except BaseException as e:
-        failed.append(e)  # the helpers stop after their batch
-    finally:
-        for h in helpers:
-            h.join()
-        if helpers:
-            torch.set_num_threads(threads)
+    with threads_per_stream(streams):
+        try:
+            for h in helpers:
+                h.start()
+            stream()
+        except BaseException as e:
+            failed.append(e)  # the helpers stop after their batch
+        finally:
+            for h in helpers:
+                h.join()
     if failed:
         raise failed[0]
     parts = [out[k] for k in sorted(out)]
