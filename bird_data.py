@@ -402,6 +402,14 @@ def draft(im, factor):
     return 1 if got is None else width / got[1][2]
 
 
+def dct_scalable(width, height, img_size):
+    """Whether any DCT-scaled decode can apply to a sample whose crop box is width x height at img_size: the smaller
+    of its two scales (source pixels per output pixel) is at most min(width, height) / img_size, since the eval resize
+    and every crop lie within the box; under 2 the factor is 1, and the sample's geometry (70 us of numpy for one
+    sample) need not be computed to find it. Both loaders that decode with PIL ask it (BirdImages, BirdFiles)."""
+    return min(width, height) >= 2 * img_size
+
+
 def dct_factor(scale):
     """The largest JPEG DCT scaling (1, 2, 4 or 8) that still gives at least one source pixel per output pixel, for a
     sample whose output pixels each span `scale` source pixels (the smaller of its two axes')."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import devices
-from bird_data import (dct_factor, draft, jpeg_end, oriented, pil_rgb, pil_rgb_scaled, placeholder_jpeg, quiet_bombs,
+from bird_data import (dct_factor, dct_scalable, draft, jpeg_end, oriented, pil_rgb, pil_rgb_scaled, placeholder_jpeg, quiet_bombs,
                        scan_images, to_rgb, upright_size, warn_broken)
 from data import DataError, EpochSampler, ListFlag, SampledLoader, warn
 from device_images import Geometry, decode_jpegs, resample_batch, sample_geometry, to_device
@@ -183,7 +183,7 @@ class BirdImages(torch.utils.data.Dataset):
             region = (int(box[0]), int(box[1]), max(int(box[0]) + 1, int(box[0] + box[2])),
                       max(int(box[1]) + 1, int(box[1] + box[3])))
         crop, mirror = draw_augmentation(sample_seed, region[2] - region[0], region[3] - region[1], self.aug, self.scale)
-        if min(region[2] - region[0], region[3] - region[1]) < 2 * self.img_size:  # no DCT scale applies (BirdFiles)
+        if not dct_scalable(region[2] - region[0], region[3] - region[1], self.img_size):
             return crop, mirror, None
         return crop, mirror, sample_geometry([width], [height], [region], [crop or (math.nan,) * 4], self.img_size,
                                              self.crop_frac)
@@ -306,9 +306,8 @@ class BirdFiles(torch.utils.data.Dataset):
         if box is not None:
             region = (int(box[0]), int(box[1]), int(box[0]) + width, int(box[1]) + height)
         factor = 1
-        # how far a DCT-scaled decode may shrink it (only PIL does that): never below 2 source pixels an output pixel
-        # along the shorter side, which bounds both axes' scale (sample_geometry, 70 us, only where that allows it)
-        if (index in self.pil or self.cpu_decode) and min(width, height) >= 2 * self.img_size:
+        # how far a DCT-scaled decode may shrink it (only PIL does that)
+        if (index in self.pil or self.cpu_decode) and dct_scalable(width, height, self.img_size):
             g = sample_geometry([region[2]], [region[3]], [region], [crop or (math.nan,) * 4], self.img_size,
                                 self.crop_frac)
             factor = dct_factor(min(g.scale_x[0], g.scale_y[0]))

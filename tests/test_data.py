@@ -291,10 +291,10 @@ def test_every_loader_gives_the_pil_loaders_pixels(cub_dir, train):
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_loaders_agree_around_the_dct_scale_bound(tmp_path, train):
-    """JPEGs from just under to well over twice the image size: each loader skips the sample geometry where the shorter
-    side is under twice the size (no DCT-scaled decode can apply there) and decodes at 1/2 where one does, so the PIL
-    loader and the nvJPEG loader's CPU path (and DALI's) still agree to the pixel on textured images, whose full and
-    half-scale decodes differ by tens of grey levels."""
+    """JPEGs from just under to well over twice the image size: the loaders skip the sample geometry where the shorter
+    side is under twice the size (bird_data.dct_scalable: there the geometry finds no DCT scale either) and decode at
+    1/2 where one applies, so the PIL loader and the nvJPEG loader's CPU path (and DALI's) still agree to the pixel on
+    textured images, whose full and half-scale decodes differ by tens of grey levels."""
     from PIL import Image
     rng = np.random.default_rng(3)
     samples = []
@@ -303,6 +303,13 @@ def test_loaders_agree_around_the_dct_scale_bound(tmp_path, train):
         Image.fromarray(texture).save(tmp_path / f"t{k}.jpg", quality=95)
         samples.append((str(tmp_path / f"t{k}.jpg"), k, None))
     kw = dict(aug={"rrc", "flip"}, seed=5) if train else {}
+    # the bound itself: where it says no DCT scale applies, the sample's geometry finds none (eval and drawn crops)
+    for w, h in [(side, other) for side in range(33, 200, 3) for other in (side, side + 29, side * 2)]:
+        crops = [bird_loaders.draw_augmentation(seed, w, h, kw.get("aug", ()), (0.25, 1.0))[0] for seed in range(8)]
+        g = device_images.sample_geometry([w] * 8, [h] * 8, [(0, 0, w, h)] * 8, [c or (np.nan,) * 4 for c in crops],
+                                          32, 0.875)
+        factors = {bird_data.dct_factor(min(sx, sy)) for sx, sy in zip(g.scale_x, g.scale_y, strict=True)}
+        assert bird_data.dct_scalable(w, h, 32) or factors == {1}, (w, h, factors)
     pil, labels = _loader_pixels("torch", samples, 32, train, **kw)
     for kind in ["nvjpeg"] + (["dali"] if bird_loaders.dali_available() else []):
         x, y = _loader_pixels(kind, samples, 32, train, **kw)
