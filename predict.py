@@ -67,6 +67,14 @@ def streams(args, device):
     return CPU_STREAMS if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
+def bird_eval_loader(args, device, cfg, samples, **kw):
+    """A bird checkpoint's evaluation loader over samples: its image size and normalisation, this run's --loader,
+    batch and workers, and channels-last batches, the layout load_model's model takes (no copy between them)."""
+    return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"], batch_size(args, device, cfg["img_size"]),
+                                    False, cfg["mean"], cfg["std"], device, workers=args.workers, channels_last=True,
+                                    **kw)
+
+
 def parse_args(argv=None):
     parser = flags.ArgumentParser(__doc__)
     parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
@@ -153,11 +161,7 @@ class TestSets:
                 _, test, classes = bird_data.load_image_folder(args.data_dir)
             self._birds[boxes] = (test, len(classes))
         test, num_classes = self._birds[boxes]
-        loader = bird_loaders.bird_loader(args.loader, test, cfg["img_size"],
-                                          batch_size(args, device, cfg["img_size"]), False, cfg["mean"],
-                                          cfg["std"], device, workers=args.workers, keep_broken=True,
-                                          channels_last=True)  # as load_model's model: no layout copy between them
-        return loader, num_classes
+        return bird_eval_loader(args, device, cfg, test, keep_broken=True), num_classes
 
 
 def load_model(ckpt, path, device, num_classes=None, data_dir=None, quiet=False):
@@ -298,9 +302,7 @@ def image_loader(ckpt, path, paths, args, device):
         raise flags.UsageError(f"{path} does not say which data set it was trained on")
     if cfg["dataset"] != "cifar100":
         samples = [(str(p), i, None) for i, p in enumerate(paths)]
-        return bird_loaders.bird_loader(args.loader, samples, cfg["img_size"],
-                                        batch_size(args, device, cfg["img_size"]), False, cfg["mean"],
-                                        cfg["std"], device, workers=args.workers, channels_last=True)
+        return bird_eval_loader(args, device, cfg, samples)
     images, index = [], []
     for i, p in enumerate(paths):
         try:

@@ -13,6 +13,7 @@ import bird_data
 import fixtures
 from conftest import SHARED_CUB, SHARED_WEIGHTS, run_inline, run_script
 
+
 def photo_folder(folder, test, n):
     """Copies of the first n test images as a user would have them: {copy: test index, or None where the copy does
     not hold the original's pixels}."""
