@@ -472,8 +472,12 @@ def model_alone(model, device, size, batches=(4, 8, 16, 32, 64, 256), seconds=1.
     @torch.inference_mode()
     def forward(batch, ready, counts):
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        model(x)  # warm up
-        sync(device)
+        try:
+            model(x)  # warm up
+            sync(device)
+        except BaseException:
+            ready.abort()  # the other streams and the timer stop waiting (BrokenBarrierError) instead of hanging
+            raise
         ready.wait()  # every stream starts together, warm
         until = time.perf_counter() + seconds
         while time.perf_counter() < until:
